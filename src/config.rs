@@ -1,0 +1,593 @@
+//! The TOML configuration file (see SPEC "Configuration").
+//!
+//! Parsing is strict: an unknown key or a bad value is an error that names the key and its
+//! line. After parsing, [`Config::load`] validates what TOML cannot (address syntax, bounds)
+//! and loads the partners' recipient lists, so a running server never reads a file it was
+//! not started with.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Default configuration path.
+pub const DEFAULT_PATH: &str = "/etc/mxspool/mxspool.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// A size in bytes: an integer, or a string such as `"50MiB"`, `"10MB"`, `"512KiB"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(s: &str) -> Result<ByteSize, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (digits, unit) = s.split_at(split);
+        let n: u64 = digits
+            .parse()
+            .map_err(|_| format!("invalid size {s:?} (expected e.g. 1048576 or \"50MiB\")"))?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" => 1000,
+            "kib" => 1 << 10,
+            "m" | "mb" => 1_000_000,
+            "mib" => 1 << 20,
+            "g" | "gb" => 1_000_000_000,
+            "gib" => 1 << 30,
+            "t" | "tb" => 1_000_000_000_000,
+            "tib" => 1 << 40,
+            _ => {
+                return Err(format!(
+                    "invalid size unit in {s:?} (use B, KB, KiB, MB, MiB, GB, GiB)"
+                ))
+            }
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("size {s:?} is too large"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(i64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) if n >= 0 => Ok(ByteSize(n as u64)),
+            Raw::Int(n) => Err(serde::de::Error::custom(format!(
+                "invalid size {n}: must not be negative"
+            ))),
+            Raw::Str(s) => ByteSize::parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
+    }
+}
+
+/// A duration written as a humantime string (`"1h"`, `"5d"`, `"30s"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map(HumanDuration)
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "invalid duration {s:?}: {e} (expected e.g. \"30s\", \"1h\", \"5d\")"
+                ))
+            })
+    }
+}
+
+impl Serialize for HumanDuration {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+/// A list of networks in CIDR form; a bare address is a host network (/32, /128).
+fn networks<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|s| {
+            s.parse::<IpNet>()
+                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "{s:?} is not a network (e.g. \"192.0.2.0/24\", \"2001:db8::/32\")"
+                    ))
+                })
+        })
+        .collect()
+}
+
+fn secs(n: u64) -> HumanDuration {
+    HumanDuration(Duration::from_secs(n))
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Our name: banner, `Received:`, DSN Reporting-MTA, MX self-detection.
+    pub hostname: String,
+    /// The RocksDB spool directory.
+    pub spool: PathBuf,
+    #[serde(default)]
+    pub smtp: SmtpConfig,
+    #[serde(default)]
+    pub queue: QueueConfig,
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    #[serde(default)]
+    pub partner: Vec<Partner>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpConfig {
+    pub listen: Vec<String>,
+    pub max_message_size: ByteSize,
+    pub max_recipients: usize,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub command_timeout: HumanDuration,
+    /// Clients (besides loopback) allowed to send ETRN: networks or single addresses.
+    #[serde(deserialize_with = "networks")]
+    pub etrn_clients: Vec<IpNet>,
+    /// Errors a client may make before it is disconnected with 421.
+    pub max_errors: usize,
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        SmtpConfig {
+            listen: vec!["0.0.0.0:25".into(), "[::]:25".into()],
+            max_message_size: ByteSize(50 << 20),
+            max_recipients: 1000,
+            max_connections: 1000,
+            max_connections_per_ip: 50,
+            command_timeout: secs(300),
+            etrn_clients: Vec::new(),
+            max_errors: 20,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    pub retry_interval: HumanDuration,
+    pub max_lifetime: HumanDuration,
+    pub delay_warning: HumanDuration,
+    pub max_deliveries: usize,
+    pub max_connections_per_domain: usize,
+    /// Free space the spool's file system must keep; below it MAIL gets `452 4.3.1`
+    /// (Postfix's `queue_minfree`).
+    pub min_free_space: ByteSize,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            retry_interval: secs(3600),
+            max_lifetime: secs(5 * 86400),
+            delay_warning: secs(4 * 3600),
+            max_deliveries: 100,
+            max_connections_per_domain: 4,
+            min_free_space: ByteSize(100 << 20),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    pub port: u16,
+    pub connect_timeout: HumanDuration,
+    pub nameservers: Vec<String>,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            port: 25,
+            connect_timeout: secs(30),
+            nameservers: Vec::new(),
+        }
+    }
+}
+
+/// A domain we are backup MX for.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Partner {
+    pub domain: String,
+    /// Optional file of valid local parts or full addresses, one per line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipients: Option<PathBuf>,
+    /// Optional next hops (`host:port`) used instead of an MX lookup.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub route: Vec<String>,
+    /// Whether the domain may be flushed with ETRN.
+    #[serde(default)]
+    pub etrn: bool,
+    /// The recipient list, loaded by [`Config::load`]: lower-cased local parts.
+    #[serde(skip)]
+    pub users: Option<HashSet<String>>,
+}
+
+impl Config {
+    /// Read, parse and validate the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        let mut config = Config::parse(&text).map_err(invalid)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.load_lists(base).map_err(invalid)?;
+        Ok(config)
+    }
+
+    /// Parse and validate configuration text (recipient files are not read).
+    pub fn parse(text: &str) -> Result<Config, String> {
+        let mut config: Config = toml::from_str(text).map_err(|e| one_line_toml_error(&e))?;
+        config.validate(text)?;
+        Ok(config)
+    }
+
+    fn validate(&mut self, text: &str) -> Result<(), String> {
+        let at = |key: &str, msg: String| match line_of(text, key) {
+            Some(line) => format!("line {line}: {key}: {msg}"),
+            None => format!("{key}: {msg}"),
+        };
+        let host = self.hostname.trim_end_matches('.').to_ascii_lowercase();
+        if !is_domain(&host) {
+            return Err(at(
+                "hostname",
+                format!("{:?} is not a host name", self.hostname),
+            ));
+        }
+        self.hostname = host;
+        for l in &self.smtp.listen {
+            parse_listen(l).map_err(|e| at("listen", e))?;
+        }
+        if self.smtp.max_recipients < 100 {
+            return Err(at(
+                "max_recipients",
+                format!(
+                    "{} is below 100, the minimum RFC 5321 4.5.3.1.8 requires",
+                    self.smtp.max_recipients
+                ),
+            ));
+        }
+        for (key, v) in [
+            ("max_connections", self.smtp.max_connections),
+            ("max_connections_per_ip", self.smtp.max_connections_per_ip),
+            ("max_errors", self.smtp.max_errors),
+            ("max_deliveries", self.queue.max_deliveries),
+            (
+                "max_connections_per_domain",
+                self.queue.max_connections_per_domain,
+            ),
+        ] {
+            if v == 0 {
+                return Err(at(key, "must be at least 1".into()));
+            }
+        }
+        if self.smtp.max_message_size.0 < 1024 {
+            return Err(at("max_message_size", "must be at least 1024 bytes".into()));
+        }
+        if self.smtp.command_timeout.0 < Duration::from_secs(1) {
+            return Err(at("command_timeout", "must be at least 1s".into()));
+        }
+        if self.queue.retry_interval.0 < Duration::from_secs(1) {
+            return Err(at("retry_interval", "must be at least 1s".into()));
+        }
+        for ns in &self.delivery.nameservers {
+            parse_listen(ns).map_err(|e| at("nameservers", e))?;
+        }
+        let mut seen = HashSet::new();
+        for p in &mut self.partner {
+            let d = p.domain.trim_end_matches('.').to_ascii_lowercase();
+            if !is_domain(&d) {
+                return Err(at("domain", format!("{:?} is not a domain name", p.domain)));
+            }
+            if !seen.insert(d.clone()) {
+                return Err(at("domain", format!("partner {d} is listed twice")));
+            }
+            p.domain = d;
+            for hop in &p.route {
+                parse_hop(hop).map_err(|e| at("route", e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn load_lists(&mut self, base: &Path) -> Result<(), String> {
+        for p in &mut self.partner {
+            if let Some(file) = &p.recipients {
+                let file = if file.is_absolute() || file.exists() {
+                    file.clone()
+                } else {
+                    base.join(file)
+                };
+                let text = std::fs::read_to_string(&file).map_err(|e| {
+                    format!(
+                        "partner {}: cannot read recipients file {}: {e}",
+                        p.domain,
+                        file.display()
+                    )
+                })?;
+                p.users = Some(parse_user_list(&text, &p.domain));
+            }
+        }
+        Ok(())
+    }
+
+    /// The listen addresses as socket addresses (validated at load).
+    pub fn listen_addrs(&self) -> Vec<SocketAddr> {
+        self.smtp
+            .listen
+            .iter()
+            .filter_map(|l| parse_listen(l).ok())
+            .collect()
+    }
+
+    /// The effective settings as TOML, for `check-config`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+    }
+
+    /// The partner entry for `domain` (already lower case, no trailing dot).
+    pub fn partner(&self, domain: &str) -> Option<&Partner> {
+        self.partner.iter().find(|p| p.domain == domain)
+    }
+
+    /// Whether `ip` may send ETRN: loopback or a listed network.
+    pub fn etrn_allowed(&self, ip: IpAddr) -> bool {
+        ip.is_loopback() || self.smtp.etrn_clients.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// A recipients file: one local part or full address per line; `#` starts a comment.
+/// Full addresses of other domains are ignored. Entries are lower-cased local parts.
+pub fn parse_user_list(text: &str, domain: &str) -> HashSet<String> {
+    text.lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .filter(|l| !l.is_empty())
+        .filter_map(|l| match l.rsplit_once('@') {
+            Some((local, d)) => (d.trim_end_matches('.').eq_ignore_ascii_case(domain))
+                .then(|| local.to_ascii_lowercase()),
+            None => Some(l.to_ascii_lowercase()),
+        })
+        .collect()
+}
+
+/// `"127.0.0.1:25"`, `"[::1]:25"`.
+pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .map_err(|_| format!("{s:?} is not an address:port (e.g. \"0.0.0.0:25\", \"[::]:25\")"))
+}
+
+/// A next hop `host:port` or `[ip]:port`; the port is required.
+pub fn parse_hop(s: &str) -> Result<(String, u16), String> {
+    let bad = || format!("{s:?} is not host:port (e.g. \"mail.example.com:25\")");
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(bad());
+    }
+    Ok((host.to_string(), port))
+}
+
+/// A plausible DNS name: labels of letters, digits and hyphens, at most 253 octets.
+pub fn is_domain(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+/// The 1-based line on which `key` is assigned, for error messages.
+fn line_of(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start();
+            l.strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map(|i| i + 1)
+}
+
+/// toml's errors span several lines with a source excerpt; keep one readable line.
+fn one_line_toml_error(e: &toml::de::Error) -> String {
+    let msg = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(_) => {
+            // toml's Display starts with "TOML parse error at line L, column C".
+            let full = e.to_string();
+            let head = full.lines().next().unwrap_or("").trim();
+            let loc = head.strip_prefix("TOML parse error at ").unwrap_or(head);
+            format!("{loc}: {msg}")
+        }
+        None => msg,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "hostname = \"mx2.example.net\"\nspool = \"/tmp/x\"\n";
+
+    fn check_err(text: &str, expect: &[&str]) {
+        let err = Config::parse(text).expect_err("config should be refused");
+        assert!(!err.contains('\n'), "error spans lines: {err}");
+        for e in expect {
+            assert!(err.contains(e), "error {err:?} lacks {e:?}");
+        }
+    }
+
+    #[test]
+    fn the_example_configuration_is_valid() {
+        let c = Config::load(Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/contrib/mxspool.toml"
+        )))
+        .unwrap();
+        assert_eq!(c.listen_addrs(), vec!["127.0.0.1:2525".parse().unwrap()]);
+        assert_eq!(c.partner.len(), 2);
+        let org = c.partner("example.org").unwrap();
+        assert!(org.users.as_ref().unwrap().contains("alice"));
+        assert!(org.users.as_ref().unwrap().contains("bob"));
+    }
+
+    #[test]
+    fn defaults_follow_the_spec() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.smtp.max_message_size, ByteSize(50 << 20));
+        assert_eq!(c.queue.retry_interval.0, Duration::from_secs(3600));
+        assert_eq!(c.queue.max_lifetime.0, Duration::from_secs(432_000));
+        assert_eq!(c.smtp.max_recipients, 1000);
+        assert_eq!(c.delivery.port, 25);
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(ByteSize::parse("50MiB").unwrap(), ByteSize(52_428_800));
+        assert_eq!(ByteSize::parse("10MB").unwrap(), ByteSize(10_000_000));
+        assert_eq!(ByteSize::parse("4096").unwrap(), ByteSize(4096));
+        assert!(ByteSize::parse("12XB").is_err());
+        assert!(ByteSize::parse("-1").is_err());
+        let c = Config::parse(&format!(
+            "{MINIMAL}[smtp]\nmax_message_size = 2048\ncommand_timeout = \"90s\"\n[queue]\nmax_lifetime = \"2d 12h\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.smtp.max_message_size, ByteSize(2048));
+        assert_eq!(c.smtp.command_timeout.0, Duration::from_secs(90));
+        assert_eq!(c.queue.max_lifetime.0, Duration::from_secs(216_000));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key_and_line() {
+        check_err(
+            &format!("{MINIMAL}[smtp]\nlisten_on = []\n"),
+            &["line 4", "listen_on"],
+        );
+        check_err(&format!("{MINIMAL}colour = 1\n"), &["line 3", "colour"]);
+        check_err(
+            &format!("{MINIMAL}[queue]\nretry_interval = \"often\"\n"),
+            &["line 4", "often"],
+        );
+        check_err(
+            &format!("{MINIMAL}[smtp]\nmax_message_size = \"5 parsecs\"\n"),
+            &["line 4", "size"],
+        );
+        check_err(
+            &format!("{MINIMAL}[smtp]\nmax_recipients = 10\n"),
+            &["line 4", "max_recipients", "100"],
+        );
+        check_err(
+            &format!("{MINIMAL}[smtp]\nlisten = [\"localhost\"]\n"),
+            &["line 4", "listen"],
+        );
+        check_err(
+            &format!("{MINIMAL}[[partner]]\ndomain = \"ex ample.com\"\n"),
+            &["line 4", "domain"],
+        );
+        check_err(
+            &format!(
+                "{MINIMAL}[[partner]]\ndomain = \"a.com\"\n[[partner]]\ndomain = \"A.com.\"\n"
+            ),
+            &["twice"],
+        );
+        check_err("spool = \"/x\"\n", &["hostname"]);
+    }
+
+    #[test]
+    fn partner_domains_are_normalised() {
+        let c = Config::parse(&format!(
+            "{MINIMAL}[[partner]]\ndomain = \"Example.COM.\"\nroute = [\"[127.0.0.2]:25\"]\netrn = true\n"
+        ))
+        .unwrap();
+        assert_eq!(c.partner[0].domain, "example.com");
+        assert!(c.partner("example.com").unwrap().etrn);
+        assert_eq!(
+            parse_hop("[127.0.0.2]:25").unwrap(),
+            ("127.0.0.2".into(), 25)
+        );
+        assert!(parse_hop("mail.example.com").is_err());
+    }
+
+    #[test]
+    fn user_lists_take_local_parts_and_own_addresses() {
+        let u = parse_user_list(
+            "# staff\nAlice\nbob@example.org # note\ncarol@other.org\n\n",
+            "example.org",
+        );
+        assert!(u.contains("alice") && u.contains("bob"));
+        assert!(!u.contains("carol"));
+        assert_eq!(u.len(), 2);
+    }
+
+    #[test]
+    fn effective_settings_print_as_toml_that_parses_again() {
+        let c = Config::parse(MINIMAL).unwrap();
+        let printed = c.to_toml();
+        assert!(printed.contains("retry_interval = \"1h\""), "{printed}");
+        Config::parse(&printed).unwrap();
+    }
+
+    #[test]
+    fn etrn_clients() {
+        let c = Config::parse(&format!(
+            "{MINIMAL}[smtp]\netrn_clients = [\"192.0.2.0/24\"]\n"
+        ))
+        .unwrap();
+        assert!(c.etrn_allowed("192.0.2.10".parse().unwrap()));
+        assert!(c.etrn_allowed("::1".parse().unwrap()));
+        assert!(!c.etrn_allowed("198.51.100.1".parse().unwrap()));
+    }
+}

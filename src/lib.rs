@@ -1,0 +1,21 @@
+//! mxspool: a secondary-MX store-and-forward mail server.
+//!
+//! Mail flows through the modules in this order:
+//!
+//! - [`config`]: the TOML configuration, parsed strictly and validated once at start-up.
+//! - [`smtp`]: mail comes in. `smtp::session` is the SMTP protocol as a sans-IO state machine
+//!   (bytes and time in, replies and actions out); `smtp::data` finds the end of DATA and
+//!   refuses smuggling; `smtp::server` is the tokio driver with the connection limits.
+//! - [`policy`]: whom we accept mail for (partner domains only; never an open relay).
+//! - [`spool`]: the durable queue in RocksDB, the only module that names `rocksdb`. Its
+//!   group-commit writer syncs the write-ahead log before any message is acknowledged.
+//! - [`envelope`] and [`queue_id`]: the plain data that travels between them.
+//! - [`cli`]: the administrator's commands (`serve`, `check-config`, `queue`).
+
+pub mod cli;
+pub mod config;
+pub mod envelope;
+pub mod policy;
+pub mod queue_id;
+pub mod smtp;
+pub mod spool;

@@ -1,0 +1,617 @@
+//! The inbound SMTP protocol as a sans-IO state machine.
+//!
+//! A [`Session`] takes the client's bytes and the time, and answers with bytes to send and
+//! [`Step`]s for its driver: wait for more input, store a message, or close. It never touches
+//! a socket, a clock or the spool, so every behaviour is tested with byte transcripts (see the
+//! tests below). Commands are parsed by `smtp-proto`; line framing, DATA and every policy and
+//! limit are ours.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use smtp_proto::{Error as ParseError, Request};
+
+use super::data::{DataReader, Verdict};
+use crate::envelope::{Body, Envelope, Notify, Recipient, Ret};
+use crate::policy::{Policy, Refusal};
+
+/// RFC 5321 4.5.3.1.4: a command line is at most 512 octets including CRLF.
+pub const MAX_COMMAND_LINE: usize = 512;
+/// MAIL and RCPT may be longer: RFC 1870, 3461 (ENVID +100, ORCPT/NOTIFY +500) and 6531 each
+/// add parameters to those lines.
+pub const MAX_MAIL_RCPT_LINE: usize = 512 + 600;
+/// More `Received:` headers than this is a mail loop (RFC 5321 6.3): `554 5.4.6`.
+pub const MAX_RECEIVED: usize = 50;
+
+/// What the session needs from the server's configuration.
+#[derive(Debug)]
+pub struct SessionConfig {
+    pub hostname: String,
+    pub max_message_size: usize,
+    pub max_recipients: usize,
+    pub max_errors: usize,
+    /// Free bytes that must stay on the spool's file system.
+    pub min_free_space: u64,
+}
+
+/// Free bytes on the spool's file system, refreshed by the server in the background so the
+/// session can refuse mail on a full disk without a system call of its own.
+#[derive(Debug)]
+pub struct SpoolGauge(AtomicU64);
+
+impl SpoolGauge {
+    pub fn new(free: u64) -> SpoolGauge {
+        SpoolGauge(AtomicU64::new(free))
+    }
+    pub fn set(&self, free: u64) {
+        self.0.store(free, Ordering::Relaxed)
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A message the client finished, to be stored before it is acknowledged.
+#[derive(Debug)]
+pub struct Incoming {
+    pub envelope: Envelope,
+    /// `Received:` header followed by the bytes the client sent, dot-unstuffed.
+    pub message: Vec<u8>,
+}
+
+/// Why storing failed, as far as the client's reply is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreFailure {
+    /// `452 4.3.1`: out of space.
+    NoSpace,
+    /// `451 4.3.0`: any other spool failure.
+    Spool,
+}
+
+/// What the driver does next.
+#[derive(Debug)]
+pub enum Step {
+    /// Send the pending output, then read more input (or wait for the idle timeout).
+    Read,
+    /// Store this message; then call [`Session::stored`]. Input is not processed meanwhile.
+    Store(Box<Incoming>),
+    /// Send the pending output and close the connection.
+    Close,
+}
+
+#[derive(Debug)]
+struct Transaction {
+    sender: String,
+    body: Body,
+    smtputf8: bool,
+    ret: Option<Ret>,
+    envid: Option<String>,
+    recipients: Vec<Recipient>,
+}
+
+#[derive(Debug)]
+enum State {
+    /// Connected; HELO/EHLO not yet given.
+    Fresh,
+    /// After HELO/EHLO, no transaction.
+    Ready,
+    /// After MAIL (and maybe RCPTs).
+    Mail(Transaction),
+    /// Reading the message.
+    Data(Transaction, DataReader),
+    /// A message is being stored.
+    Storing,
+    /// The session is over.
+    Closed,
+}
+
+pub struct Session {
+    config: Arc<SessionConfig>,
+    policy: Arc<Policy>,
+    gauge: Arc<SpoolGauge>,
+    client: IpAddr,
+    helo: Option<String>,
+    esmtp: bool,
+    state: State,
+    input: Vec<u8>,
+    /// Skip input up to the next LF (the tail of an over-long command line).
+    discarding: bool,
+    output: Vec<u8>,
+    errors: usize,
+}
+
+impl Session {
+    /// A new session; the greeting is already in the output.
+    pub fn new(
+        config: Arc<SessionConfig>,
+        policy: Arc<Policy>,
+        gauge: Arc<SpoolGauge>,
+        client: IpAddr,
+    ) -> Session {
+        let mut s = Session {
+            config,
+            policy,
+            gauge,
+            client,
+            helo: None,
+            esmtp: false,
+            state: State::Fresh,
+            input: Vec::new(),
+            discarding: false,
+            output: Vec::new(),
+            errors: 0,
+        };
+        let banner = format!("220 {} ESMTP mxspool", s.config.hostname);
+        s.reply(&banner);
+        s
+    }
+
+    /// Bytes to send to the client, taken out of the session.
+    pub fn take_output(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.output)
+    }
+
+    /// Whether the session is reading a message (the driver may use a longer timeout).
+    pub fn in_data(&self) -> bool {
+        matches!(self.state, State::Data(..))
+    }
+
+    /// Client bytes arrived.
+    pub fn receive(&mut self, bytes: &[u8], now: SystemTime) -> Step {
+        self.input.extend_from_slice(bytes);
+        self.process(now)
+    }
+
+    /// The client closed its side; nothing more will come.
+    pub fn eof(&mut self) -> Step {
+        self.state = State::Closed;
+        Step::Close
+    }
+
+    /// The client was idle too long.
+    pub fn timeout(&mut self) -> Step {
+        let r = format!("421 4.4.2 {} Error: timeout exceeded", self.config.hostname);
+        self.reply(&r);
+        self.state = State::Closed;
+        Step::Close
+    }
+
+    /// The outcome of a [`Step::Store`]; processing of buffered input resumes.
+    pub fn stored(&mut self, id: &str, result: Result<(), StoreFailure>, now: SystemTime) -> Step {
+        match result {
+            Ok(()) => self.reply(&format!("250 2.0.0 Ok: queued as {id}")),
+            Err(StoreFailure::NoSpace) => {
+                self.reply("452 4.3.1 Insufficient system storage, try again later")
+            }
+            Err(StoreFailure::Spool) => {
+                self.reply("451 4.3.0 Error: queue file write error, try again later")
+            }
+        }
+        self.state = State::Ready;
+        self.process(now)
+    }
+
+    fn reply(&mut self, line: &str) {
+        self.output.extend_from_slice(line.as_bytes());
+        self.output.extend_from_slice(b"\r\n");
+    }
+
+    /// An error reply; too many of them end the session.
+    fn error(&mut self, line: &str) -> Option<Step> {
+        self.reply(line);
+        self.errors += 1;
+        if self.errors >= self.config.max_errors {
+            let r = format!("421 4.7.0 {} Error: too many errors", self.config.hostname);
+            self.reply(&r);
+            self.state = State::Closed;
+            return Some(Step::Close);
+        }
+        None
+    }
+
+    fn process(&mut self, now: SystemTime) -> Step {
+        loop {
+            match &mut self.state {
+                State::Closed => return Step::Close,
+                State::Storing => return Step::Read,
+                State::Data(_, reader) => {
+                    let (used, done) = reader.feed(&self.input);
+                    self.input.drain(..used);
+                    if !done {
+                        return Step::Read;
+                    }
+                    let State::Data(tx, reader) = std::mem::replace(&mut self.state, State::Ready)
+                    else {
+                        unreachable!()
+                    };
+                    if let Some(step) = self.end_of_data(tx, reader, now) {
+                        return step;
+                    }
+                }
+                _ => {
+                    if self.discarding {
+                        match self.input.iter().position(|&b| b == b'\n') {
+                            Some(i) => {
+                                self.input.drain(..=i);
+                                self.discarding = false;
+                                if let Some(step) = self.error("500 5.5.2 Error: line too long") {
+                                    return step;
+                                }
+                                continue;
+                            }
+                            None => {
+                                self.input.clear();
+                                return Step::Read;
+                            }
+                        }
+                    }
+                    let Some(lf) = self.input.iter().position(|&b| b == b'\n') else {
+                        if self.input.len() > MAX_MAIL_RCPT_LINE {
+                            self.input.clear();
+                            self.discarding = true;
+                        }
+                        return Step::Read;
+                    };
+                    let line: Vec<u8> = self.input.drain(..=lf).collect();
+                    if let Some(step) = self.command(&line) {
+                        return step;
+                    }
+                }
+            }
+        }
+    }
+
+    fn command(&mut self, line: &[u8]) -> Option<Step> {
+        let limit = if line.len() >= 4
+            && (line[..4].eq_ignore_ascii_case(b"MAIL") || line[..4].eq_ignore_ascii_case(b"RCPT"))
+        {
+            MAX_MAIL_RCPT_LINE
+        } else {
+            MAX_COMMAND_LINE
+        };
+        if line.len() > limit {
+            return self.error("500 5.5.2 Error: line too long");
+        }
+        // smtp-proto wants CRLF; a bare LF ending a command line is tolerated.
+        let mut owned;
+        let line = if line.ends_with(b"\r\n") {
+            line
+        } else {
+            owned = line[..line.len() - 1].to_vec();
+            owned.extend_from_slice(b"\r\n");
+            &owned
+        };
+        let request = match Request::parse(&mut line.iter()) {
+            Ok(r) => r,
+            Err(e) => return self.parse_error(e),
+        };
+        match request {
+            Request::Ehlo { host } => self.hello(host.into_owned(), true),
+            Request::Helo { host } => self.hello(host.into_owned(), false),
+            Request::Mail { from } => self.mail(from),
+            Request::Rcpt { to } => self.rcpt(to, line),
+            Request::Data => return self.data(),
+            Request::Rset => {
+                if !matches!(self.state, State::Fresh) {
+                    self.state = State::Ready;
+                }
+                self.reply("250 2.0.0 Ok");
+                None
+            }
+            Request::Noop { .. } => {
+                self.reply("250 2.0.0 Ok");
+                None
+            }
+            Request::Quit => {
+                self.reply("221 2.0.0 Bye");
+                self.state = State::Closed;
+                Some(Step::Close)
+            }
+            Request::Vrfy { .. } => {
+                self.reply(
+                    "252 2.5.2 Cannot VRFY user, but will accept message and attempt delivery",
+                );
+                None
+            }
+            Request::Help { .. } => {
+                self.reply(
+                    "214 2.0.0 See RFC 5321 and https://datatracker.ietf.org/doc/html/rfc5321",
+                );
+                None
+            }
+            Request::Lhlo { .. } => self.error("500 5.5.1 Error: this is SMTP, not LMTP"),
+            _ => self.error("502 5.5.1 Error: command not implemented"),
+        }
+    }
+
+    fn parse_error(&mut self, e: ParseError) -> Option<Step> {
+        let r = match e {
+            ParseError::UnknownCommand | ParseError::NeedsMoreData { .. } => {
+                "500 5.5.2 Error: command not recognized".to_string()
+            }
+            ParseError::InvalidSenderAddress => "501 5.1.7 Bad sender address syntax".to_string(),
+            ParseError::InvalidRecipientAddress => {
+                "501 5.1.3 Bad recipient address syntax".to_string()
+            }
+            ParseError::SyntaxError { syntax } => format!("501 5.5.4 Syntax: {syntax}"),
+            ParseError::InvalidParameter { param } => {
+                format!("501 5.5.4 Invalid value for parameter {param}")
+            }
+            ParseError::UnsupportedParameter { param } => {
+                format!("555 5.5.4 Unsupported parameter {}", printable(&param))
+            }
+            ParseError::ResponseTooLong | ParseError::InvalidResponse { .. } => {
+                "500 5.5.2 Error: command not recognized".to_string()
+            }
+        };
+        self.error(&r)
+    }
+
+    fn hello(&mut self, host: String, esmtp: bool) -> Option<Step> {
+        self.helo = Some(host);
+        self.esmtp = esmtp;
+        self.state = State::Ready;
+        let name = &self.config.hostname;
+        if !esmtp {
+            let r = format!("250 {name}");
+            self.reply(&r);
+            return None;
+        }
+        let r = format!(
+            "250-{name}\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250-DSN\r\n250 SMTPUTF8",
+            self.config.max_message_size
+        );
+        self.reply(&r);
+        None
+    }
+
+    fn mail(&mut self, from: smtp_proto::MailFrom<std::borrow::Cow<'_, str>>) -> Option<Step> {
+        match self.state {
+            State::Fresh => return self.error("503 5.5.1 Error: send HELO/EHLO first"),
+            State::Mail(_) => return self.error("503 5.5.1 Error: nested MAIL command"),
+            _ => {}
+        }
+        use smtp_proto::*;
+        let unsupported = MAIL_BODY_BINARYMIME
+            | MAIL_REQUIRETLS
+            | MAIL_CONPERM
+            | MAIL_BY_NOTIFY
+            | MAIL_BY_RETURN
+            | MAIL_BY_TRACE;
+        if from.flags & unsupported != 0
+            || from.trans_id.is_some()
+            || from.by != 0
+            || from.solicit.is_some()
+            || from.mtrk.is_some()
+            || from.hold_for != 0
+            || from.hold_until != 0
+            || from.mt_priority != 0
+        {
+            return self.error("555 5.5.4 Unsupported MAIL parameter");
+        }
+        if !self.esmtp && (from.flags != 0 || from.size != 0 || from.env_id.is_some()) {
+            return self.error("555 5.5.4 MAIL parameters need EHLO");
+        }
+        let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
+        if !smtputf8 && !from.address.is_ascii() {
+            return self.error("553 5.6.7 Non-ASCII sender address needs SMTPUTF8");
+        }
+        if from.size > self.config.max_message_size {
+            return self.error("552 5.3.4 Message size exceeds fixed limit");
+        }
+        let needed = self.config.min_free_space.saturating_add(from.size as u64);
+        if self.gauge.get() < needed {
+            return self.error("452 4.3.1 Insufficient system storage");
+        }
+        let ret = if from.flags & MAIL_RET_FULL != 0 {
+            Some(Ret::Full)
+        } else if from.flags & MAIL_RET_HDRS != 0 {
+            Some(Ret::Hdrs)
+        } else {
+            None
+        };
+        self.state = State::Mail(Transaction {
+            sender: from.address.into_owned(),
+            body: if from.flags & MAIL_BODY_8BITMIME != 0 {
+                Body::EightBitMime
+            } else {
+                Body::SevenBit
+            },
+            smtputf8,
+            ret,
+            envid: from.env_id.map(|e| e.into_owned()),
+            recipients: Vec::new(),
+        });
+        self.reply("250 2.1.0 Ok");
+        None
+    }
+
+    fn rcpt(
+        &mut self,
+        to: smtp_proto::RcptTo<std::borrow::Cow<'_, str>>,
+        raw: &[u8],
+    ) -> Option<Step> {
+        let State::Mail(tx) = &self.state else {
+            return self.error("503 5.5.1 Error: need MAIL command");
+        };
+        let addr = to.address.as_ref();
+        if addr.is_empty() {
+            // smtp-proto gives "" for both <> and <postmaster>.
+            return if raw
+                .to_ascii_lowercase()
+                .windows(12)
+                .any(|w| w == b"<postmaster>")
+            {
+                self.error("550 5.7.1 <postmaster>: no local mailboxes on this host")
+            } else {
+                self.error("501 5.1.3 Bad recipient address syntax")
+            };
+        }
+        if !tx.smtputf8 && !addr.is_ascii() {
+            return self.error("553 5.6.7 Non-ASCII recipient address needs SMTPUTF8");
+        }
+        if tx.recipients.len() >= self.config.max_recipients {
+            return self.error("452 4.5.3 Error: too many recipients");
+        }
+        use smtp_proto::*;
+        if !self.esmtp && (to.flags != 0 || to.orcpt.is_some()) {
+            return self.error("555 5.5.4 RCPT parameters need EHLO");
+        }
+        if to.flags & (RCPT_CONNEG | RCPT_RRVS_REJECT | RCPT_RRVS_CONTINUE) != 0 || to.rrvs != 0 {
+            return self.error("555 5.5.4 Unsupported RCPT parameter");
+        }
+        match self.policy.check_recipient(addr) {
+            Ok(()) => {}
+            Err(Refusal::Relay) => {
+                let r = format!("550 5.7.1 <{}>: Relay access denied", printable(addr));
+                return self.error(&r);
+            }
+            Err(Refusal::Routing) => {
+                let r = format!(
+                    "550 5.7.1 <{}>: Sender-specified routing is not allowed",
+                    printable(addr)
+                );
+                return self.error(&r);
+            }
+            Err(Refusal::UnknownUser) => {
+                let r = format!(
+                    "550 5.1.1 <{}>: Recipient address rejected: User unknown",
+                    printable(addr)
+                );
+                return self.error(&r);
+            }
+        }
+        let notify = (to.flags
+            & (RCPT_NOTIFY_NEVER | RCPT_NOTIFY_SUCCESS | RCPT_NOTIFY_FAILURE | RCPT_NOTIFY_DELAY)
+            != 0)
+            .then(|| Notify {
+                never: to.flags & RCPT_NOTIFY_NEVER != 0,
+                success: to.flags & RCPT_NOTIFY_SUCCESS != 0,
+                failure: to.flags & RCPT_NOTIFY_FAILURE != 0,
+                delay: to.flags & RCPT_NOTIFY_DELAY != 0,
+            });
+        let recipient = Recipient {
+            address: addr.to_string(),
+            orcpt: to.orcpt.map(|o| format!("rfc822;{o}")),
+            notify,
+            state: Default::default(),
+        };
+        let State::Mail(tx) = &mut self.state else {
+            unreachable!()
+        };
+        // A repeated recipient is acknowledged but kept once.
+        if !tx
+            .recipients
+            .iter()
+            .any(|r| r.address.eq_ignore_ascii_case(&recipient.address))
+        {
+            tx.recipients.push(recipient);
+        }
+        self.reply("250 2.1.5 Ok");
+        None
+    }
+
+    fn data(&mut self) -> Option<Step> {
+        match &self.state {
+            State::Mail(tx) if !tx.recipients.is_empty() => {}
+            State::Mail(_) => return self.error("554 5.5.1 Error: no valid recipients"),
+            _ => return self.error("503 5.5.1 Error: need RCPT command"),
+        }
+        let State::Mail(tx) = std::mem::replace(&mut self.state, State::Ready) else {
+            unreachable!()
+        };
+        self.state = State::Data(tx, DataReader::new(self.config.max_message_size));
+        self.reply("354 End data with <CR><LF>.<CR><LF>");
+        None
+    }
+
+    fn end_of_data(
+        &mut self,
+        tx: Transaction,
+        reader: DataReader,
+        now: SystemTime,
+    ) -> Option<Step> {
+        let (body, verdict) = reader.finish();
+        let refusal = match verdict {
+            Verdict::Ok => None,
+            Verdict::TooBig => Some("552 5.3.4 Error: message file too big"),
+            Verdict::BareLineEnding => {
+                Some("550 5.5.2 Error: bare <CR> or <LF> in message; lines must end with <CR><LF>")
+            }
+            Verdict::Nul => Some("550 5.6.0 Error: message contains NUL characters"),
+            Verdict::LineTooLong => Some("500 5.5.2 Error: message line longer than 1000 octets"),
+        };
+        if let Some(r) = refusal {
+            return self.error(r);
+        }
+        if count_received(&body) > MAX_RECEIVED {
+            return self.error("554 5.4.6 Error: too many hops (mail loop?)");
+        }
+        let id = crate::queue_id::next();
+        let received = self.received_header(&tx, &id, now);
+        let mut message = Vec::with_capacity(received.len() + body.len());
+        message.extend_from_slice(received.as_bytes());
+        message.extend_from_slice(&body);
+        let arrival_ms = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let envelope = Envelope {
+            id,
+            sender: tx.sender,
+            recipients: tx.recipients,
+            arrival_ms,
+            size: message.len() as u64,
+            body: tx.body,
+            smtputf8: tx.smtputf8,
+            ret: tx.ret,
+            envid: tx.envid,
+            client_ip: self.client.to_string(),
+            helo: self.helo.clone().unwrap_or_default(),
+        };
+        self.state = State::Storing;
+        Some(Step::Store(Box::new(Incoming { envelope, message })))
+    }
+
+    fn received_header(&self, tx: &Transaction, id: &str, now: SystemTime) -> String {
+        let with = match (self.esmtp, tx.smtputf8) {
+            (true, true) => "UTF8SMTP",
+            (true, false) => "ESMTP",
+            _ => "SMTP",
+        };
+        let date = chrono::DateTime::<chrono::Local>::from(now).to_rfc2822();
+        let helo = printable(self.helo.as_deref().unwrap_or("unknown"));
+        let for_clause = match tx.recipients.as_slice() {
+            [one] => format!("\r\n\tfor <{}>", printable(&one.address)),
+            _ => String::new(),
+        };
+        format!(
+            "Received: from {helo} ([{}])\r\n\tby {} (mxspool) with {with} id {id}{for_clause};\r\n\t{date}\r\n",
+            self.client, self.config.hostname
+        )
+    }
+}
+
+/// Client text echoed in replies and headers: no control characters.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .take(256)
+        .collect()
+}
+
+/// `Received:` header fields in the header section of `message`.
+fn count_received(message: &[u8]) -> usize {
+    let mut n = 0;
+    for line in message.split(|&b| b == b'\n') {
+        if line == b"\r" || line.is_empty() {
+            break;
+        }
+        if line.len() >= 9 && line[..9].eq_ignore_ascii_case(b"received:") {
+            n += 1;
+        }
+    }
+    n
+}

@@ -1,0 +1,601 @@
+//! SMTP transcripts through the sans-IO session. One helper, [`check`], runs a transcript:
+//! `C:` lines are sent (CRLF added), `S:` lines are the expected replies, in order (a reply
+//! matches when it starts with the expected text). Raw-byte cases use [`Client`] directly.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use super::session::*;
+use crate::config::Config;
+use crate::envelope::{Body, Ret};
+use crate::policy::Policy;
+
+const HOST: &str = "mx2.example.net";
+
+struct Client {
+    session: Session,
+    /// Replies not yet matched, split into lines.
+    pending: Vec<String>,
+    stored: Vec<Incoming>,
+    /// What the next store returns.
+    store_result: Result<(), StoreFailure>,
+    closed: bool,
+    gauge: Arc<SpoolGauge>,
+}
+
+fn config(max_size: usize) -> Arc<SessionConfig> {
+    Arc::new(SessionConfig {
+        hostname: HOST.into(),
+        max_message_size: max_size,
+        max_recipients: 100,
+        max_errors: 20,
+        min_free_space: 1 << 20,
+    })
+}
+
+fn policy() -> Arc<Policy> {
+    let mut c = Config::parse(
+        "hostname = \"mx2.example.net\"\nspool = \"/x\"\n\
+         [[partner]]\ndomain = \"example.com\"\n[[partner]]\ndomain = \"example.org\"\n",
+    )
+    .unwrap();
+    c.partner[1].users = Some(["alice".to_string()].into_iter().collect());
+    Arc::new(Policy::new(&c))
+}
+
+impl Client {
+    fn with(config: Arc<SessionConfig>) -> Client {
+        let gauge = Arc::new(SpoolGauge::new(u64::MAX));
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let mut c = Client {
+            session: Session::new(config, policy(), gauge.clone(), ip),
+            pending: Vec::new(),
+            stored: Vec::new(),
+            store_result: Ok(()),
+            closed: false,
+            gauge,
+        };
+        c.collect();
+        c
+    }
+
+    fn new() -> Client {
+        Client::with(config(1 << 20))
+    }
+
+    fn collect(&mut self) {
+        let out = self.session.take_output();
+        let text = String::from_utf8(out).expect("replies are UTF-8");
+        assert!(
+            text.is_empty() || text.ends_with("\r\n"),
+            "reply not CRLF-terminated: {text:?}"
+        );
+        self.pending
+            .extend(text.split_terminator("\r\n").map(str::to_string));
+    }
+
+    fn drive(&mut self, mut step: Step) {
+        loop {
+            self.collect();
+            match step {
+                Step::Read => return,
+                Step::Close => {
+                    self.closed = true;
+                    return;
+                }
+                Step::Store(inc) => {
+                    let id = inc.envelope.id.clone();
+                    if self.store_result.is_ok() {
+                        self.stored.push(*inc);
+                    }
+                    step = self
+                        .session
+                        .stored(&id, self.store_result, SystemTime::now());
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        assert!(
+            !self.closed,
+            "session closed before {:?}",
+            String::from_utf8_lossy(bytes)
+        );
+        let step = self.session.receive(bytes, SystemTime::now());
+        self.drive(step);
+    }
+
+    /// Send in pieces of `n` bytes, as separate TCP reads would deliver them.
+    fn send_split(&mut self, bytes: &[u8], n: usize) {
+        for piece in bytes.chunks(n) {
+            self.send(piece);
+        }
+    }
+
+    fn expect(&mut self, prefixes: &[&str]) {
+        for p in prefixes {
+            assert!(
+                !self.pending.is_empty(),
+                "expected reply {p:?}, got nothing more"
+            );
+            let got = self.pending.remove(0);
+            assert!(
+                got.starts_with(p),
+                "expected reply starting {p:?}, got {got:?}"
+            );
+        }
+    }
+
+    fn expect_nothing_more(&self) {
+        assert!(
+            self.pending.is_empty(),
+            "unexpected replies: {:?}",
+            self.pending
+        );
+    }
+}
+
+/// Run a transcript of `C:` and `S:` lines.
+fn check(transcript: &str) -> Client {
+    let mut c = Client::new();
+    check_with(&mut c, transcript);
+    c
+}
+
+fn check_with(c: &mut Client, transcript: &str) {
+    for line in transcript.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if let Some(cmd) = line.strip_prefix("C:") {
+            c.send(format!("{}\r\n", cmd.trim_start()).as_bytes());
+        } else if let Some(reply) = line.strip_prefix("S:") {
+            c.expect(&[reply.trim_start()]);
+        } else {
+            panic!("transcript line is neither C: nor S: {line:?}");
+        }
+    }
+    c.expect_nothing_more();
+}
+
+const EHLO: &str = "S: 220 mx2.example.net ESMTP mxspool
+    C: EHLO client.example
+    S: 250-mx2.example.net
+    S: 250-PIPELINING
+    S: 250-SIZE 1048576
+    S: 250-ENHANCEDSTATUSCODES
+    S: 250-8BITMIME
+    S: 250-DSN
+    S: 250 SMTPUTF8";
+
+#[test]
+fn greeting_and_extensions() {
+    check(&format!(
+        "{EHLO}\nC: HELO again\nS: 250 mx2.example.net\nC: QUIT\nS: 221 2.0.0"
+    ));
+}
+
+#[test]
+fn a_message_is_stored_with_a_received_header_and_its_exact_bytes() {
+    let c = check(&format!(
+        "{EHLO}
+        C: MAIL FROM:<sender@outside.test> BODY=8BITMIME
+        S: 250 2.1.0
+        C: RCPT TO:<User@Example.COM>
+        S: 250 2.1.5
+        C: DATA
+        S: 354
+        C: Subject: hello
+        C:
+        C: ..a line that started with a dot
+        C: last line
+        C: .
+        S: 250 2.0.0 Ok: queued as
+        C: QUIT
+        S: 221"
+    ));
+    assert_eq!(c.stored.len(), 1);
+    let m = &c.stored[0];
+    let text = String::from_utf8(m.message.clone()).unwrap();
+    let (received, rest) = text.split_once(";\r\n\t").unwrap();
+    assert!(received.starts_with("Received: from client.example ([192.0.2.7])\r\n\tby mx2.example.net (mxspool) with ESMTP id "), "{received}");
+    assert!(received.contains(&m.envelope.id));
+    assert!(received.ends_with("for <User@Example.COM>"), "{received}");
+    let (_date, body) = rest.split_once("\r\n").unwrap();
+    assert_eq!(
+        body,
+        "Subject: hello\r\n\r\n.a line that started with a dot\r\nlast line\r\n"
+    );
+    assert_eq!(m.envelope.sender, "sender@outside.test");
+    assert_eq!(m.envelope.recipients[0].address, "User@Example.COM");
+    assert_eq!(m.envelope.body, Body::EightBitMime);
+    assert_eq!(m.envelope.size, m.message.len() as u64);
+    assert_eq!(m.envelope.client_ip, "192.0.2.7");
+    assert_eq!(m.envelope.helo, "client.example");
+}
+
+#[test]
+fn pipelined_commands_get_replies_in_order_and_one_message() {
+    let mut c = Client::new();
+    c.send(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.com>\r\nRCPT TO:<nobody@relay.test>\r\nRCPT TO:<y@example.com>\r\nDATA\r\n");
+    c.expect(&[
+        "220",
+        "250-",
+        "250-",
+        "250-",
+        "250-",
+        "250-",
+        "250-",
+        "250 SMTPUTF8",
+    ]);
+    c.expect(&["250 2.1.0", "250 2.1.5", "550 5.7.1", "250 2.1.5", "354"]);
+    c.send(b"Subject: x\r\n\r\nbody\r\n.\r\nMAIL FROM:<>\r\nRCPT TO:<z@example.org>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\nhi\r\n.\r\nQUIT\r\n");
+    c.expect(&[
+        "250 2.0.0",
+        "250 2.1.0",
+        "550 5.1.1",
+        "250 2.1.5",
+        "354",
+        "250 2.0.0",
+        "221",
+    ]);
+    c.expect_nothing_more();
+    assert_eq!(c.stored.len(), 2);
+    let rcpts: Vec<_> = c.stored[0]
+        .envelope
+        .recipients
+        .iter()
+        .map(|r| r.address.as_str())
+        .collect();
+    assert_eq!(rcpts, ["x@example.com", "y@example.com"]);
+    assert_eq!(c.stored[1].envelope.sender, "");
+    assert!(
+        !String::from_utf8_lossy(&c.stored[0].message).contains("\tfor <"),
+        "no for-clause with two recipients"
+    );
+}
+
+#[test]
+fn only_partner_domains_are_accepted() {
+    let mut c = check(&format!(
+        "{EHLO}
+        C: MAIL FROM:<a@b.test>
+        S: 250
+        C: RCPT TO:<u@evilexample.com>
+        S: 550 5.7.1 <u@evilexample.com>: Relay access denied
+        C: RCPT TO:<u@example.com.evil.net>
+        S: 550 5.7.1
+        C: RCPT TO:<u@sub.example.com>
+        S: 550 5.7.1
+        C: RCPT TO:<u@example.com.>
+        S: 250 2.1.5
+        C: RCPT TO:<postmaster>
+        S: 550 5.7.1"
+    ));
+    check_with(&mut c, "C: RCPT TO:<> \nS: 501 5.1.3");
+}
+
+#[test]
+fn sender_specified_routing_to_a_partner_is_refused() {
+    for rcpt in [
+        "<user%x@example.com>",
+        "<x!user@example.com>",
+        "<\"user@x\"@example.com>",
+        "<\"user%x\"@example.com>",
+        "<user@x@example.com>",
+        "<@example.com:user@x.test>",
+    ] {
+        let mut c = Client::new();
+        c.send(format!("EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:{rcpt}\r\n").as_bytes());
+        let last = c.pending.last().unwrap().clone();
+        assert!(
+            last.starts_with("550 5.7.1") || last.starts_with("501 5."),
+            "{rcpt}: {last}"
+        );
+        c.send(b"DATA\r\n");
+        c.expect(&["220", "250-"]);
+        let last = c.pending.last().unwrap().clone();
+        assert!(last.starts_with("554 5.5.1"), "{rcpt}: DATA got {last}");
+    }
+}
+
+#[test]
+fn commands_out_of_order() {
+    check(
+        "S: 220
+        C: MAIL FROM:<a@b.test>
+        S: 503 5.5.1 Error: send HELO/EHLO first
+        C: HELO c
+        S: 250 mx2.example.net
+        C: RCPT TO:<u@example.com>
+        S: 503 5.5.1 Error: need MAIL
+        C: DATA
+        S: 503 5.5.1 Error: need RCPT
+        C: MAIL FROM:<a@b.test>
+        S: 250
+        C: MAIL FROM:<a@b.test>
+        S: 503 5.5.1 Error: nested MAIL
+        C: DATA
+        S: 554 5.5.1 Error: no valid recipients
+        C: RSET
+        S: 250
+        C: NOOP
+        S: 250
+        C: VRFY someone
+        S: 252 2.5.2
+        C: HELP
+        S: 214
+        C: EXPN list
+        S: 502 5.5.1
+        C: STARTTLS
+        S: 502 5.5.1
+        C: FROBNICATE
+        S: 500 5.5.2
+        C: LHLO x
+        S: 500 5.5.1",
+    );
+}
+
+#[test]
+fn dsn_parameters_are_kept() {
+    let c = check(&format!(
+        "{EHLO}
+        C: MAIL FROM:<a@b.test> RET=HDRS ENVID=QQ+2B314
+        S: 250
+        C: RCPT TO:<u@example.com> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;Orig+2Bx@example.com
+        S: 250
+        C: RCPT TO:<v@example.com> NOTIFY=NEVER
+        S: 250
+        C: DATA
+        S: 354
+        C: .
+        S: 250"
+    ));
+    let e = &c.stored[0].envelope;
+    assert_eq!(e.ret, Some(Ret::Hdrs));
+    assert_eq!(e.envid.as_deref(), Some("QQ+314"));
+    let n = e.recipients[0].notify.unwrap();
+    assert!(n.success && n.failure && !n.delay && !n.never);
+    assert_eq!(
+        e.recipients[0].orcpt.as_deref(),
+        Some("rfc822;Orig+x@example.com")
+    );
+    assert!(e.recipients[1].notify.unwrap().never);
+    assert_eq!(e.recipients[1].orcpt, None);
+}
+
+#[test]
+fn smtputf8_addresses_need_the_parameter() {
+    let c = check(&format!(
+        "{EHLO}
+        C: MAIL FROM:<jürgen@b.test>
+        S: 553 5.6.7
+        C: MAIL FROM:<jürgen@b.test> SMTPUTF8
+        S: 250
+        C: RCPT TO:<søren@example.com>
+        S: 250
+        C: DATA
+        S: 354
+        C: .
+        S: 250"
+    ));
+    let e = &c.stored[0].envelope;
+    assert!(e.smtputf8);
+    assert!(String::from_utf8_lossy(&c.stored[0].message).contains("with UTF8SMTP"));
+}
+
+#[test]
+fn message_size_is_limited_at_mail_and_in_data() {
+    let mut c = Client::with(config(2048));
+    c.send(b"EHLO c\r\nMAIL FROM:<a@b.test> SIZE=4096\r\n");
+    c.expect(&[
+        "220",
+        "250-",
+        "250-",
+        "250-SIZE 2048",
+        "250-",
+        "250-",
+        "250-",
+        "250 ",
+    ]);
+    c.expect(&["552 5.3.4"]);
+    c.send(b"MAIL FROM:<a@b.test> SIZE=1000\r\nRCPT TO:<u@example.com>\r\nDATA\r\n");
+    c.expect(&["250", "250", "354"]);
+    for _ in 0..40 {
+        c.send(&[b'z'; 98]);
+        c.send(b"\r\n");
+    }
+    c.send(b".\r\nNOOP\r\n");
+    c.expect(&["552 5.3.4", "250"]);
+    assert!(c.stored.is_empty());
+}
+
+#[test]
+fn too_many_recipients() {
+    let mut c = Client::new();
+    c.send(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n");
+    for i in 0..101 {
+        c.send(format!("RCPT TO:<u{i}@example.com>\r\n").as_bytes());
+    }
+    let last = c.pending.pop().unwrap();
+    assert!(last.starts_with("452 4.5.3"), "{last}");
+    assert!(c
+        .pending
+        .iter()
+        .rev()
+        .take(100)
+        .all(|r| r.starts_with("250 2.1.5")));
+}
+
+#[test]
+fn long_lines_and_long_paths() {
+    let mut c = Client::new();
+    c.send(b"EHLO c\r\n");
+    c.pending.clear();
+    // A command line of 600 octets: refused, and the session goes on.
+    let mut long = b"NOOP ".to_vec();
+    long.extend(std::iter::repeat_n(b'x', 600));
+    long.extend_from_slice(b"\r\n");
+    c.send_split(&long, 100);
+    c.expect(&["500 5.5.2"]);
+    // Many kilobytes without a line end are discarded, not buffered.
+    c.send(&vec![b'y'; 100_000]);
+    c.send(b"\r\nNOOP\r\n");
+    c.expect(&["500 5.5.2", "250"]);
+    // A path over 256 octets.
+    let local = "l".repeat(300);
+    c.send(format!("MAIL FROM:<a@b.test>\r\nRCPT TO:<{local}@example.com>\r\n").as_bytes());
+    c.expect(&["250", "501 5.1.3"]);
+    // A text line over 1000 octets.
+    c.send(b"RCPT TO:<u@example.com>\r\nDATA\r\n");
+    c.expect(&["250", "354"]);
+    let mut data = vec![b'w'; 1200];
+    data.extend_from_slice(b"\r\n.\r\n");
+    c.send(&data);
+    c.expect(&["500 5.5.2"]);
+    c.expect_nothing_more();
+    assert!(c.stored.is_empty());
+}
+
+#[test]
+fn too_many_errors_end_the_session() {
+    let mut c = Client::new();
+    c.send(b"EHLO c\r\n");
+    c.pending.clear();
+    for _ in 0..19 {
+        c.send(b"BOGUS\r\n");
+    }
+    assert_eq!(c.pending.len(), 19);
+    assert!(!c.closed);
+    c.send(b"BOGUS\r\n");
+    assert!(c.closed);
+    assert!(
+        c.pending.last().unwrap().starts_with("421 4.7.0"),
+        "{:?}",
+        c.pending
+    );
+}
+
+#[test]
+fn idle_timeout() {
+    let mut c = Client::new();
+    let step = c.session.timeout();
+    c.drive(step);
+    c.expect(&["220", "421 4.4.2 mx2.example.net"]);
+    assert!(c.closed);
+}
+
+#[test]
+fn mail_loops_are_refused() {
+    let mut c = Client::new();
+    c.send(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@example.com>\r\nDATA\r\n");
+    c.pending.clear();
+    let mut data = Vec::new();
+    for i in 0..51 {
+        data.extend_from_slice(format!("Received: from hop{i} by hop{}\r\n", i + 1).as_bytes());
+    }
+    data.extend_from_slice(b"Subject: loop\r\n\r\nbody\r\n.\r\n");
+    c.send(&data);
+    c.expect(&["554 5.4.6"]);
+    assert!(c.stored.is_empty());
+    // Exactly 50 is still fine.
+    c.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<u@example.com>\r\nDATA\r\n");
+    let fifty: Vec<u8> = data
+        .split(|&b| b == b'\n')
+        .skip(1)
+        .flat_map(|l| [l, b"\n"].concat())
+        .collect();
+    c.send(&fifty[..fifty.len() - 1]);
+    c.expect(&["250", "250", "354", "250 2.0.0"]);
+}
+
+#[test]
+fn a_full_disk_refuses_at_mail_and_a_failed_store_is_never_250() {
+    let mut c = Client::new();
+    c.gauge.set(1000);
+    c.send(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n");
+    assert!(c.pending.last().unwrap().starts_with("452 4.3.1"));
+    c.gauge.set(u64::MAX);
+    c.pending.clear();
+    for (result, reply) in [
+        (Err(StoreFailure::Spool), "451 4.3.0"),
+        (Err(StoreFailure::NoSpace), "452 4.3.1"),
+        (Ok(()), "250 2.0.0"),
+    ] {
+        c.store_result = result;
+        c.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<u@example.com>\r\nDATA\r\n.\r\n");
+        c.expect(&["250", "250", "354", reply]);
+    }
+    assert_eq!(c.stored.len(), 1);
+}
+
+#[test]
+fn smuggling_never_starts_a_second_message_even_across_reads() {
+    let smuggled = b"MAIL FROM:<evil@x.test>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\nevil\r\n";
+    for fake in [
+        &b"\n.\n"[..],
+        b"\r.\r",
+        b"\n.\r\n",
+        b"\r\n.\n",
+        b"\r\n.\r",
+        b"\r\n\0.\r\n",
+        b"\r\n.\0\r\n",
+    ] {
+        for split in [1, 3, 4096] {
+            let mut c = Client::new();
+            c.send(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@example.com>\r\nDATA\r\n");
+            c.pending.clear();
+            let mut data = b"Subject: s\r\n\r\nbody".to_vec();
+            data.extend_from_slice(fake);
+            data.extend_from_slice(smuggled);
+            data.extend_from_slice(b".\r\nNOOP\r\n");
+            c.send_split(&data, split);
+            assert_eq!(
+                c.pending.len(),
+                2,
+                "fake {fake:?} split {split}: {:?}",
+                c.pending
+            );
+            assert!(c.pending[0].starts_with("550 5."), "{:?}", c.pending);
+            assert!(c.pending[1].starts_with("250 2.0.0 Ok"), "{:?}", c.pending);
+            assert!(c.stored.is_empty(), "fake {fake:?}: a message was stored");
+        }
+    }
+}
+
+#[test]
+fn bare_lf_ends_a_command_line_but_never_data() {
+    let mut c = Client::new();
+    c.send(b"EHLO c\nMAIL FROM:<a@b.test>\nRCPT TO:<u@example.com>\nDATA\n");
+    c.expect(&[
+        "220", "250-", "250-", "250-", "250-", "250-", "250-", "250 ", "250", "250", "354",
+    ]);
+    c.send(b"line\n.\n");
+    c.expect_nothing_more();
+    c.send(b"\r\n.\r\n");
+    c.expect(&["550 5.5.2"]);
+}
+
+#[test]
+fn helo_sessions_refuse_esmtp_parameters() {
+    check(
+        "S: 220
+        C: HELO c
+        S: 250
+        C: MAIL FROM:<a@b.test> SIZE=10
+        S: 555 5.5.4
+        C: MAIL FROM:<a@b.test>
+        S: 250
+        C: RCPT TO:<u@example.com> NOTIFY=NEVER
+        S: 555 5.5.4",
+    );
+}
+
+#[test]
+fn queue_ids_in_replies_match_the_stored_envelope() {
+    let mut c = Client::new();
+    c.send(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@example.com>\r\nDATA\r\n.\r\n");
+    let last = c.pending.last().unwrap().clone();
+    let id = last.rsplit(' ').next().unwrap();
+    assert_eq!(id, c.stored[0].envelope.id);
+    assert!(crate::queue_id::is_valid(id));
+}

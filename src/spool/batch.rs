@@ -1,0 +1,209 @@
+//! A [`Batch`]: one atomic change of the spool as plain data (a list of puts and deletes per
+//! column family). Building one needs no database, so what a change writes can be tested
+//! directly; the writer thread turns batches into one `rocksdb::WriteBatch`.
+
+use super::keys::{self, Cf};
+use super::{QueueEntry, SpoolError, StoredEnvelope};
+use crate::envelope::{domain_of, Envelope};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    Put {
+        cf: Cf,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        cf: Cf,
+        key: Vec<u8>,
+    },
+}
+
+/// Operations applied together, all or nothing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Batch {
+    ops: Vec<Op>,
+}
+
+impl Batch {
+    pub fn new() -> Batch {
+        Batch::default()
+    }
+
+    pub fn put(&mut self, cf: Cf, key: Vec<u8>, value: Vec<u8>) {
+        self.ops.push(Op::Put { cf, key, value });
+    }
+
+    pub fn delete(&mut self, cf: Cf, key: Vec<u8>) {
+        self.ops.push(Op::Delete { cf, key });
+    }
+
+    pub fn ops(&self) -> &[Op] {
+        &self.ops
+    }
+
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Bytes of keys and values, for the writer's cap on one commit.
+    pub fn bytes(&self) -> usize {
+        self.ops
+            .iter()
+            .map(|op| match op {
+                Op::Put { key, value, .. } => key.len() + value.len(),
+                Op::Delete { key, .. } => key.len(),
+            })
+            .sum()
+    }
+
+    /// The puts of a new message: its bytes and envelope once, and one queue entry plus one
+    /// due entry (due at arrival) for each recipient domain.
+    pub fn enqueue(env: Envelope, message: Vec<u8>) -> Result<Batch, SpoolError> {
+        let id = env.id.clone();
+        if id.is_empty() || !keys::valid_part(&id) {
+            return Err(SpoolError::Invalid(format!("bad queue id {id:?}")));
+        }
+        if env.recipients.is_empty() {
+            return Err(SpoolError::Invalid(format!("{id}: no recipients")));
+        }
+        // Domains in order of first appearance, each with only its own recipients.
+        let mut domains: Vec<(String, Vec<crate::envelope::Recipient>)> = Vec::new();
+        for r in &env.recipients {
+            let d = domain_of(&r.address);
+            if !keys::valid_part(&d) {
+                return Err(SpoolError::Invalid(format!(
+                    "{id}: bad recipient domain {d:?}"
+                )));
+            }
+            match domains.iter_mut().find(|(x, _)| *x == d) {
+                Some((_, rs)) => rs.push(r.clone()),
+                None => domains.push((d, vec![r.clone()])),
+            }
+        }
+
+        let mut b = Batch::new();
+        let arrival = env.arrival_ms;
+        for (domain, recipients) in &domains {
+            let entry = QueueEntry {
+                recipients: recipients.clone(),
+                attempts: 0,
+                next_attempt_ms: arrival,
+                last_error: None,
+                held: false,
+            };
+            b.put(Cf::Queue, keys::queue(domain, &id), entry.to_bytes());
+            b.put(Cf::Due, keys::due(arrival, domain, &id), Vec::new());
+        }
+        let stored = StoredEnvelope {
+            envelope: env,
+            domains: domains.into_iter().map(|(d, _)| d).collect(),
+        };
+        b.put(Cf::Envelopes, keys::message(&id), stored.to_bytes());
+        b.put(Cf::Messages, keys::message(&id), message);
+        Ok(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::Recipient;
+
+    fn env(id: &str, rcpts: &[&str]) -> Envelope {
+        Envelope {
+            id: id.into(),
+            sender: "s@x.org".into(),
+            recipients: rcpts.iter().map(|r| Recipient::new(*r)).collect(),
+            arrival_ms: 42,
+            size: 3,
+            body: Default::default(),
+            smtputf8: false,
+            ret: None,
+            envid: None,
+            client_ip: String::new(),
+            helo: String::new(),
+        }
+    }
+
+    fn puts(b: &Batch, cf: Cf) -> Vec<(Vec<u8>, Vec<u8>)> {
+        b.ops()
+            .iter()
+            .filter_map(|op| match op {
+                Op::Put { cf: c, key, value } if *c == cf => Some((key.clone(), value.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn two_domains_store_the_message_once_and_queue_it_twice() {
+        let b = Batch::enqueue(
+            env("ID1", &["a@one.org", "b@TWO.org", "c@one.org"]),
+            b"hi\n".to_vec(),
+        )
+        .unwrap();
+        assert_eq!(
+            puts(&b, Cf::Messages),
+            vec![(b"ID1".to_vec(), b"hi\n".to_vec())]
+        );
+        assert_eq!(puts(&b, Cf::Envelopes).len(), 1);
+        let stored = StoredEnvelope::from_bytes(&puts(&b, Cf::Envelopes)[0].1).unwrap();
+        assert_eq!(stored.domains, vec!["one.org", "two.org"]);
+
+        let queue = puts(&b, Cf::Queue);
+        assert_eq!(queue.len(), 2);
+        assert_eq!(queue[0].0, keys::queue("one.org", "ID1"));
+        let one = QueueEntry::from_bytes(&queue[0].1).unwrap();
+        let addrs: Vec<_> = one.recipients.iter().map(|r| r.address.as_str()).collect();
+        assert_eq!(addrs, vec!["a@one.org", "c@one.org"]);
+        assert_eq!(
+            (one.attempts, one.next_attempt_ms, one.held),
+            (0, 42, false)
+        );
+        assert_eq!(one.last_error, None);
+        let two = QueueEntry::from_bytes(&queue[1].1).unwrap();
+        assert_eq!(two.recipients[0].address, "b@TWO.org");
+
+        let due: Vec<_> = puts(&b, Cf::Due).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(
+            due,
+            vec![
+                keys::due(42, "one.org", "ID1"),
+                keys::due(42, "two.org", "ID1")
+            ]
+        );
+        assert_eq!(b.bytes(), b.ops().iter().map(op_bytes).sum::<usize>());
+    }
+
+    fn op_bytes(op: &Op) -> usize {
+        match op {
+            Op::Put { key, value, .. } => key.len() + value.len(),
+            Op::Delete { key, .. } => key.len(),
+        }
+    }
+
+    #[test]
+    fn ids_and_domains_with_separators_are_refused() {
+        assert!(matches!(
+            Batch::enqueue(env("A\0B", &["a@b.c"]), vec![]),
+            Err(SpoolError::Invalid(_))
+        ));
+        assert!(matches!(
+            Batch::enqueue(env("", &["a@b.c"]), vec![]),
+            Err(SpoolError::Invalid(_))
+        ));
+        assert!(matches!(
+            Batch::enqueue(env("ID", &["a@b.c\0x"]), vec![]),
+            Err(SpoolError::Invalid(_))
+        ));
+        assert!(matches!(
+            Batch::enqueue(env("ID", &[]), vec![]),
+            Err(SpoolError::Invalid(_))
+        ));
+    }
+}

@@ -1,0 +1,198 @@
+//! Every RocksDB key of the spool, built and taken apart in this one place.
+//!
+//! Numbers are big-endian so that byte order is numeric order, and a domain is always
+//! followed by a `0x00` separator so that one domain's keys form one contiguous range that no
+//! other domain shares (`a.com\0…` sorts before `a.com.evil\0…`, and the range
+//! `[a.com\0, a.com\x01)` holds only `a.com`). Domains and ids never contain `0x00`
+//! ([`valid_part`] is checked before any key is built).
+
+/// Column families of the spool, in the order they are opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Cf {
+    /// `format` → the stored format version (u32 big-endian).
+    Meta,
+    /// id → raw message bytes.
+    Messages,
+    /// id → JSON `StoredEnvelope`.
+    Envelopes,
+    /// domain 0x00 id → JSON `QueueEntry`.
+    Queue,
+    /// next_attempt_ms (u64 BE) domain 0x00 id → empty.
+    Due,
+}
+
+impl Cf {
+    pub const ALL: [Cf; 5] = [Cf::Meta, Cf::Messages, Cf::Envelopes, Cf::Queue, Cf::Due];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Cf::Meta => "meta",
+            Cf::Messages => "messages",
+            Cf::Envelopes => "envelopes",
+            Cf::Queue => "queue",
+            Cf::Due => "due",
+        }
+    }
+}
+
+/// Key of the format version in [`Cf::Meta`].
+pub const META_FORMAT: &[u8] = b"format";
+
+const SEP: u8 = 0x00;
+
+/// Whether `s` may be a domain or id inside a key: no `0x00`, which is the separator.
+/// (Ids must also be non-empty; that is checked where envelopes are accepted.)
+pub fn valid_part(s: &str) -> bool {
+    !s.as_bytes().contains(&SEP)
+}
+
+/// Key of [`Cf::Messages`] and [`Cf::Envelopes`].
+pub fn message(id: &str) -> Vec<u8> {
+    id.as_bytes().to_vec()
+}
+
+/// Key of [`Cf::Queue`]: `domain 0x00 id`.
+pub fn queue(domain: &str, id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(domain.len() + 1 + id.len());
+    k.extend_from_slice(domain.as_bytes());
+    k.push(SEP);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// First key of `domain`'s range in [`Cf::Queue`] (inclusive): `domain 0x00`.
+pub fn queue_start(domain: &str) -> Vec<u8> {
+    let mut k = domain.as_bytes().to_vec();
+    k.push(SEP);
+    k
+}
+
+/// End of `domain`'s range in [`Cf::Queue`] (exclusive): `domain 0x01`.
+pub fn queue_end(domain: &str) -> Vec<u8> {
+    let mut k = domain.as_bytes().to_vec();
+    k.push(SEP + 1);
+    k
+}
+
+/// `(domain, id)` of a [`Cf::Queue`] key.
+pub fn parse_queue(key: &[u8]) -> Option<(&str, &str)> {
+    let sep = key.iter().position(|&b| b == SEP)?;
+    let domain = std::str::from_utf8(&key[..sep]).ok()?;
+    let id = std::str::from_utf8(&key[sep + 1..]).ok()?;
+    Some((domain, id))
+}
+
+/// Key of [`Cf::Due`]: `at_ms (u64 BE) domain 0x00 id`.
+pub fn due(at_ms: u64, domain: &str, id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + domain.len() + 1 + id.len());
+    k.extend_from_slice(&at_ms.to_be_bytes());
+    k.extend_from_slice(domain.as_bytes());
+    k.push(SEP);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// Exclusive end of the [`Cf::Due`] keys due at `now_ms` (those with `at_ms <= now_ms`);
+/// `None` when every key is due (`now_ms == u64::MAX`).
+pub fn due_end(now_ms: u64) -> Option<Vec<u8>> {
+    now_ms.checked_add(1).map(|t| t.to_be_bytes().to_vec())
+}
+
+/// `(at_ms, domain, id)` of a [`Cf::Due`] key.
+pub fn parse_due(key: &[u8]) -> Option<(u64, &str, &str)> {
+    let (at, rest) = key.split_first_chunk::<8>()?;
+    let (domain, id) = parse_queue(rest)?;
+    Some((u64::from_be_bytes(*at), domain, id))
+}
+
+/// The stored form of the format version.
+pub fn format_value(version: u32) -> Vec<u8> {
+    version.to_be_bytes().to_vec()
+}
+
+pub fn parse_format(value: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(value.try_into().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn due_keys_sort_by_time_then_domain_then_id() {
+        // Little-endian would put 256 before 1; big-endian must not.
+        let mut keys = [
+            due(65_536, "a.com", "B"),
+            due(256, "z.com", "A"),
+            due(1, "z.com", "A"),
+            due(256, "a.com", "C"),
+            due(u64::MAX, "a.com", "A"),
+            due(0, "b.com", "A"),
+        ];
+        keys.sort();
+        let parsed: Vec<_> = keys.iter().map(|k| parse_due(k).unwrap()).collect();
+        assert_eq!(
+            parsed,
+            vec![
+                (0, "b.com", "A"),
+                (1, "z.com", "A"),
+                (256, "a.com", "C"),
+                (256, "z.com", "A"),
+                (65_536, "a.com", "B"),
+                (u64::MAX, "a.com", "A"),
+            ]
+        );
+    }
+
+    #[test]
+    fn due_end_bounds_exactly_the_due_keys() {
+        let end = due_end(1000).unwrap();
+        assert!(due(1000, "zzz", "ZZZZ").as_slice() < end.as_slice());
+        assert!(due(1001, "", "").as_slice() >= end.as_slice());
+        assert!(due_end(u64::MAX).is_none());
+    }
+
+    #[test]
+    fn a_domain_range_holds_only_that_domain() {
+        let mut keys = [
+            queue("a.com.evil", "1"),
+            queue("a.com", "2"),
+            queue("a.co", "3"),
+            queue("a.com", "1"),
+            queue("b.com", "0"),
+            queue("a.comx", "0"),
+        ];
+        keys.sort();
+        let parsed: Vec<_> = keys.iter().map(|k| parse_queue(k).unwrap()).collect();
+        assert_eq!(
+            parsed,
+            vec![
+                ("a.co", "3"),
+                ("a.com", "1"),
+                ("a.com", "2"),
+                ("a.com.evil", "1"),
+                ("a.comx", "0"),
+                ("b.com", "0"),
+            ]
+        );
+        let (start, end) = (queue_start("a.com"), queue_end("a.com"));
+        let inside: Vec<_> = keys
+            .iter()
+            .filter(|k| k.as_slice() >= start.as_slice() && k.as_slice() < end.as_slice())
+            .map(|k| parse_queue(k).unwrap())
+            .collect();
+        assert_eq!(inside, vec![("a.com", "1"), ("a.com", "2")]);
+    }
+
+    #[test]
+    fn separators_are_refused_inside_parts() {
+        assert!(valid_part("example.com"));
+        assert!(!valid_part("a.com\0evil"));
+    }
+
+    #[test]
+    fn format_round_trips_and_rejects_bad_lengths() {
+        assert_eq!(parse_format(&format_value(7)), Some(7));
+        assert_eq!(parse_format(b"\0\0\0\0\x01"), None);
+    }
+}

@@ -1,0 +1,541 @@
+//! The spool: the durable store of queued mail, and the only module that names `rocksdb`.
+//!
+//! It owns one RocksDB directory with five column families (keys built only in `keys.rs`,
+//! numbers big-endian): `meta` (`format` → format version, checked at open), `messages`
+//! (id → the raw message bytes, stored once however many domains it goes to; large values
+//! go to blob files), `envelopes` (id → JSON [`StoredEnvelope`]: the [`Envelope`] and the
+//! domains still queued), `queue` (domain 0x00 id → JSON [`QueueEntry`] for that domain's
+//! recipients, so a domain is one contiguous key range) and `due` (next_attempt_ms BE,
+//! domain 0x00 id → empty, scanned from the front for due work). Every change is one
+//! [`Batch`] of plain puts and deletes, applied atomically. All writes go through a single
+//! `spool-writer` thread (`writer.rs`) that group-commits the waiting batches into one
+//! `WriteBatch` written with a synced WAL. Invariant: a caller of [`Spool::enqueue`] hears
+//! `Ok` (and so the SMTP client hears `250`) only after the writer's synced commit that
+//! contains its batch; on any failure every waiter of that commit gets the error.
+
+mod batch;
+mod keys;
+#[cfg(test)]
+mod tests;
+mod writer;
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode, Options,
+    ReadOptions, WriteOptions, DB,
+};
+use serde::{Deserialize, Serialize};
+
+pub use batch::{Batch, Op};
+pub use keys::Cf;
+
+use crate::envelope::{Envelope, RcptState, Recipient};
+use writer::Writer;
+
+/// The on-disk format this build reads and writes (key `format` of the `meta` family).
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Why a spool operation failed. The SMTP layer maps [`SpoolError::is_no_space`] to
+/// `452 4.3.1` and everything else to `451 4.3.0`.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool {} is in use by another process (is mxspool serve running?)", path.display())]
+    Locked { path: PathBuf },
+    #[error(
+        "spool format version {found} is not supported (this mxspool reads version {expected})"
+    )]
+    Format { found: u32, expected: u32 },
+    #[error("no space left on the spool's file system")]
+    NoSpace,
+    #[error("spool I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("spool database error: {0}")]
+    Db(String),
+    #[error("spool data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("spool writer has stopped")]
+    Closed,
+    #[error("spool {} does not exist", path.display())]
+    Missing { path: PathBuf },
+    #[error("spool is open read-only")]
+    ReadOnly,
+    #[error("cannot spool: {0}")]
+    Invalid(String),
+}
+
+impl SpoolError {
+    /// Out of disk space or quota: a temporary, "come back later" condition.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            SpoolError::NoSpace => true,
+            SpoolError::Io(e) => matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)),
+            _ => false,
+        }
+    }
+
+    /// The same error again, for the many waiters of one failed commit.
+    fn duplicate(&self) -> SpoolError {
+        match self {
+            SpoolError::Locked { path } => SpoolError::Locked { path: path.clone() },
+            SpoolError::Format { found, expected } => SpoolError::Format {
+                found: *found,
+                expected: *expected,
+            },
+            SpoolError::NoSpace => SpoolError::NoSpace,
+            SpoolError::Io(e) => SpoolError::Io(match e.raw_os_error() {
+                Some(code) => std::io::Error::from_raw_os_error(code),
+                None => std::io::Error::new(e.kind(), e.to_string()),
+            }),
+            SpoolError::Db(s) => SpoolError::Db(s.clone()),
+            SpoolError::Corrupt(s) => SpoolError::Corrupt(s.clone()),
+            SpoolError::Closed => SpoolError::Closed,
+            SpoolError::Missing { path } => SpoolError::Missing { path: path.clone() },
+            SpoolError::ReadOnly => SpoolError::ReadOnly,
+            SpoolError::Invalid(s) => SpoolError::Invalid(s.clone()),
+        }
+    }
+}
+
+fn map_db_error(e: rocksdb::Error, path: &Path) -> SpoolError {
+    map_db_message(e.into_string(), path)
+}
+
+/// RocksDB reports everything as a string; sort out the cases callers act on.
+fn map_db_message(msg: String, path: &Path) -> SpoolError {
+    let lock_file = msg.contains("/LOCK")
+        && (msg.contains("Resource temporarily unavailable") || msg.contains("No locks available"));
+    if msg.contains("No space left on device") || msg.contains("Disk quota exceeded") {
+        SpoolError::NoSpace
+    } else if msg.contains("lock hold by current process")
+        || msg.contains("While lock file")
+        || lock_file
+    {
+        SpoolError::Locked {
+            path: path.to_path_buf(),
+        }
+    } else if msg.starts_with("Corruption") {
+        SpoolError::Corrupt(msg)
+    } else {
+        SpoolError::Db(msg)
+    }
+}
+
+/// What `envelopes` holds for a message: the envelope and the domains that still have a
+/// queue entry for it (the message is deleted when the last one goes).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredEnvelope {
+    pub envelope: Envelope,
+    pub domains: Vec<String>,
+}
+
+/// What `queue` holds for one message and one recipient domain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueEntry {
+    /// Only this domain's recipients.
+    pub recipients: Vec<Recipient>,
+    pub attempts: u32,
+    pub next_attempt_ms: u64,
+    pub last_error: Option<String>,
+    pub held: bool,
+}
+
+macro_rules! json_record {
+    ($t:ty, $what:literal) => {
+        impl $t {
+            pub fn to_bytes(&self) -> Vec<u8> {
+                serde_json::to_vec(self).expect("plain data serializes")
+            }
+
+            pub fn from_bytes(bytes: &[u8]) -> Result<Self, SpoolError> {
+                serde_json::from_slice(bytes)
+                    .map_err(|e| SpoolError::Corrupt(format!(concat!("bad ", $what, ": {}"), e)))
+            }
+        }
+    };
+}
+json_record!(StoredEnvelope, "envelope record");
+json_record!(QueueEntry, "queue entry");
+
+/// One message's queue entry for one domain, as `mxspool queue` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct QueuedMessage {
+    pub id: String,
+    pub domain: String,
+    pub sender: String,
+    /// Only this domain's recipients.
+    pub recipients: Vec<Recipient>,
+    pub arrival_ms: u64,
+    pub size: u64,
+    pub attempts: u32,
+    pub next_attempt_ms: u64,
+    pub last_error: Option<String>,
+    pub held: bool,
+}
+
+impl QueuedMessage {
+    /// The object of one line of `mxspool queue --json` (like `postqueue -j`).
+    pub fn to_json(&self) -> serde_json::Value {
+        let recipients: Vec<_> = self
+            .recipients
+            .iter()
+            .map(|r| {
+                let state = match r.state {
+                    RcptState::Pending => "pending",
+                    RcptState::Delivered => "delivered",
+                    RcptState::Failed => "failed",
+                };
+                serde_json::json!({ "address": r.address, "state": state })
+            })
+            .collect();
+        serde_json::json!({
+            "id": self.id,
+            "domain": self.domain,
+            "sender": self.sender,
+            "recipients": recipients,
+            "arrival": rfc3339(self.arrival_ms),
+            "size": self.size,
+            "attempts": self.attempts,
+            "next_attempt": rfc3339(self.next_attempt_ms),
+            "last_error": self.last_error,
+            "held": self.held,
+        })
+    }
+}
+
+/// Milliseconds since the epoch as RFC 3339 UTC (`2024-05-01T12:00:00Z`).
+fn rfc3339(ms: u64) -> String {
+    let t = i64::try_from(ms)
+        .ok()
+        .and_then(chrono::DateTime::from_timestamp_millis)
+        .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC);
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// The mail spool. Cheap to clone; the last clone dropped stops the writer thread (after
+/// it has answered every request already sent) and closes the database.
+#[derive(Clone)]
+pub struct Spool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    // Dropped first: joins the writer thread, which holds its own Arc of the database.
+    writer: Option<Writer>,
+    db: Arc<DB>,
+    path: PathBuf,
+}
+
+fn cf_options(cf: Cf) -> Options {
+    let mut o = Options::default();
+    o.set_compression_type(DBCompressionType::Lz4);
+    o.set_write_buffer_size(8 << 20);
+    if cf == Cf::Messages {
+        // Bodies are large, written once and deleted later: keep them out of compactions.
+        o.set_write_buffer_size(32 << 20);
+        o.set_enable_blob_files(true);
+        o.set_min_blob_size(4096);
+        o.set_blob_compression_type(DBCompressionType::Lz4);
+        o.set_enable_blob_gc(true);
+    }
+    o
+}
+
+fn cf_descriptors() -> Vec<ColumnFamilyDescriptor> {
+    Cf::ALL
+        .iter()
+        .map(|&cf| ColumnFamilyDescriptor::new(cf.name(), cf_options(cf)))
+        .collect()
+}
+
+fn db_options(create: bool) -> Options {
+    let mut o = Options::default();
+    o.create_if_missing(create);
+    o.create_missing_column_families(create);
+    // One batch spans several families: flush them together so none runs ahead.
+    o.set_atomic_flush(true);
+    o.set_compression_type(DBCompressionType::Lz4);
+    o.set_db_write_buffer_size(128 << 20);
+    o.set_max_total_wal_size(256 << 20);
+    o.set_keep_log_file_num(4);
+    o
+}
+
+fn cf(db: &DB, cf: Cf) -> Result<&ColumnFamily, SpoolError> {
+    db.cf_handle(cf.name())
+        .ok_or_else(|| SpoolError::Corrupt(format!("column family {} is missing", cf.name())))
+}
+
+/// Check the stored format version; a new spool (`create`) gets ours.
+fn check_format(db: &DB, path: &Path, create: bool) -> Result<(), SpoolError> {
+    let meta = cf(db, Cf::Meta)?;
+    let stored = db
+        .get_cf(meta, keys::META_FORMAT)
+        .map_err(|e| map_db_error(e, path))?;
+    match stored {
+        Some(v) => {
+            let found = keys::parse_format(&v)
+                .ok_or_else(|| SpoolError::Corrupt(format!("bad format version {v:?}")))?;
+            if found != FORMAT_VERSION {
+                return Err(SpoolError::Format {
+                    found,
+                    expected: FORMAT_VERSION,
+                });
+            }
+            Ok(())
+        }
+        None if create => {
+            // The only write outside the writer thread: before it starts, on a new spool.
+            let mut o = WriteOptions::default();
+            o.set_sync(true);
+            db.put_cf_opt(
+                meta,
+                keys::META_FORMAT,
+                keys::format_value(FORMAT_VERSION),
+                &o,
+            )
+            .map_err(|e| map_db_error(e, path))
+        }
+        None => Err(SpoolError::Corrupt(format!(
+            "{} has no spool format version",
+            path.display()
+        ))),
+    }
+}
+
+impl Spool {
+    /// Open the spool at `dir` for reading and writing, creating it if missing. Holds
+    /// RocksDB's `LOCK` while open: a second opener gets [`SpoolError::Locked`].
+    pub fn open(dir: &Path) -> Result<Spool, SpoolError> {
+        std::fs::create_dir_all(dir)?;
+        let db = DB::open_cf_descriptors(&db_options(true), dir, cf_descriptors())
+            .map_err(|e| map_db_error(e, dir))?;
+        check_format(&db, dir, true)?;
+        let db = Arc::new(db);
+        let writer = Writer::start(db.clone(), dir.to_path_buf())?;
+        Ok(Spool {
+            inner: Arc::new(Inner {
+                writer: Some(writer),
+                db,
+                path: dir.to_path_buf(),
+            }),
+        })
+    }
+
+    /// Open an existing spool read-only, even while a server holds it: a view of what was
+    /// committed up to this moment (later writes are not seen). Writes give
+    /// [`SpoolError::ReadOnly`].
+    pub fn open_read_only(dir: &Path) -> Result<Spool, SpoolError> {
+        if !dir.join("CURRENT").is_file() {
+            return Err(SpoolError::Missing {
+                path: dir.to_path_buf(),
+            });
+        }
+        let db =
+            DB::open_cf_descriptors_read_only(&db_options(false), dir, cf_descriptors(), false)
+                .map_err(|e| map_db_error(e, dir))?;
+        check_format(&db, dir, false)?;
+        Ok(Spool {
+            inner: Arc::new(Inner {
+                writer: None,
+                db: Arc::new(db),
+                path: dir.to_path_buf(),
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    fn db(&self) -> &DB {
+        &self.inner.db
+    }
+
+    fn err(&self, e: rocksdb::Error) -> SpoolError {
+        map_db_error(e, &self.inner.path)
+    }
+
+    fn writer(&self) -> Result<&Writer, SpoolError> {
+        self.inner.writer.as_ref().ok_or(SpoolError::ReadOnly)
+    }
+
+    /// Store a new message: its bytes, its envelope, and one queue entry (due now) per
+    /// recipient domain. Returns once the write is in the WAL and the WAL is fsynced.
+    pub async fn enqueue(&self, env: Envelope, message: Vec<u8>) -> Result<(), SpoolError> {
+        self.commit(Batch::enqueue(env, message)?).await
+    }
+
+    /// [`Spool::enqueue`] for threads outside the async runtime (it blocks; calling it on
+    /// a runtime thread panics).
+    pub fn enqueue_blocking(&self, env: Envelope, message: Vec<u8>) -> Result<(), SpoolError> {
+        self.commit_blocking(Batch::enqueue(env, message)?)
+    }
+
+    /// Apply `batch` atomically through the group-commit writer; returns after the sync.
+    pub(crate) async fn commit(&self, batch: Batch) -> Result<(), SpoolError> {
+        let rx = self.writer()?.submit(batch);
+        rx.await.map_err(|_| SpoolError::Closed)?
+    }
+
+    /// [`Spool::commit`] for threads outside the async runtime.
+    pub(crate) fn commit_blocking(&self, batch: Batch) -> Result<(), SpoolError> {
+        let rx = self.writer()?.submit(batch);
+        rx.blocking_recv().map_err(|_| SpoolError::Closed)?
+    }
+
+    /// `(commits, batches)` the writer has made since open: `batches / commits` is the
+    /// number of callers that shared each fsync. `(0, 0)` when read-only.
+    pub fn stats(&self) -> (u64, u64) {
+        self.inner.writer.as_ref().map_or((0, 0), Writer::stats)
+    }
+
+    /// Queue entries of `domain` (reading only its key range), or of all domains; sorted by
+    /// domain, then id (which is arrival order).
+    pub fn list(&self, domain: Option<&str>) -> Result<Vec<QueuedMessage>, SpoolError> {
+        let mut out = Vec::new();
+        self.for_each(domain, |m| {
+            out.push(m);
+            true
+        })?;
+        Ok(out)
+    }
+
+    /// [`Spool::list`] without collecting: `f` sees each entry in order and returns `false`
+    /// to stop. Reads one consistent snapshot; memory stays flat however long the queue.
+    pub fn for_each(
+        &self,
+        domain: Option<&str>,
+        mut f: impl FnMut(QueuedMessage) -> bool,
+    ) -> Result<(), SpoolError> {
+        let db = self.db();
+        let (queue, envelopes) = (cf(db, Cf::Queue)?, cf(db, Cf::Envelopes)?);
+        let snap = db.snapshot();
+        let mut ro = ReadOptions::default();
+        let start = match domain {
+            Some(d) => {
+                ro.set_iterate_upper_bound(keys::queue_end(d));
+                keys::queue_start(d)
+            }
+            None => Vec::new(),
+        };
+        let iter = snap.iterator_cf_opt(queue, ro, IteratorMode::From(&start, Direction::Forward));
+        for item in iter {
+            let (key, value) = item.map_err(|e| self.err(e))?;
+            let (d, id) = keys::parse_queue(&key)
+                .ok_or_else(|| SpoolError::Corrupt(format!("bad queue key {key:?}")))?;
+            let entry = QueueEntry::from_bytes(&value)?;
+            let raw = snap
+                .get_cf(envelopes, keys::message(id))
+                .map_err(|e| self.err(e))?
+                .ok_or_else(|| {
+                    SpoolError::Corrupt(format!("queue entry {d}/{id} has no envelope"))
+                })?;
+            let env = StoredEnvelope::from_bytes(&raw)?.envelope;
+            let m = QueuedMessage {
+                id: id.to_string(),
+                domain: d.to_string(),
+                sender: env.sender,
+                recipients: entry.recipients,
+                arrival_ms: env.arrival_ms,
+                size: env.size,
+                attempts: entry.attempts,
+                next_attempt_ms: entry.next_attempt_ms,
+                last_error: entry.last_error,
+                held: entry.held,
+            };
+            if !f(m) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// The raw bytes of message `id`, exactly as enqueued.
+    pub fn message(&self, id: &str) -> Result<Option<Vec<u8>>, SpoolError> {
+        let db = self.db();
+        db.get_cf(cf(db, Cf::Messages)?, keys::message(id))
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn envelope(&self, id: &str) -> Result<Option<Envelope>, SpoolError> {
+        Ok(self.stored_envelope(id)?.map(|s| s.envelope))
+    }
+
+    /// The envelope with the list of domains still queued.
+    pub fn stored_envelope(&self, id: &str) -> Result<Option<StoredEnvelope>, SpoolError> {
+        let db = self.db();
+        db.get_cf(cf(db, Cf::Envelopes)?, keys::message(id))
+            .map_err(|e| self.err(e))?
+            .map(|v| StoredEnvelope::from_bytes(&v))
+            .transpose()
+    }
+
+    /// The queue entry of message `id` for `domain`.
+    pub fn queue_entry(&self, domain: &str, id: &str) -> Result<Option<QueueEntry>, SpoolError> {
+        let db = self.db();
+        db.get_cf(cf(db, Cf::Queue)?, keys::queue(domain, id))
+            .map_err(|e| self.err(e))?
+            .map(|v| QueueEntry::from_bytes(&v))
+            .transpose()
+    }
+
+    /// Up to `limit` `(domain, id)` pairs due at `now_ms` (next attempt at or before it),
+    /// earliest first. Reads only the front of the `due` index.
+    pub fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<(String, String)>, SpoolError> {
+        let db = self.db();
+        let mut ro = ReadOptions::default();
+        if let Some(end) = keys::due_end(now_ms) {
+            ro.set_iterate_upper_bound(end);
+        }
+        let mut out = Vec::new();
+        for item in db.iterator_cf_opt(cf(db, Cf::Due)?, ro, IteratorMode::Start) {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, _) = item.map_err(|e| self.err(e))?;
+            let (_, d, id) = keys::parse_due(&key)
+                .ok_or_else(|| SpoolError::Corrupt(format!("bad due key {key:?}")))?;
+            out.push((d.to_string(), id.to_string()));
+        }
+        Ok(out)
+    }
+
+    /// Number of queue entries (message × domain): RocksDB's estimate
+    /// (`rocksdb.estimate-num-keys` of `queue`), which costs nothing but may be off after
+    /// many deletes. [`Spool::count_exact`] scans instead.
+    pub fn count(&self) -> Result<u64, SpoolError> {
+        let db = self.db();
+        Ok(db
+            .property_int_value_cf(cf(db, Cf::Queue)?, "rocksdb.estimate-num-keys")
+            .map_err(|e| self.err(e))?
+            .unwrap_or(0))
+    }
+
+    /// Exact number of queue entries, by a scan of the keys (cost grows with the queue).
+    pub fn count_exact(&self) -> Result<u64, SpoolError> {
+        let db = self.db();
+        let mut n = 0;
+        for item in db.iterator_cf(cf(db, Cf::Queue)?, IteratorMode::Start) {
+            item.map_err(|e| self.err(e))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Bytes available to us on the spool's file system (`f_bavail * f_frsize`).
+    pub fn free_bytes(&self) -> std::io::Result<u64> {
+        let c = CString::new(self.inner.path.as_os_str().as_bytes())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        // SAFETY: `c` is a valid NUL-terminated path and `st` a writable statvfs struct.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        #[allow(clippy::unnecessary_cast)] // the field types differ between platforms
+        Ok(st.f_bavail as u64 * st.f_frsize as u64)
+    }
+}

@@ -1,0 +1,377 @@
+//! Feature tests of the spool against a real RocksDB in a temporary directory.
+
+use super::*;
+use crate::envelope::Recipient;
+
+fn env(id: &str, arrival_ms: u64, rcpts: &[&str]) -> Envelope {
+    Envelope {
+        id: id.into(),
+        sender: "alice@sender.org".into(),
+        recipients: rcpts.iter().map(|r| Recipient::new(*r)).collect(),
+        arrival_ms,
+        size: 0,
+        body: Default::default(),
+        smtputf8: false,
+        ret: None,
+        envid: None,
+        client_ip: "192.0.2.1".into(),
+        helo: "client.example".into(),
+    }
+}
+
+fn open_tmp() -> (tempfile::TempDir, Spool) {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path()).unwrap();
+    (dir, spool)
+}
+
+/// `(domain, id, recipient addresses)` of each listed entry.
+fn listing(spool: &Spool, domain: Option<&str>) -> Vec<(String, String, Vec<String>)> {
+    spool
+        .list(domain)
+        .unwrap()
+        .into_iter()
+        .map(|m| {
+            let rcpts = m.recipients.into_iter().map(|r| r.address).collect();
+            (m.domain, m.id, rcpts)
+        })
+        .collect()
+}
+
+fn keys_in(spool: &Spool, family: Cf) -> usize {
+    let db = spool.db();
+    db.iterator_cf(cf(db, family).unwrap(), IteratorMode::Start)
+        .count()
+}
+
+fn s(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+#[tokio::test]
+async fn enqueued_message_and_envelope_come_back_identical() {
+    let (_dir, spool) = open_tmp();
+    // Binary-safe: CRLF, bare CR, NUL, 8-bit, and a body large enough for a blob file.
+    let mut body = b"Received: from x\r\nSubject: hi\r\n\r\nline\r\n\0\xff\r".to_vec();
+    body.extend(std::iter::repeat_n(b'x', 10_000));
+    let mut e = env("0000000000001", 1_700_000_000_000, &["Bob@Example.COM"]);
+    e.size = body.len() as u64;
+    spool.enqueue(e.clone(), body.clone()).await.unwrap();
+
+    assert_eq!(spool.message("0000000000001").unwrap().unwrap(), body);
+    assert_eq!(spool.envelope("0000000000001").unwrap().unwrap(), e);
+    assert_eq!(spool.message("0000000000002").unwrap(), None);
+    assert_eq!(spool.envelope("0000000000002").unwrap(), None);
+
+    let list = spool.list(None).unwrap();
+    assert_eq!(list.len(), 1);
+    let m = &list[0];
+    assert_eq!(
+        (m.id.as_str(), m.domain.as_str()),
+        ("0000000000001", "example.com")
+    );
+    assert_eq!(m.sender, "alice@sender.org");
+    assert_eq!(
+        (m.arrival_ms, m.size),
+        (1_700_000_000_000, body.len() as u64)
+    );
+    assert_eq!((m.attempts, m.next_attempt_ms), (0, 1_700_000_000_000));
+    assert_eq!((m.last_error.as_deref(), m.held), (None, false));
+    assert_eq!(m.recipients, e.recipients);
+    assert_eq!(spool.count_exact().unwrap(), 1);
+    assert_eq!(spool.count().unwrap(), 1);
+}
+
+#[tokio::test]
+async fn a_message_for_two_domains_is_stored_once_and_listed_under_each() {
+    let (_dir, spool) = open_tmp();
+    let e = env("ID2", 5, &["a1@one.org", "b@two.org", "a2@ONE.org"]);
+    spool.enqueue(e, b"body".to_vec()).await.unwrap();
+
+    assert_eq!(keys_in(&spool, Cf::Messages), 1);
+    assert_eq!(keys_in(&spool, Cf::Envelopes), 1);
+    assert_eq!(keys_in(&spool, Cf::Queue), 2);
+    assert_eq!(keys_in(&spool, Cf::Due), 2);
+    assert_eq!(
+        spool.stored_envelope("ID2").unwrap().unwrap().domains,
+        s(&["one.org", "two.org"])
+    );
+    assert_eq!(
+        listing(&spool, Some("one.org")),
+        vec![(
+            "one.org".into(),
+            "ID2".into(),
+            s(&["a1@one.org", "a2@ONE.org"])
+        )]
+    );
+    assert_eq!(
+        listing(&spool, Some("two.org")),
+        vec![("two.org".into(), "ID2".into(), s(&["b@two.org"]))]
+    );
+    let entry = spool.queue_entry("two.org", "ID2").unwrap().unwrap();
+    assert_eq!(entry.recipients.len(), 1);
+}
+
+#[tokio::test]
+async fn a_domain_listing_holds_only_that_domain() {
+    let (_dir, spool) = open_tmp();
+    // Neighbours on both sides, a prefix of the domain, and the domain as a prefix.
+    for (id, rcpt) in [
+        ("ID5", "x@a.com.evil"),
+        ("ID4", "x@a.com"),
+        ("ID3", "x@a.co"),
+        ("ID1", "y@a.com"),
+        ("ID6", "x@b.com"),
+        ("ID0", "x@0.com"),
+        ("ID7", "x@a.comx"),
+    ] {
+        spool.enqueue(env(id, 1, &[rcpt]), vec![]).await.unwrap();
+    }
+    assert_eq!(
+        listing(&spool, Some("a.com")),
+        vec![
+            ("a.com".into(), "ID1".into(), s(&["y@a.com"])),
+            ("a.com".into(), "ID4".into(), s(&["x@a.com"])),
+        ]
+    );
+    assert!(listing(&spool, Some("nowhere.org")).is_empty());
+    let all: Vec<_> = listing(&spool, None)
+        .into_iter()
+        .map(|(d, id, _)| format!("{d}/{id}"))
+        .collect();
+    assert_eq!(
+        all,
+        s(&[
+            "0.com/ID0",
+            "a.co/ID3",
+            "a.com/ID1",
+            "a.com/ID4",
+            "a.com.evil/ID5",
+            "a.comx/ID7",
+            "b.com/ID6"
+        ])
+    );
+}
+
+#[tokio::test]
+async fn due_returns_only_due_entries_earliest_first() {
+    let (_dir, spool) = open_tmp();
+    for (id, at) in [
+        ("ID1", 300),
+        ("ID2", 100),
+        ("ID3", 70_000),
+        ("ID4", 256),
+        ("ID5", 1),
+    ] {
+        spool
+            .enqueue(env(id, at, &["r@d.org"]), vec![])
+            .await
+            .unwrap();
+    }
+    let ids = |v: Vec<(String, String)>| v.into_iter().map(|(_, id)| id).collect::<Vec<_>>();
+    assert_eq!(ids(spool.due(0, 10).unwrap()), Vec::<String>::new());
+    assert_eq!(ids(spool.due(256, 10).unwrap()), s(&["ID5", "ID2", "ID4"]));
+    assert_eq!(ids(spool.due(299, 10).unwrap()), s(&["ID5", "ID2", "ID4"]));
+    assert_eq!(
+        ids(spool.due(u64::MAX, 10).unwrap()),
+        s(&["ID5", "ID2", "ID4", "ID1", "ID3"])
+    );
+    assert_eq!(ids(spool.due(u64::MAX, 2).unwrap()), s(&["ID5", "ID2"]));
+    assert_eq!(
+        spool.due(1, 10).unwrap(),
+        vec![("d.org".to_string(), "ID5".to_string())]
+    );
+}
+
+#[test]
+fn everything_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let spool = Spool::open(dir.path()).unwrap();
+        spool
+            .enqueue_blocking(env("ID1", 9, &["a@one.org", "b@two.org"]), b"kept".to_vec())
+            .unwrap();
+        let clone = spool.clone();
+        drop(spool);
+        clone
+            .enqueue_blocking(env("ID2", 10, &["c@one.org"]), b"also".to_vec())
+            .unwrap();
+    }
+    let spool = Spool::open(dir.path()).unwrap();
+    assert_eq!(spool.message("ID1").unwrap().unwrap(), b"kept");
+    assert_eq!(spool.message("ID2").unwrap().unwrap(), b"also");
+    let all: Vec<_> = listing(&spool, None)
+        .into_iter()
+        .map(|(d, id, _)| format!("{d}/{id}"))
+        .collect();
+    assert_eq!(all, s(&["one.org/ID1", "one.org/ID2", "two.org/ID1"]));
+    assert_eq!(spool.due(100, 10).unwrap().len(), 3);
+}
+
+#[test]
+fn a_second_open_is_locked_and_names_the_path() {
+    let (dir, _first) = open_tmp();
+    let err = Spool::open(dir.path())
+        .err()
+        .expect("second open must fail");
+    assert!(matches!(err, SpoolError::Locked { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
+    assert!(msg.contains("in use by another process"), "{msg}");
+}
+
+#[test]
+fn another_format_version_is_refused_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let spool = Spool::open(dir.path()).unwrap();
+        let mut b = Batch::new();
+        b.put(Cf::Meta, keys::META_FORMAT.to_vec(), keys::format_value(2));
+        spool.commit_blocking(b).unwrap();
+    }
+    for result in [Spool::open(dir.path()), Spool::open_read_only(dir.path())] {
+        let err = result.err().expect("format 2 must be refused");
+        assert!(
+            matches!(
+                err,
+                SpoolError::Format {
+                    found: 2,
+                    expected: 1
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("version 2"), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn a_read_only_open_sees_what_a_running_writer_committed() {
+    let (dir, spool) = open_tmp();
+    spool
+        .enqueue(env("ID1", 1, &["a@one.org"]), b"committed".to_vec())
+        .await
+        .unwrap();
+    let ro = Spool::open_read_only(dir.path()).unwrap();
+    assert_eq!(ro.message("ID1").unwrap().unwrap(), b"committed");
+    assert_eq!(listing(&ro, Some("one.org")).len(), 1);
+    assert!(matches!(
+        ro.enqueue(env("ID2", 1, &["a@one.org"]), vec![]).await,
+        Err(SpoolError::ReadOnly)
+    ));
+    // The writer is unaffected by the reader.
+    spool
+        .enqueue(env("ID3", 1, &["a@one.org"]), vec![])
+        .await
+        .unwrap();
+}
+
+#[test]
+fn a_read_only_open_of_a_missing_spool_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nope");
+    let err = Spool::open_read_only(&path).err().unwrap();
+    assert!(matches!(err, SpoolError::Missing { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!("spool {} does not exist", path.display())
+    );
+    assert!(!path.exists(), "a read-only open must not create the spool");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_enqueues_share_synced_commits() {
+    let (_dir, spool) = open_tmp();
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let spool = spool.clone();
+            tokio::spawn(async move {
+                let id = format!("ID{i:02}");
+                let body = format!("message {i}").into_bytes();
+                spool.enqueue(env(&id, i, &["r@d.org"]), body).await
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let (commits, batches) = spool.stats();
+    assert_eq!(batches, 50);
+    assert!(
+        commits < 50,
+        "{commits} commits for {batches} batches: no grouping"
+    );
+    assert_eq!(spool.list(Some("d.org")).unwrap().len(), 50);
+    assert_eq!(spool.message("ID07").unwrap().unwrap(), b"message 7");
+}
+
+#[test]
+fn queue_json_has_the_postqueue_fields() {
+    let mut rcpts = vec![Recipient::new("a@d.org"), Recipient::new("b@d.org")];
+    rcpts[1].state = RcptState::Failed;
+    let m = QueuedMessage {
+        id: "ID1".into(),
+        domain: "d.org".into(),
+        sender: "".into(),
+        recipients: rcpts,
+        arrival_ms: 1_700_000_000_123,
+        size: 42,
+        attempts: 3,
+        next_attempt_ms: 1_700_003_600_000,
+        last_error: Some("421 try later".into()),
+        held: true,
+    };
+    assert_eq!(
+        m.to_json(),
+        serde_json::json!({
+            "id": "ID1",
+            "domain": "d.org",
+            "sender": "",
+            "recipients": [
+                {"address": "a@d.org", "state": "pending"},
+                {"address": "b@d.org", "state": "failed"},
+            ],
+            "arrival": "2023-11-14T22:13:20Z",
+            "size": 42,
+            "attempts": 3,
+            "next_attempt": "2023-11-14T23:13:20Z",
+            "last_error": "421 try later",
+            "held": true,
+        })
+    );
+}
+
+#[test]
+fn rocksdb_errors_are_sorted_into_what_callers_act_on() {
+    let p = Path::new("/var/spool/mxspool");
+    let check = |msg: &str| map_db_message(msg.to_string(), p);
+    assert!(check("IO error: No space left on device: While appending to file").is_no_space());
+    assert!(matches!(
+        check(
+            "IO error: While lock file: /var/spool/mxspool/LOCK: Resource temporarily unavailable"
+        ),
+        SpoolError::Locked { .. }
+    ));
+    assert!(matches!(
+        check("IO error: lock hold by current process, acquire time 1 acquiring thread 2: /var/spool/mxspool/LOCK: No locks available"),
+        SpoolError::Locked { .. }
+    ));
+    assert!(matches!(
+        check("Corruption: block checksum mismatch"),
+        SpoolError::Corrupt(_)
+    ));
+    assert!(matches!(
+        check("Invalid argument: whatever"),
+        SpoolError::Db(_)
+    ));
+    assert!(SpoolError::Io(std::io::Error::from_raw_os_error(libc::ENOSPC)).is_no_space());
+    assert!(!SpoolError::Closed.is_no_space());
+    let dup = SpoolError::Io(std::io::Error::from_raw_os_error(libc::ENOSPC)).duplicate();
+    assert!(dup.is_no_space());
+}
+
+#[test]
+fn free_bytes_reports_the_file_system() {
+    let (_dir, spool) = open_tmp();
+    assert!(spool.free_bytes().unwrap() > 0);
+}

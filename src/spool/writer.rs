@@ -1,0 +1,146 @@
+//! The group-commit writer: the one thread that writes to the spool.
+//!
+//! Callers send `(Batch, reply)` over a channel and wait on the reply. The thread blocks for
+//! the first request, then takes every request already waiting (up to [`MAX_GROUP_BYTES`]),
+//! puts all their operations into one `rocksdb::WriteBatch`, writes it with `sync = true`
+//! (WAL written and fsynced) and only then answers every waiter with the same result. Many
+//! SMTP sessions finishing DATA at once therefore share one fsync, and nobody hears "done"
+//! before their bytes are on disk.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use rocksdb::{WriteBatch, WriteOptions, DB};
+use tokio::sync::oneshot;
+
+use super::batch::{Batch, Op};
+use super::{map_db_error, SpoolError};
+
+/// Stop adding requests to one commit once it holds this many bytes of keys and values.
+pub const MAX_GROUP_BYTES: usize = 64 << 20;
+
+pub type Reply = oneshot::Sender<Result<(), SpoolError>>;
+
+struct Request {
+    batch: Batch,
+    reply: Reply,
+}
+
+#[derive(Default)]
+struct Stats {
+    commits: AtomicU64,
+    batches: AtomicU64,
+}
+
+pub struct Writer {
+    tx: Option<mpsc::Sender<Request>>,
+    thread: Option<JoinHandle<()>>,
+    stats: Arc<Stats>,
+}
+
+impl Writer {
+    pub fn start(db: Arc<DB>, path: PathBuf) -> std::io::Result<Writer> {
+        let (tx, rx) = mpsc::channel();
+        let stats = Arc::new(Stats::default());
+        let thread_stats = stats.clone();
+        let thread = std::thread::Builder::new()
+            .name("spool-writer".into())
+            .spawn(move || run(&db, &path, rx, &thread_stats))?;
+        Ok(Writer {
+            tx: Some(tx),
+            thread: Some(thread),
+            stats,
+        })
+    }
+
+    /// Queue `batch` for the next commit; the receiver gets the commit's result.
+    pub fn submit(&self, batch: Batch) -> oneshot::Receiver<Result<(), SpoolError>> {
+        let (reply, rx) = oneshot::channel();
+        if let Some(tx) = &self.tx {
+            // If the thread is gone the request (and its reply sender) is dropped, and the
+            // receiver reports that as `Closed`.
+            let _ = tx.send(Request { batch, reply });
+        }
+        rx
+    }
+
+    /// `(commits, batches)` written since start.
+    pub fn stats(&self) -> (u64, u64) {
+        (
+            self.stats.commits.load(Ordering::Relaxed),
+            self.stats.batches.load(Ordering::Relaxed),
+        )
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread's loop once the requests already sent are
+        // written and answered.
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                tracing::error!("spool writer thread panicked");
+            }
+        }
+    }
+}
+
+fn run(db: &DB, path: &std::path::Path, rx: mpsc::Receiver<Request>, stats: &Stats) {
+    let mut opts = WriteOptions::default();
+    opts.set_sync(true);
+    while let Ok(first) = rx.recv() {
+        let mut bytes = first.batch.bytes();
+        let mut group = vec![first];
+        while bytes < MAX_GROUP_BYTES {
+            match rx.try_recv() {
+                Ok(req) => {
+                    bytes += req.batch.bytes();
+                    group.push(req);
+                }
+                Err(_) => break,
+            }
+        }
+
+        let result = commit(db, path, &group, &opts);
+        stats.commits.fetch_add(1, Ordering::Relaxed);
+        stats
+            .batches
+            .fetch_add(group.len() as u64, Ordering::Relaxed);
+        tracing::trace!(
+            batches = group.len(),
+            bytes,
+            ok = result.is_ok(),
+            "spool commit"
+        );
+        if let Err(e) = &result {
+            tracing::error!("spool commit of {} batches failed: {e}", group.len());
+        }
+        for req in group {
+            let _ = req
+                .reply
+                .send(result.as_ref().map(|_| ()).map_err(|e| e.duplicate()));
+        }
+    }
+}
+
+fn commit(
+    db: &DB,
+    path: &std::path::Path,
+    group: &[Request],
+    opts: &WriteOptions,
+) -> Result<(), SpoolError> {
+    let mut wb = WriteBatch::default();
+    for req in group {
+        for op in req.batch.ops() {
+            match op {
+                Op::Put { cf, key, value } => wb.put_cf(super::cf(db, *cf)?, key, value),
+                Op::Delete { cf, key } => wb.delete_cf(super::cf(db, *cf)?, key),
+            }
+        }
+    }
+    db.write_opt(wb, opts).map_err(|e| map_db_error(e, path))
+}
