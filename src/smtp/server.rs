@@ -137,6 +137,8 @@ pub async fn run(
     {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let (commits, batches) = shared.spool.stats();
+    info!("spool: {batches} writes in {commits} synced commits");
     Ok(())
 }
 

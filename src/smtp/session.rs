@@ -292,7 +292,7 @@ impl Session {
             Request::Helo { host } => self.hello(host.into_owned(), false),
             Request::Mail { from } => self.mail(from),
             Request::Rcpt { to } => self.rcpt(to, line),
-            Request::Data => return self.data(),
+            Request::Data => self.data(),
             Request::Rset => {
                 if !matches!(self.state, State::Fresh) {
                     self.state = State::Ready;
@@ -486,7 +486,7 @@ impl Session {
         let notify = (to.flags
             & (RCPT_NOTIFY_NEVER | RCPT_NOTIFY_SUCCESS | RCPT_NOTIFY_FAILURE | RCPT_NOTIFY_DELAY)
             != 0)
-            .then(|| Notify {
+            .then_some(Notify {
                 never: to.flags & RCPT_NOTIFY_NEVER != 0,
                 success: to.flags & RCPT_NOTIFY_SUCCESS != 0,
                 failure: to.flags & RCPT_NOTIFY_FAILURE != 0,
