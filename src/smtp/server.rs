@@ -200,7 +200,7 @@ async fn session(
         shared.gauge.clone(),
         peer.ip(),
     );
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; 16 * 1024];
     let mut step = Step::Read;
     loop {
         step = match step {

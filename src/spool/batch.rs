@@ -61,6 +61,51 @@ impl Batch {
             .sum()
     }
 
+    /// Append every operation of `other` (applied in the same atomic commit).
+    pub fn append(&mut self, other: Batch) {
+        self.ops.extend(other.ops);
+    }
+
+    /// The new state of one queue entry after a delivery attempt. `current` is the entry as
+    /// stored (its due key is replaced); `stored` is the message's envelope record. An
+    /// entry with no pending recipient left is removed, and with the last domain's entry
+    /// the message itself goes.
+    pub fn settle(
+        domain: &str,
+        id: &str,
+        current: &QueueEntry,
+        new: &QueueEntry,
+        stored: &StoredEnvelope,
+    ) -> Batch {
+        let mut b = Batch::new();
+        b.delete(Cf::Due, keys::due(current.next_attempt_ms, domain, id));
+        if new.has_pending() {
+            b.put(Cf::Queue, keys::queue(domain, id), new.to_bytes());
+            if !new.held {
+                b.put(Cf::Due, keys::due(new.next_attempt_ms, domain, id), Vec::new());
+            }
+            return b;
+        }
+        b.delete(Cf::Queue, keys::queue(domain, id));
+        let rest: Vec<String> = stored
+            .domains
+            .iter()
+            .filter(|d| d.as_str() != domain)
+            .cloned()
+            .collect();
+        if rest.is_empty() {
+            b.delete(Cf::Envelopes, keys::message(id));
+            b.delete(Cf::Messages, keys::message(id));
+        } else {
+            let kept = StoredEnvelope {
+                envelope: stored.envelope.clone(),
+                domains: rest,
+            };
+            b.put(Cf::Envelopes, keys::message(id), kept.to_bytes());
+        }
+        b
+    }
+
     /// The puts of a new message: its bytes and envelope once, and one queue entry plus one
     /// due entry (due at arrival) for each recipient domain.
     pub fn enqueue(env: Envelope, message: Vec<u8>) -> Result<Batch, SpoolError> {
@@ -95,6 +140,7 @@ impl Batch {
                 next_attempt_ms: arrival,
                 last_error: None,
                 held: false,
+                warned: false,
             };
             b.put(Cf::Queue, keys::queue(domain, &id), entry.to_bytes());
             b.put(Cf::Due, keys::due(arrival, domain, &id), Vec::new());
@@ -185,6 +231,54 @@ mod tests {
             Op::Put { key, value, .. } => key.len() + value.len(),
             Op::Delete { key, .. } => key.len(),
         }
+    }
+
+    #[test]
+    fn settling_moves_the_due_key_or_removes_what_is_done() {
+        use crate::envelope::RcptState;
+        let env = env("ID1", &["a@one.org", "b@two.org"]);
+        let stored = StoredEnvelope {
+            envelope: env.clone(),
+            domains: vec!["one.org".into(), "two.org".into()],
+        };
+        let current = QueueEntry {
+            recipients: vec![Recipient::new("a@one.org")],
+            attempts: 0,
+            next_attempt_ms: 42,
+            last_error: None,
+            held: false,
+            warned: false,
+        };
+        // Still pending: the entry is rewritten and due again later.
+        let mut later = current.clone();
+        later.attempts = 1;
+        later.next_attempt_ms = 1000;
+        let b = Batch::settle("one.org", "ID1", &current, &later, &stored);
+        assert_eq!(
+            b.ops(),
+            &[
+                Op::Delete { cf: Cf::Due, key: keys::due(42, "one.org", "ID1") },
+                Op::Put { cf: Cf::Queue, key: keys::queue("one.org", "ID1"), value: later.to_bytes() },
+                Op::Put { cf: Cf::Due, key: keys::due(1000, "one.org", "ID1"), value: vec![] },
+            ]
+        );
+        // Done for one.org while two.org still waits: the message stays.
+        let mut done = current.clone();
+        done.recipients[0].state = RcptState::Delivered;
+        let b = Batch::settle("one.org", "ID1", &current, &done, &stored);
+        let kept = StoredEnvelope { envelope: env.clone(), domains: vec!["two.org".into()] };
+        assert_eq!(
+            b.ops(),
+            &[
+                Op::Delete { cf: Cf::Due, key: keys::due(42, "one.org", "ID1") },
+                Op::Delete { cf: Cf::Queue, key: keys::queue("one.org", "ID1") },
+                Op::Put { cf: Cf::Envelopes, key: keys::message("ID1"), value: kept.to_bytes() },
+            ]
+        );
+        // Done for the last domain: the message goes.
+        let b = Batch::settle("two.org", "ID1", &current, &done, &kept);
+        assert!(b.ops().contains(&Op::Delete { cf: Cf::Messages, key: keys::message("ID1") }));
+        assert!(b.ops().contains(&Op::Delete { cf: Cf::Envelopes, key: keys::message("ID1") }));
     }
 
     #[test]

@@ -141,6 +141,18 @@ pub struct QueueEntry {
     pub next_attempt_ms: u64,
     pub last_error: Option<String>,
     pub held: bool,
+    /// A delay warning DSN has been sent for this entry.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub warned: bool,
+}
+
+impl QueueEntry {
+    /// Whether any recipient still waits for delivery.
+    pub fn has_pending(&self) -> bool {
+        self.recipients
+            .iter()
+            .any(|r| r.state == RcptState::Pending)
+    }
 }
 
 macro_rules! json_record {
@@ -222,11 +234,28 @@ pub struct Spool {
     inner: Arc<Inner>,
 }
 
+/// Read-modify-write operations on one message (its queue entries and envelope record) hold
+/// the stripe of its id across the commit, so two of them never interleave.
+const LOCK_STRIPES: usize = 256;
+
 struct Inner {
     // Dropped first: joins the writer thread, which holds its own Arc of the database.
     writer: Option<Writer>,
+    locks: Vec<tokio::sync::Mutex<()>>,
     db: Arc<DB>,
     path: PathBuf,
+}
+
+fn stripes() -> Vec<tokio::sync::Mutex<()>> {
+    (0..LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect()
+}
+
+fn stripe_of(id: &str) -> usize {
+    // FNV-1a: ids are time-ordered, so use every byte.
+    let h = id
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    (h % LOCK_STRIPES as u64) as usize
 }
 
 fn cf_options(cf: Cf) -> Options {
@@ -319,6 +348,7 @@ impl Spool {
         Ok(Spool {
             inner: Arc::new(Inner {
                 writer: Some(writer),
+                locks: stripes(),
                 db,
                 path: dir.to_path_buf(),
             }),
@@ -341,6 +371,7 @@ impl Spool {
         Ok(Spool {
             inner: Arc::new(Inner {
                 writer: None,
+                locks: stripes(),
                 db: Arc::new(db),
                 path: dir.to_path_buf(),
             }),
@@ -502,6 +533,82 @@ impl Spool {
             out.push((d.to_string(), id.to_string()));
         }
         Ok(out)
+    }
+
+    /// Up to `limit` queue entries of `domain` with ids after `after` (all when `None`), in
+    /// id order: a domain's queue read in chunks, touching only its key range.
+    pub fn domain_entries(
+        &self,
+        domain: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, QueueEntry)>, SpoolError> {
+        let db = self.db();
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(keys::queue_end(domain));
+        let start = match after {
+            Some(id) => {
+                let mut k = keys::queue(domain, id);
+                k.push(0);
+                k
+            }
+            None => keys::queue_start(domain),
+        };
+        let mut out = Vec::new();
+        let iter = db.iterator_cf_opt(
+            cf(db, Cf::Queue)?,
+            ro,
+            IteratorMode::From(&start, Direction::Forward),
+        );
+        for item in iter {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, value) = item.map_err(|e| self.err(e))?;
+            let (_, id) = keys::parse_queue(&key)
+                .ok_or_else(|| SpoolError::Corrupt(format!("bad queue key {key:?}")))?;
+            out.push((id.to_string(), QueueEntry::from_bytes(&value)?));
+        }
+        Ok(out)
+    }
+
+    /// Record the outcome of a delivery attempt of message `id` to `domain`: `update` gets
+    /// the entry as stored and the envelope record, and returns the entry's new state plus
+    /// any batch to commit with it (a DSN to enqueue), or `None` to leave everything as is
+    /// (the entry may have gone meanwhile: `update` is not called then). An entry with no
+    /// pending recipient is removed, and with the last one the message. Holds the
+    /// message's lock from the read to the synced commit.
+    pub async fn settle<F>(&self, domain: &str, id: &str, update: F) -> Result<bool, SpoolError>
+    where
+        F: FnOnce(&QueueEntry, &StoredEnvelope) -> Option<(QueueEntry, Option<Batch>)>,
+    {
+        let _guard = self.inner.locks[stripe_of(id)].lock().await;
+        let Some(current) = self.queue_entry(domain, id)? else {
+            return Ok(false);
+        };
+        let stored = self.stored_envelope(id)?.ok_or_else(|| {
+            SpoolError::Corrupt(format!("queue entry {domain}/{id} has no envelope"))
+        })?;
+        let Some((new, extra)) = update(&current, &stored) else {
+            return Ok(false);
+        };
+        let mut batch = Batch::settle(domain, id, &current, &new, &stored);
+        if let Some(extra) = extra {
+            batch.append(extra);
+        }
+        self.commit(batch).await?;
+        Ok(true)
+    }
+
+    /// The first due time in the `due` index, if any (the scheduler sleeps until then).
+    pub fn next_due(&self) -> Result<Option<u64>, SpoolError> {
+        let db = self.db();
+        let first = db
+            .iterator_cf(cf(db, Cf::Due)?, IteratorMode::Start)
+            .next()
+            .transpose()
+            .map_err(|e| self.err(e))?;
+        Ok(first.and_then(|(k, _)| keys::parse_due(&k).map(|(t, _, _)| t)))
     }
 
     /// Number of queue entries (message × domain): RocksDB's estimate

@@ -375,3 +375,60 @@ fn free_bytes_reports_the_file_system() {
     let (_dir, spool) = open_tmp();
     assert!(spool.free_bytes().unwrap() > 0);
 }
+
+#[tokio::test]
+async fn settling_two_domains_concurrently_deletes_the_message_exactly_when_both_are_done() {
+    use crate::envelope::RcptState;
+    let (_dir, spool) = open_tmp();
+    spool
+        .enqueue(env("ID1", 10, &["a@one.org", "b@two.org"]), b"msg".to_vec())
+        .await
+        .unwrap();
+    let deliver = |e: &QueueEntry, _: &StoredEnvelope| {
+        let mut n = e.clone();
+        n.recipients.iter_mut().for_each(|r| r.state = RcptState::Delivered);
+        Some((n, None))
+    };
+    // Both domains finish at once: the per-message lock keeps the envelope's domain list
+    // right, so the message goes with the second and not before.
+    let (a, b) = tokio::join!(
+        spool.settle("one.org", "ID1", deliver),
+        spool.settle("two.org", "ID1", deliver)
+    );
+    assert!(a.unwrap() && b.unwrap());
+    assert_eq!(spool.message("ID1").unwrap(), None);
+    assert_eq!(spool.envelope("ID1").unwrap(), None);
+    assert_eq!(keys_in(&spool, Cf::Queue), 0);
+    assert_eq!(keys_in(&spool, Cf::Due), 0);
+    // Settling what is gone does nothing.
+    assert!(!spool.settle("one.org", "ID1", deliver).await.unwrap());
+}
+
+#[tokio::test]
+async fn a_deferred_entry_moves_in_the_due_index_and_a_dsn_rides_along() {
+    let (_dir, spool) = open_tmp();
+    spool
+        .enqueue(env("ID1", 10, &["a@one.org"]), b"msg".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(spool.due(10, 10).unwrap(), vec![("one.org".into(), "ID1".into())]);
+    let dsn = Batch::enqueue(env("ID2", 20, &["alice@sender.org"]), b"dsn".to_vec()).unwrap();
+    spool
+        .settle("one.org", "ID1", |e, _| {
+            let mut n = e.clone();
+            n.attempts += 1;
+            n.next_attempt_ms = 5000;
+            n.last_error = Some("421 try later".into());
+            Some((n, Some(dsn)))
+        })
+        .await
+        .unwrap();
+    assert_eq!(spool.due(4999, 10).unwrap(), vec![("sender.org".into(), "ID2".into())]);
+    assert_eq!(spool.next_due().unwrap(), Some(20));
+    let e = spool.queue_entry("one.org", "ID1").unwrap().unwrap();
+    assert_eq!((e.attempts, e.next_attempt_ms), (1, 5000));
+    assert_eq!(spool.message("ID2").unwrap().unwrap(), b"dsn");
+    let chunk = spool.domain_entries("one.org", None, 10).unwrap();
+    assert_eq!(chunk.len(), 1);
+    assert!(spool.domain_entries("one.org", Some("ID1"), 10).unwrap().is_empty());
+}
