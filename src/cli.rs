@@ -46,6 +46,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check a domain's MX set-up from DNS (is this server in it, at which preference,
+    /// do the more preferred hosts answer).
+    Doctor {
+        /// The domain to check.
+        domain: String,
+    },
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -60,6 +66,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Queue { domain, json } => queue(&config, domain.as_deref(), json),
+        Command::Doctor { domain } => crate::doctor::run(&config, &domain),
     }
 }
 
@@ -82,9 +89,12 @@ fn serve(config: Config) -> anyhow::Result<ExitCode> {
         .thread_name("mxspool")
         .build()
         .context("cannot start the runtime")?;
+    let config = std::sync::Arc::new(config);
     runtime.block_on(async move {
         let listeners = crate::smtp::server::bind(&config).await?;
+        let scheduler = crate::scheduler::Scheduler::new(config.clone(), spool.clone())?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let runner = tokio::spawn(scheduler.run(stop_rx.clone()));
         tokio::spawn(async move {
             wait_for_signal().await;
             let _ = stop_tx.send(true);
@@ -95,7 +105,9 @@ fn serve(config: Config) -> anyhow::Result<ExitCode> {
             config.hostname,
             config.spool.display()
         );
-        crate::smtp::server::run(&config, spool, listeners, stop_rx).await
+        crate::smtp::server::run(&config, spool, listeners, stop_rx).await?;
+        let _ = runner.await;
+        anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
 }

@@ -14,8 +14,12 @@
 
 pub mod cli;
 pub mod config;
+pub mod delivery;
+pub mod doctor;
+pub mod dsn;
 pub mod envelope;
 pub mod policy;
 pub mod queue_id;
+pub mod scheduler;
 pub mod smtp;
 pub mod spool;

@@ -82,7 +82,11 @@ impl Batch {
         if new.has_pending() {
             b.put(Cf::Queue, keys::queue(domain, id), new.to_bytes());
             if !new.held {
-                b.put(Cf::Due, keys::due(new.next_attempt_ms, domain, id), Vec::new());
+                b.put(
+                    Cf::Due,
+                    keys::due(new.next_attempt_ms, domain, id),
+                    Vec::new(),
+                );
             }
             return b;
         }
@@ -257,28 +261,58 @@ mod tests {
         assert_eq!(
             b.ops(),
             &[
-                Op::Delete { cf: Cf::Due, key: keys::due(42, "one.org", "ID1") },
-                Op::Put { cf: Cf::Queue, key: keys::queue("one.org", "ID1"), value: later.to_bytes() },
-                Op::Put { cf: Cf::Due, key: keys::due(1000, "one.org", "ID1"), value: vec![] },
+                Op::Delete {
+                    cf: Cf::Due,
+                    key: keys::due(42, "one.org", "ID1")
+                },
+                Op::Put {
+                    cf: Cf::Queue,
+                    key: keys::queue("one.org", "ID1"),
+                    value: later.to_bytes()
+                },
+                Op::Put {
+                    cf: Cf::Due,
+                    key: keys::due(1000, "one.org", "ID1"),
+                    value: vec![]
+                },
             ]
         );
         // Done for one.org while two.org still waits: the message stays.
         let mut done = current.clone();
         done.recipients[0].state = RcptState::Delivered;
         let b = Batch::settle("one.org", "ID1", &current, &done, &stored);
-        let kept = StoredEnvelope { envelope: env.clone(), domains: vec!["two.org".into()] };
+        let kept = StoredEnvelope {
+            envelope: env.clone(),
+            domains: vec!["two.org".into()],
+        };
         assert_eq!(
             b.ops(),
             &[
-                Op::Delete { cf: Cf::Due, key: keys::due(42, "one.org", "ID1") },
-                Op::Delete { cf: Cf::Queue, key: keys::queue("one.org", "ID1") },
-                Op::Put { cf: Cf::Envelopes, key: keys::message("ID1"), value: kept.to_bytes() },
+                Op::Delete {
+                    cf: Cf::Due,
+                    key: keys::due(42, "one.org", "ID1")
+                },
+                Op::Delete {
+                    cf: Cf::Queue,
+                    key: keys::queue("one.org", "ID1")
+                },
+                Op::Put {
+                    cf: Cf::Envelopes,
+                    key: keys::message("ID1"),
+                    value: kept.to_bytes()
+                },
             ]
         );
         // Done for the last domain: the message goes.
         let b = Batch::settle("two.org", "ID1", &current, &done, &kept);
-        assert!(b.ops().contains(&Op::Delete { cf: Cf::Messages, key: keys::message("ID1") }));
-        assert!(b.ops().contains(&Op::Delete { cf: Cf::Envelopes, key: keys::message("ID1") }));
+        assert!(b.ops().contains(&Op::Delete {
+            cf: Cf::Messages,
+            key: keys::message("ID1")
+        }));
+        assert!(b.ops().contains(&Op::Delete {
+            cf: Cf::Envelopes,
+            key: keys::message("ID1")
+        }));
     }
 
     #[test]

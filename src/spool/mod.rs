@@ -247,14 +247,16 @@ struct Inner {
 }
 
 fn stripes() -> Vec<tokio::sync::Mutex<()>> {
-    (0..LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect()
+    (0..LOCK_STRIPES)
+        .map(|_| tokio::sync::Mutex::new(()))
+        .collect()
 }
 
 fn stripe_of(id: &str) -> usize {
     // FNV-1a: ids are time-ordered, so use every byte.
-    let h = id
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    let h = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
     (h % LOCK_STRIPES as u64) as usize
 }
 

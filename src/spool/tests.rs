@@ -386,7 +386,9 @@ async fn settling_two_domains_concurrently_deletes_the_message_exactly_when_both
         .unwrap();
     let deliver = |e: &QueueEntry, _: &StoredEnvelope| {
         let mut n = e.clone();
-        n.recipients.iter_mut().for_each(|r| r.state = RcptState::Delivered);
+        n.recipients
+            .iter_mut()
+            .for_each(|r| r.state = RcptState::Delivered);
         Some((n, None))
     };
     // Both domains finish at once: the per-message lock keeps the envelope's domain list
@@ -411,7 +413,10 @@ async fn a_deferred_entry_moves_in_the_due_index_and_a_dsn_rides_along() {
         .enqueue(env("ID1", 10, &["a@one.org"]), b"msg".to_vec())
         .await
         .unwrap();
-    assert_eq!(spool.due(10, 10).unwrap(), vec![("one.org".into(), "ID1".into())]);
+    assert_eq!(
+        spool.due(10, 10).unwrap(),
+        vec![("one.org".into(), "ID1".into())]
+    );
     let dsn = Batch::enqueue(env("ID2", 20, &["alice@sender.org"]), b"dsn".to_vec()).unwrap();
     spool
         .settle("one.org", "ID1", |e, _| {
@@ -423,12 +428,18 @@ async fn a_deferred_entry_moves_in_the_due_index_and_a_dsn_rides_along() {
         })
         .await
         .unwrap();
-    assert_eq!(spool.due(4999, 10).unwrap(), vec![("sender.org".into(), "ID2".into())]);
+    assert_eq!(
+        spool.due(4999, 10).unwrap(),
+        vec![("sender.org".into(), "ID2".into())]
+    );
     assert_eq!(spool.next_due().unwrap(), Some(20));
     let e = spool.queue_entry("one.org", "ID1").unwrap().unwrap();
     assert_eq!((e.attempts, e.next_attempt_ms), (1, 5000));
     assert_eq!(spool.message("ID2").unwrap().unwrap(), b"dsn");
     let chunk = spool.domain_entries("one.org", None, 10).unwrap();
     assert_eq!(chunk.len(), 1);
-    assert!(spool.domain_entries("one.org", Some("ID1"), 10).unwrap().is_empty());
+    assert!(spool
+        .domain_entries("one.org", Some("ID1"), 10)
+        .unwrap()
+        .is_empty());
 }

@@ -204,6 +204,26 @@ route = ["127.0.0.1:1"]
         }
     }
 
+    /// An installation whose configuration is `hostname`, `spool`, `[smtp] listen` and then
+    /// `tail` exactly (no partner or queue settings of its own).
+    pub fn custom(tail: &str) -> MxEnv {
+        let dir = public_tempdir("mxspool-it.");
+        let port = free_port();
+        let spool = dir.path().join("spool");
+        let config = dir.path().join("mxspool.toml");
+        let toml = format!(
+            "hostname = \"{HOSTNAME}\"\nspool = \"{}\"\n\n[smtp]\nlisten = [\"127.0.0.1:{port}\"]\n\n{tail}",
+            spool.display()
+        );
+        fs::write(&config, toml).unwrap();
+        MxEnv {
+            dir,
+            port,
+            config,
+            starts: 0,
+        }
+    }
+
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
@@ -696,4 +716,32 @@ pub fn assert_stored(env: &MxEnv, entry: &QueueEntry, sent: &[u8]) -> String {
         entry.size
     );
     show
+}
+
+/// A TCP port on `ip` (e.g. `"127.0.0.2"`) that was free a moment ago.
+pub fn free_port_at(ip: &str) -> u16 {
+    let l = TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("bind {ip}:0: {e}"));
+    l.local_addr().unwrap().port()
+}
+
+/// Hands messages to the SMTP server at `addr` over one connection: for each `(sender,
+/// recipient, message)` one MAIL/RCPT/DATA transaction, each of which must get `250`.
+/// Returns the queue ids (the last word of each final `250`).
+pub fn smtp_send_all(addr: &str, messages: &[(String, String, Vec<u8>)]) -> Vec<String> {
+    let (mut c, banner) = Smtp::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    assert_eq!(banner.code, 220, "banner: {banner}");
+    let ehlo = c.cmd("EHLO client.test").unwrap();
+    assert_eq!(ehlo.code, 250, "EHLO: {ehlo}");
+    let mut ids = Vec::with_capacity(messages.len());
+    for (from, to, msg) in messages {
+        let r = c.cmd(&format!("MAIL FROM:<{from}>")).unwrap();
+        assert_eq!(r.code, 250, "MAIL FROM:<{from}>: {r}");
+        let r = c.cmd(&format!("RCPT TO:<{to}>")).unwrap();
+        assert_eq!(r.code, 250, "RCPT TO:<{to}>: {r}");
+        let r = c.data(msg).unwrap().expect("DATA accepted");
+        assert_eq!(r.code, 250, "end of DATA: {r}");
+        ids.push(r.to_string().rsplit(' ').next().unwrap().to_string());
+    }
+    let _ = c.cmd("QUIT");
+    ids
 }

@@ -7,6 +7,12 @@
 mod harness;
 
 mod crash;
+mod delivery;
+mod delivery_crash;
+mod delivery_postfix;
+mod dns;
+mod doctor;
 mod postfix;
+mod receiver;
 mod smtplib;
 mod swaks;
