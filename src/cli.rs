@@ -3,15 +3,15 @@
 //! Every command returns an error as one readable line (printed by `main`) and a non-zero
 //! exit status; nothing here panics on bad input.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use crate::admin::Request;
 use crate::config::{Config, DEFAULT_PATH};
-use crate::spool::{QueuedMessage, Spool};
+use crate::spool::Spool;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -46,6 +46,55 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Queued messages per domain by age (qshape).
+    Shape {
+        /// One JSON object per domain (and a TOTAL line).
+        #[arg(long)]
+        json: bool,
+    },
+    /// A message's envelope and headers (postcat).
+    Show {
+        id: String,
+        /// The whole message, not only its headers.
+        #[arg(long)]
+        body: bool,
+    },
+    /// Deliver now, the whole queue or one domain (held mail too).
+    Flush {
+        domain: Option<String>,
+        /// Print the SMTP conversation (like sendmail -q -v).
+        #[arg(short)]
+        v: bool,
+    },
+    /// Park a domain: no retries, and held time does not count toward max_lifetime.
+    Hold { domain: String },
+    /// Take a domain off hold; its mail is due at once.
+    Release { domain: String },
+    /// Remove messages without notice.
+    #[command(arg_required_else_help = true)]
+    Delete {
+        ids: Vec<String>,
+        /// Every message queued for this domain.
+        #[arg(long, conflicts_with = "ids")]
+        domain: Option<String>,
+    },
+    /// Return messages to their senders now, with a DSN.
+    Bounce {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Write a domain's queue to a portable archive.
+    Export {
+        domain: String,
+        /// The archive to write (gzip-compressed when it ends in .gz).
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
+        /// Remove the exported messages from the spool once the archive is written and synced.
+        #[arg(long)]
+        remove: bool,
+    },
+    /// Add an archive's messages to this spool (importing twice adds nothing).
+    Import { file: PathBuf },
     /// Check a domain's MX set-up from DNS (is this server in it, at which preference,
     /// do the more preferred hosts answer).
     Doctor {
@@ -65,9 +114,91 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             print!("{}", config.to_toml());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Queue { domain, json } => queue(&config, domain.as_deref(), json),
+        Command::Queue { domain, json } => crate::report::queue(&config, domain.as_deref(), json),
         Command::Doctor { domain } => crate::doctor::run(&config, &domain),
+        Command::Shape { json } => crate::report::shape(&config, json),
+        Command::Show { id, body } => crate::report::show(&config, &id, body),
+        Command::Flush { domain, v } => admin(config, Request::Flush { domain, verbose: v }),
+        Command::Hold { domain } => admin(config, Request::Hold { domain }),
+        Command::Release { domain } => admin(config, Request::Release { domain }),
+        Command::Delete { ids, domain } => admin(config, Request::Delete { ids, domain }),
+        Command::Bounce { ids } => admin(config, Request::Bounce { ids }),
+        Command::Export {
+            domain,
+            output,
+            remove,
+        } => {
+            let output = absolute(&output)?;
+            admin(
+                config,
+                Request::Export {
+                    domain,
+                    output,
+                    remove,
+                },
+            )
+        }
+        Command::Import { file } => {
+            let input = absolute(&file)?;
+            admin(config, Request::Import { input })
+        }
     }
+}
+
+/// A path the server (whose working directory is not ours) can use.
+fn absolute(p: &std::path::Path) -> anyhow::Result<PathBuf> {
+    std::path::absolute(p).with_context(|| format!("bad path {}", p.display()))
+}
+
+/// A queue operation: through the running server's control socket, or here on the spool
+/// when no server runs.
+fn admin(config: Config, req: Request) -> anyhow::Result<ExitCode> {
+    if let Some(code) = crate::control::request(&config.spool, &req)? {
+        return Ok(exit(code));
+    }
+    if !config.spool.join("CURRENT").is_file() {
+        anyhow::bail!("spool {} does not exist", config.spool.display());
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    let spool = Spool::open(&config.spool)?;
+    let config = std::sync::Arc::new(config);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    let code = runtime.block_on(async move {
+        let scheduler = crate::scheduler::Scheduler::new(config.clone(), spool.clone())?;
+        let ctx = crate::admin::Ctx {
+            config,
+            spool,
+            scheduler,
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let printer = tokio::spawn(async move {
+            while let Some(line) = rx.recv().await {
+                match line {
+                    crate::admin::Line::Out(s) => println!("{s}"),
+                    crate::admin::Line::Err(s) => eprintln!("mxspool: {s}"),
+                }
+            }
+        });
+        let code = crate::admin::execute(&ctx, req, &tx).await;
+        drop(tx);
+        let _ = printer.await;
+        anyhow::Ok(code)
+    })?;
+    Ok(exit(code))
+}
+
+fn exit(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
 fn init_logging() {
@@ -94,6 +225,13 @@ fn serve(config: Config) -> anyhow::Result<ExitCode> {
         let listeners = crate::smtp::server::bind(&config).await?;
         let scheduler = crate::scheduler::Scheduler::new(config.clone(), spool.clone())?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let ctx = std::sync::Arc::new(crate::admin::Ctx {
+            config: config.clone(),
+            spool: spool.clone(),
+            scheduler: scheduler.clone(),
+        });
+        let control = crate::control::bind(&config.spool)?;
+        let control = tokio::spawn(crate::control::serve(control, ctx, stop_rx.clone()));
         let runner = tokio::spawn(scheduler.run(stop_rx.clone()));
         tokio::spawn(async move {
             wait_for_signal().await;
@@ -107,6 +245,9 @@ fn serve(config: Config) -> anyhow::Result<ExitCode> {
         );
         crate::smtp::server::run(&config, spool, listeners, stop_rx).await?;
         let _ = runner.await;
+        if let Ok(Err(e)) = control.await {
+            tracing::error!("{e}");
+        }
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
@@ -127,54 +268,6 @@ async fn wait_for_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term => {}
     }
-}
-
-fn queue(config: &Config, domain: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
-    let spool = Spool::open_read_only(&config.spool)?;
-    let domain = domain.map(|d| d.trim_end_matches('.').to_ascii_lowercase());
-    let list = spool.list(domain.as_deref())?;
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
-    if json {
-        for m in &list {
-            writeln!(out, "{}", m.to_json())?;
-        }
-    } else {
-        print_table(&mut out, &list)?;
-    }
-    out.flush()?;
-    Ok(ExitCode::SUCCESS)
-}
-
-/// mailq's layout: a line per message, its recipients indented below.
-fn print_table(out: &mut impl Write, list: &[QueuedMessage]) -> std::io::Result<()> {
-    if list.is_empty() {
-        return writeln!(out, "Mail queue is empty");
-    }
-    writeln!(
-        out,
-        "{:<13} {:>9} {:<20} {:<7} {:>3} Sender/Recipient",
-        "Queue ID", "Size", "Arrival", "State", "Att"
-    )?;
-    for m in list {
-        let arrival = chrono::DateTime::from_timestamp_millis(m.arrival_ms as i64)
-            .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
-            .unwrap_or_default();
-        let state = if m.held { "held" } else { "queued" };
-        let sender = if m.sender.is_empty() { "<>" } else { &m.sender };
-        writeln!(
-            out,
-            "{:<13} {:>9} {:<20} {:<7} {:>3} {}",
-            m.id, m.size, arrival, state, m.attempts, sender
-        )?;
-        if let Some(err) = &m.last_error {
-            writeln!(out, "{:>56}({err})", "")?;
-        }
-        for r in &m.recipients {
-            writeln!(out, "{:>56}{}", "", r.address)?;
-        }
-    }
-    writeln!(out, "-- {} message(s)", list.len())
 }
 
 #[cfg(test)]

@@ -12,14 +12,17 @@
 //! - [`envelope`] and [`queue_id`]: the plain data that travels between them.
 //! - [`cli`]: the administrator's commands (`serve`, `check-config`, `queue`).
 
+pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod delivery;
 pub mod doctor;
 pub mod dsn;
 pub mod envelope;
 pub mod policy;
 pub mod queue_id;
+pub mod report;
 pub mod scheduler;
 pub mod smtp;
 pub mod spool;

@@ -113,7 +113,12 @@ pub fn settle(
     }
 
     // Too old: every recipient still pending fails now.
-    let age = Duration::from_millis(now_ms.saturating_sub(envelope.arrival_ms));
+    // Time spent on hold does not count.
+    let age = Duration::from_millis(
+        now_ms
+            .saturating_sub(envelope.arrival_ms)
+            .saturating_sub(entry.held_ms),
+    );
     let expired = age >= config.queue.max_lifetime.0;
     let mut delayed: Vec<(usize, String, String, Option<String>)> = Vec::new();
     for (&i, outcome) in pending.iter().zip(outcomes) {
@@ -355,11 +360,46 @@ impl Scheduler {
                         scheduler: &me,
                         domain: domain.clone(),
                     };
-                    me.deliver_domain(&domain, chunk, None).await;
+                    me.deliver_domain(&domain, chunk, None, false).await;
                 });
             }
         }
         Ok(())
+    }
+
+    /// Deliver `domain`'s queue now, whatever its schedule: an administrator's `flush`
+    /// (`force`: held entries too) or a remote ETRN (held entries stay). Waits for the
+    /// delivery; returns `(entries tried, entries still queued)`.
+    pub async fn flush_domain(
+        &self,
+        domain: &str,
+        transcript: Option<Transcript>,
+        force: bool,
+    ) -> (usize, usize) {
+        let ids = self.claim_domain(domain, force).await;
+        if ids.is_empty() {
+            return (0, 0);
+        }
+        let n = ids.len();
+        *lock(&self.per_domain)
+            .entry(domain.to_string())
+            .or_insert(0) += 1;
+        let _slot = DomainSlot {
+            scheduler: self,
+            domain: domain.to_string(),
+        };
+        let left = self.deliver_domain(domain, ids, transcript, force).await;
+        (n, left)
+    }
+
+    /// Return message `id`'s pending recipients of `domain` to the sender now, with a DSN
+    /// (an administrator's `bounce`).
+    pub async fn bounce(&self, domain: &str, id: &str) {
+        let o = failed(
+            "message returned to sender by the administrator".into(),
+            "5.0.0",
+        );
+        self.record_all(domain, id, &o).await;
     }
 
     fn release(&self, domain: &str, id: &str) {
@@ -369,11 +409,15 @@ impl Scheduler {
     /// Deliver `ids` (already marked in flight) for `domain` over one connection; after a
     /// first success following failures, the rest of the domain's queue follows at once.
     /// Returns how many entries stay queued.
+    ///
+    /// `force` (an administrator's flush) also sends entries of a held domain; what stays
+    /// queued stays held.
     pub async fn deliver_domain(
         &self,
         domain: &str,
         ids: Vec<String>,
         transcript: Option<Transcript>,
+        force: bool,
     ) -> usize {
         let mut queue: std::collections::VecDeque<String> = ids.into();
         let mut left = 0;
@@ -417,7 +461,10 @@ impl Scheduler {
                 }
             }
             first = false;
-            match self.deliver_one(&mut conn, &relay, domain, &id).await {
+            match self
+                .deliver_one(&mut conn, &relay, domain, &id, force)
+                .await
+            {
                 Ok((stays, recovered)) => {
                     if stays {
                         left += 1;
@@ -425,7 +472,7 @@ impl Scheduler {
                     if recovered && !drained {
                         // The primary is back: the rest of its queue is due now.
                         drained = true;
-                        let extra = self.claim_domain(domain).await;
+                        let extra = self.claim_domain(domain, force).await;
                         if !extra.is_empty() {
                             info!(
                                 "{domain}: delivery works again, sending the {} other queued message(s) now",
@@ -454,8 +501,9 @@ impl Scheduler {
         left
     }
 
-    /// Mark every not-yet-flying entry of `domain` in flight and return their ids.
-    async fn claim_domain(&self, domain: &str) -> Vec<String> {
+    /// Mark every not-yet-flying entry of `domain` in flight and return their ids (held
+    /// ones only with `include_held`).
+    async fn claim_domain(&self, domain: &str, include_held: bool) -> Vec<String> {
         let mut out = Vec::new();
         let mut after: Option<String> = None;
         loop {
@@ -475,7 +523,7 @@ impl Scheduler {
             after = chunk.last().map(|(id, _)| id.clone());
             let mut flying = lock(&self.in_flight);
             for (id, entry) in chunk {
-                if entry.held || !entry.has_pending() {
+                if (entry.held && !include_held) || !entry.has_pending() {
                     continue;
                 }
                 if flying.insert((domain.to_string(), id.clone())) {
@@ -594,7 +642,7 @@ impl Scheduler {
         let mut batch: Option<Batch> = None;
         for (env, bytes) in dsns {
             let id = env.id.clone();
-            match Batch::enqueue(env, bytes) {
+            match self.spool.enqueue_batch(env, bytes) {
                 Ok(b) => {
                     info!(
                         "{}: sender delivery status notification: {id}",
@@ -636,6 +684,7 @@ impl Scheduler {
         relay: &str,
         domain: &str,
         id: &str,
+        force: bool,
     ) -> Result<(bool, bool), String> {
         let spool = self.spool.clone();
         let (d, i) = (domain.to_string(), id.to_string());
@@ -655,7 +704,7 @@ impl Scheduler {
                 return Ok((true, false));
             }
         };
-        if entry.held {
+        if entry.held && !force {
             return Ok((true, false));
         }
         let pending: Vec<Recipient> = entry
@@ -823,6 +872,8 @@ mod tests {
             last_error: None,
             held: false,
             warned: false,
+            held_since_ms: 0,
+            held_ms: 0,
         }
     }
 

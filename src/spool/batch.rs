@@ -113,6 +113,16 @@ impl Batch {
     /// The puts of a new message: its bytes and envelope once, and one queue entry plus one
     /// due entry (due at arrival) for each recipient domain.
     pub fn enqueue(env: Envelope, message: Vec<u8>) -> Result<Batch, SpoolError> {
+        Batch::enqueue_with(env, message, |_| false)
+    }
+
+    /// [`Batch::enqueue`] where the entries of domains for which `held` is true arrive held
+    /// (no due key: the scheduler does not see them).
+    pub fn enqueue_with(
+        env: Envelope,
+        message: Vec<u8>,
+        held: impl Fn(&str) -> bool,
+    ) -> Result<Batch, SpoolError> {
         let id = env.id.clone();
         if id.is_empty() || !keys::valid_part(&id) {
             return Err(SpoolError::Invalid(format!("bad queue id {id:?}")));
@@ -138,16 +148,21 @@ impl Batch {
         let mut b = Batch::new();
         let arrival = env.arrival_ms;
         for (domain, recipients) in &domains {
+            let is_held = held(domain);
             let entry = QueueEntry {
                 recipients: recipients.clone(),
                 attempts: 0,
                 next_attempt_ms: arrival,
                 last_error: None,
-                held: false,
+                held: is_held,
                 warned: false,
+                held_since_ms: if is_held { arrival } else { 0 },
+                held_ms: 0,
             };
             b.put(Cf::Queue, keys::queue(domain, &id), entry.to_bytes());
-            b.put(Cf::Due, keys::due(arrival, domain, &id), Vec::new());
+            if !is_held {
+                b.put(Cf::Due, keys::due(arrival, domain, &id), Vec::new());
+            }
         }
         let stored = StoredEnvelope {
             envelope: env,
@@ -252,6 +267,8 @@ mod tests {
             last_error: None,
             held: false,
             warned: false,
+            held_since_ms: 0,
+            held_ms: 0,
         };
         // Still pending: the entry is rewritten and due again later.
         let mut later = current.clone();

@@ -40,6 +40,21 @@ pub const META_FORMAT: &[u8] = b"format";
 
 const SEP: u8 = 0x00;
 
+/// Prefix of the held domains in [`Cf::Meta`]: `hold 0x00 domain` → held-since ms (u64 BE).
+pub const HOLD_PREFIX: &[u8] = b"hold\x00";
+
+/// Key of a held domain in [`Cf::Meta`].
+pub fn hold(domain: &str) -> Vec<u8> {
+    let mut k = HOLD_PREFIX.to_vec();
+    k.extend_from_slice(domain.as_bytes());
+    k
+}
+
+/// The domain of a [`hold`] key.
+pub fn parse_hold(key: &[u8]) -> Option<&str> {
+    std::str::from_utf8(key.strip_prefix(HOLD_PREFIX)?).ok()
+}
+
 /// Whether `s` may be a domain or id inside a key: no `0x00`, which is the separator.
 /// (Ids must also be non-empty; that is checked where envelopes are accepted.)
 pub fn valid_part(s: &str) -> bool {

@@ -144,6 +144,16 @@ pub struct QueueEntry {
     /// A delay warning DSN has been sent for this entry.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub warned: bool,
+    /// When the entry's domain was put on hold (or the entry arrived held), ms.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub held_since_ms: u64,
+    /// Time spent held so far, ms: it does not count toward `max_lifetime`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub held_ms: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 impl QueueEntry {
@@ -242,8 +252,31 @@ struct Inner {
     // Dropped first: joins the writer thread, which holds its own Arc of the database.
     writer: Option<Writer>,
     locks: Vec<tokio::sync::Mutex<()>>,
+    /// Held domains → held since (ms); mirrors the `hold` keys of `meta`.
+    holds: std::sync::RwLock<std::collections::HashMap<String, u64>>,
     db: Arc<DB>,
     path: PathBuf,
+}
+
+fn load_holds(db: &DB, path: &Path) -> Result<std::collections::HashMap<String, u64>, SpoolError> {
+    let mut holds = std::collections::HashMap::new();
+    let iter = db.iterator_cf(
+        cf(db, Cf::Meta)?,
+        IteratorMode::From(keys::HOLD_PREFIX, Direction::Forward),
+    );
+    for item in iter {
+        let (k, v) = item.map_err(|e| map_db_error(e, path))?;
+        let Some(domain) = keys::parse_hold(&k) else {
+            break;
+        };
+        let since = v
+            .as_ref()
+            .try_into()
+            .map(u64::from_be_bytes)
+            .unwrap_or_default();
+        holds.insert(domain.to_string(), since);
+    }
+    Ok(holds)
 }
 
 fn stripes() -> Vec<tokio::sync::Mutex<()>> {
@@ -351,6 +384,7 @@ impl Spool {
             inner: Arc::new(Inner {
                 writer: Some(writer),
                 locks: stripes(),
+                holds: std::sync::RwLock::new(load_holds(&db, dir)?),
                 db,
                 path: dir.to_path_buf(),
             }),
@@ -372,6 +406,7 @@ impl Spool {
         check_format(&db, dir, false)?;
         Ok(Spool {
             inner: Arc::new(Inner {
+                holds: std::sync::RwLock::new(load_holds(&db, dir)?),
                 writer: None,
                 locks: stripes(),
                 db: Arc::new(db),
@@ -399,13 +434,144 @@ impl Spool {
     /// Store a new message: its bytes, its envelope, and one queue entry (due now) per
     /// recipient domain. Returns once the write is in the WAL and the WAL is fsynced.
     pub async fn enqueue(&self, env: Envelope, message: Vec<u8>) -> Result<(), SpoolError> {
-        self.commit(Batch::enqueue(env, message)?).await
+        self.commit(self.enqueue_batch(env, message)?).await
+    }
+
+    /// The batch that enqueues a new message; entries for held domains arrive held.
+    pub fn enqueue_batch(&self, env: Envelope, message: Vec<u8>) -> Result<Batch, SpoolError> {
+        let holds = self.inner.holds.read().unwrap_or_else(|p| p.into_inner());
+        Batch::enqueue_with(env, message, |d| holds.contains_key(d))
+    }
+
+    /// Whether `domain` is on hold, and since when (ms).
+    pub fn held_since(&self, domain: &str) -> Option<u64> {
+        let holds = self.inner.holds.read().unwrap_or_else(|p| p.into_inner());
+        holds.get(domain).copied()
+    }
+
+    /// The held domains with their held-since times (ms), sorted.
+    pub fn held_domains(&self) -> Vec<(String, u64)> {
+        let holds = self.inner.holds.read().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = holds.iter().map(|(d, t)| (d.clone(), *t)).collect();
+        v.sort();
+        v
+    }
+
+    /// Put `domain` on hold: no retries until [`Spool::release`]; mail that arrives for it
+    /// meanwhile is held too. Returns the number of entries held now. Idempotent.
+    pub async fn hold(&self, domain: &str, now_ms: u64) -> Result<usize, SpoolError> {
+        let since = {
+            let mut holds = self.inner.holds.write().unwrap_or_else(|p| p.into_inner());
+            *holds.entry(domain.to_string()).or_insert(now_ms)
+        };
+        let mut b = Batch::new();
+        b.put(Cf::Meta, keys::hold(domain), since.to_be_bytes().to_vec());
+        self.commit(b).await?;
+        self.update_domain(domain, move |e| {
+            if e.held {
+                return None;
+            }
+            let mut n = e.clone();
+            n.held = true;
+            n.held_since_ms = now_ms;
+            Some(n)
+        })
+        .await
+    }
+
+    /// Take `domain` off hold: its entries are due now, and the time they spent held is
+    /// not counted toward their lifetime. Returns the number of entries released.
+    pub async fn release(&self, domain: &str, now_ms: u64) -> Result<usize, SpoolError> {
+        let mut b = Batch::new();
+        b.delete(Cf::Meta, keys::hold(domain));
+        self.commit(b).await?;
+        {
+            let mut holds = self.inner.holds.write().unwrap_or_else(|p| p.into_inner());
+            holds.remove(domain);
+        }
+        self.update_domain(domain, move |e| {
+            if !e.held {
+                return None;
+            }
+            let mut n = e.clone();
+            n.held = false;
+            n.held_ms += now_ms.saturating_sub(e.held_since_ms);
+            n.held_since_ms = 0;
+            n.next_attempt_ms = now_ms;
+            Some(n)
+        })
+        .await
+    }
+
+    /// Apply `f` to every entry of `domain` (each under its message's lock, many commits
+    /// in flight at once so they share syncs). Returns how many entries `f` changed.
+    async fn update_domain<F>(&self, domain: &str, f: F) -> Result<usize, SpoolError>
+    where
+        F: Fn(&QueueEntry) -> Option<QueueEntry> + Clone + Send + Sync + 'static,
+    {
+        let mut changed = 0;
+        let mut after: Option<String> = None;
+        loop {
+            let chunk = self.domain_entries(domain, after.as_deref(), 512)?;
+            let Some((last, _)) = chunk.last() else {
+                break;
+            };
+            after = Some(last.clone());
+            let mut set = tokio::task::JoinSet::new();
+            for (id, _) in chunk {
+                let (spool, domain, f) = (self.clone(), domain.to_string(), f.clone());
+                set.spawn(async move {
+                    spool
+                        .settle(&domain, &id, |e, _| f(e).map(|n| (n, None)))
+                        .await
+                });
+            }
+            while let Some(r) = set.join_next().await {
+                if r.map_err(|e| SpoolError::Db(e.to_string()))?? {
+                    changed += 1;
+                }
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Remove message `id` from `domain`'s queue without notice (and the message itself
+    /// when no other domain still has it). Returns whether there was such an entry.
+    pub async fn remove(&self, domain: &str, id: &str) -> Result<bool, SpoolError> {
+        self.settle(domain, id, |e, _| {
+            let mut n = e.clone();
+            for r in &mut n.recipients {
+                if r.state == RcptState::Pending {
+                    r.state = RcptState::Failed;
+                }
+            }
+            Some((n, None))
+        })
+        .await
+    }
+
+    /// The domains that have queue entries, sorted; one seek per domain, not a scan.
+    pub fn domains(&self) -> Result<Vec<String>, SpoolError> {
+        let db = self.db();
+        let queue = cf(db, Cf::Queue)?;
+        let mut out = Vec::new();
+        let mut from: Vec<u8> = Vec::new();
+        loop {
+            let mut iter = db.iterator_cf(queue, IteratorMode::From(&from, Direction::Forward));
+            let Some(item) = iter.next() else { break };
+            let (key, _) = item.map_err(|e| self.err(e))?;
+            let (d, _) = keys::parse_queue(&key)
+                .ok_or_else(|| SpoolError::Corrupt(format!("bad queue key {key:?}")))?;
+            out.push(d.to_string());
+            from = keys::queue_end(d);
+        }
+        Ok(out)
     }
 
     /// [`Spool::enqueue`] for threads outside the async runtime (it blocks; calling it on
     /// a runtime thread panics).
     pub fn enqueue_blocking(&self, env: Envelope, message: Vec<u8>) -> Result<(), SpoolError> {
-        self.commit_blocking(Batch::enqueue(env, message)?)
+        self.commit_blocking(self.enqueue_batch(env, message)?)
     }
 
     /// Apply `batch` atomically through the group-commit writer; returns after the sync.

@@ -1,0 +1,201 @@
+//! The read-only reports: `queue` (mailq), `shape` (qshape) and `show` (postcat). They open
+//! the spool read-only, which works whether or not a server is running, and see what was
+//! committed when they started.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::process::ExitCode;
+
+use crate::config::Config;
+use crate::envelope::RcptState;
+use crate::scheduler::now_ms;
+use crate::spool::{QueuedMessage, Spool};
+
+pub fn queue(config: &Config, domain: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
+    let spool = Spool::open_read_only(&config.spool)?;
+    let domain = domain.map(|d| d.trim_end_matches('.').to_ascii_lowercase());
+    let list = spool.list(domain.as_deref())?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    if json {
+        for m in &list {
+            writeln!(out, "{}", m.to_json())?;
+        }
+    } else {
+        print_table(&mut out, &list)?;
+    }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// mailq's layout: a line per message, its recipients indented below.
+fn print_table(out: &mut impl Write, list: &[QueuedMessage]) -> std::io::Result<()> {
+    if list.is_empty() {
+        return writeln!(out, "Mail queue is empty");
+    }
+    writeln!(
+        out,
+        "{:<13} {:>9} {:<20} {:<7} {:>3} Sender/Recipient",
+        "Queue ID", "Size", "Arrival", "State", "Att"
+    )?;
+    for m in list {
+        let arrival = chrono::DateTime::from_timestamp_millis(m.arrival_ms as i64)
+            .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+            .unwrap_or_default();
+        let state = if m.held { "held" } else { "queued" };
+        let sender = if m.sender.is_empty() { "<>" } else { &m.sender };
+        writeln!(
+            out,
+            "{:<13} {:>9} {:<20} {:<7} {:>3} {}",
+            m.id, m.size, arrival, state, m.attempts, sender
+        )?;
+        if let Some(err) = &m.last_error {
+            writeln!(out, "{:>56}({err})", "")?;
+        }
+        for r in &m.recipients {
+            writeln!(out, "{:>56}{}", "", r.address)?;
+        }
+    }
+    writeln!(out, "-- {} message(s)", list.len())
+}
+
+/// qshape's age buckets, in minutes: a message is counted in the first bucket it is younger
+/// than; the last column holds the rest.
+const BUCKETS: [u64; 9] = [5, 10, 20, 40, 80, 160, 320, 640, 1280];
+
+/// Messages per domain by age (qshape): a TOTAL row, then domains by count.
+pub fn shape(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
+    let spool = Spool::open_read_only(&config.spool)?;
+    let now = now_ms();
+    let mut rows: BTreeMap<String, [u64; 10]> = BTreeMap::new();
+    spool.for_each(None, |m| {
+        let age_min = now.saturating_sub(m.arrival_ms) / 60_000;
+        let b = BUCKETS.iter().position(|&lim| age_min < lim).unwrap_or(9);
+        rows.entry(m.domain).or_insert([0; 10])[b] += 1;
+        true
+    })?;
+    let mut total = [0u64; 10];
+    for r in rows.values() {
+        for (t, v) in total.iter_mut().zip(r) {
+            *t += v;
+        }
+    }
+    let mut ordered: Vec<(String, [u64; 10])> = rows.into_iter().collect();
+    ordered.sort_by(|a, b| {
+        let (ta, tb): (u64, u64) = (a.1.iter().sum(), b.1.iter().sum());
+        tb.cmp(&ta).then(a.0.cmp(&b.0))
+    });
+    ordered.insert(0, ("TOTAL".to_string(), total));
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    if json {
+        for (d, r) in &ordered {
+            let mut buckets = serde_json::Map::new();
+            for (i, lim) in BUCKETS.iter().enumerate() {
+                buckets.insert(lim.to_string(), r[i].into());
+            }
+            buckets.insert(format!("{}+", BUCKETS[8]), r[9].into());
+            let line = serde_json::json!({
+                "domain": d,
+                "total": r.iter().sum::<u64>(),
+                "buckets": buckets,
+            });
+            writeln!(out, "{line}")?;
+        }
+    } else {
+        let width = ordered
+            .iter()
+            .map(|(d, _)| d.len())
+            .max()
+            .unwrap_or(5)
+            .max(6);
+        write!(out, "{:>width$} {:>6}", "", "T")?;
+        for lim in BUCKETS {
+            write!(out, " {lim:>5}")?;
+        }
+        writeln!(out, " {:>5}", format!("{}+", BUCKETS[8]))?;
+        for (d, r) in &ordered {
+            write!(out, "{d:>width$} {:>6}", r.iter().sum::<u64>())?;
+            for v in r {
+                write!(out, " {v:>5}")?;
+            }
+            writeln!(out)?;
+        }
+    }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A message's envelope, its queue entries, and its headers (or the whole message).
+pub fn show(config: &Config, id: &str, body: bool) -> anyhow::Result<ExitCode> {
+    let spool = Spool::open_read_only(&config.spool)?;
+    let Some(stored) = spool.stored_envelope(id)? else {
+        anyhow::bail!("{id}: no such message in the queue");
+    };
+    let message = spool.message(id)?.unwrap_or_default();
+    let e = &stored.envelope;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    writeln!(out, "*** ENVELOPE RECORDS {id} ***")?;
+    let time = |ms: u64| {
+        chrono::DateTime::from_timestamp_millis(ms as i64)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+            .unwrap_or_default()
+    };
+    writeln!(out, "arrival: {}", time(e.arrival_ms))?;
+    writeln!(out, "size: {}", e.size)?;
+    writeln!(out, "sender: <{}>", e.sender)?;
+    writeln!(out, "client: {} [{}]", e.helo, e.client_ip)?;
+    writeln!(out, "body: {:?}, smtputf8: {}", e.body, e.smtputf8)?;
+    if let Some(ret) = e.ret {
+        writeln!(out, "ret: {ret:?}")?;
+    }
+    if let Some(envid) = &e.envid {
+        writeln!(out, "envid: {envid}")?;
+    }
+    for d in &stored.domains {
+        let Some(q) = spool.queue_entry(d, id)? else {
+            continue;
+        };
+        writeln!(
+            out,
+            "domain: {d}: attempts {}, next attempt {}{}",
+            q.attempts,
+            time(q.next_attempt_ms),
+            if q.held { ", held" } else { "" }
+        )?;
+        if let Some(err) = &q.last_error {
+            writeln!(out, "  last error: {err}")?;
+        }
+        for r in &q.recipients {
+            let state = match r.state {
+                RcptState::Pending => "pending",
+                RcptState::Delivered => "delivered",
+                RcptState::Failed => "failed",
+            };
+            write!(out, "  recipient: <{}> {state}", r.address)?;
+            if let Some(o) = &r.orcpt {
+                write!(out, ", orcpt {o}")?;
+            }
+            if let Some(n) = r.notify {
+                write!(out, ", notify {n:?}")?;
+            }
+            writeln!(out)?;
+        }
+    }
+    if body {
+        writeln!(out, "*** MESSAGE CONTENTS {id} ***")?;
+        out.write_all(&message)?;
+    } else {
+        writeln!(out, "*** MESSAGE HEADERS {id} ***")?;
+        let end = message
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map(|p| p + 2)
+            .unwrap_or(message.len());
+        out.write_all(&message[..end])?;
+    }
+    writeln!(out, "*** END OF MESSAGE {id} ***")?;
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
