@@ -232,7 +232,7 @@ fn serve(config: Config) -> anyhow::Result<ExitCode> {
         });
         let control = crate::control::bind(&config.spool)?;
         let control = tokio::spawn(crate::control::serve(control, ctx, stop_rx.clone()));
-        let runner = tokio::spawn(scheduler.run(stop_rx.clone()));
+        let runner = tokio::spawn(scheduler.clone().run(stop_rx.clone()));
         tokio::spawn(async move {
             wait_for_signal().await;
             let _ = stop_tx.send(true);
@@ -243,7 +243,7 @@ fn serve(config: Config) -> anyhow::Result<ExitCode> {
             config.hostname,
             config.spool.display()
         );
-        crate::smtp::server::run(&config, spool, listeners, stop_rx).await?;
+        crate::smtp::server::run(&config, spool, scheduler, listeners, stop_rx).await?;
         let _ = runner.await;
         if let Ok(Err(e)) = control.await {
             tracing::error!("{e}");

@@ -27,6 +27,19 @@ pub enum Refusal {
 pub struct Policy {
     /// Partner domain → its valid local parts (lower case), if it has a list.
     partners: HashMap<String, Option<HashSet<String>>>,
+    /// Partners whose queue may be flushed with ETRN.
+    etrn_domains: HashSet<String>,
+    /// Clients allowed to send ETRN, besides loopback.
+    etrn_clients: Vec<ipnet::IpNet>,
+}
+
+/// Why an ETRN is refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EtrnRefusal {
+    /// The client may not use ETRN at all: `554 5.7.1`.
+    Client,
+    /// The node is not a partner with `etrn = true`: `459 4.7.1`.
+    Node,
 }
 
 impl Policy {
@@ -37,7 +50,26 @@ impl Policy {
                 .iter()
                 .map(|p| (p.domain.clone(), p.users.clone()))
                 .collect(),
+            etrn_domains: config
+                .partner
+                .iter()
+                .filter(|p| p.etrn)
+                .map(|p| p.domain.clone())
+                .collect(),
+            etrn_clients: config.smtp.etrn_clients.clone(),
         }
+    }
+
+    /// Whether `client` may flush the queue of `domain` (a partner with `etrn = true`)
+    /// with ETRN. Loopback and `[smtp] etrn_clients` may.
+    pub fn check_etrn(&self, client: std::net::IpAddr, domain: &str) -> Result<(), EtrnRefusal> {
+        if !client.is_loopback() && !self.etrn_clients.iter().any(|n| n.contains(&client)) {
+            return Err(EtrnRefusal::Client);
+        }
+        if !self.etrn_domains.contains(domain) {
+            return Err(EtrnRefusal::Node);
+        }
+        Ok(())
     }
 
     /// Whether mail to `address` (as parsed from RCPT TO, quotes removed) is accepted.
@@ -106,6 +138,24 @@ mod tests {
         ] {
             assert_eq!(p.check_recipient(a), Err(Refusal::Routing), "{a}");
         }
+    }
+
+    #[test]
+    fn etrn_needs_an_allowed_client_and_an_etrn_partner() {
+        let c = Config::parse(
+            "hostname = \"mx2.test\"\nspool = \"/x\"\n[smtp]\netrn_clients = [\"192.0.2.0/24\"]\n\
+             [[partner]]\ndomain = \"example.com\"\netrn = true\n[[partner]]\ndomain = \"example.org\"\n",
+        )
+        .unwrap();
+        let p = Policy::new(&c);
+        let lo = "127.0.0.1".parse().unwrap();
+        let listed = "192.0.2.9".parse().unwrap();
+        let other = "198.51.100.1".parse().unwrap();
+        assert_eq!(p.check_etrn(lo, "example.com"), Ok(()));
+        assert_eq!(p.check_etrn(listed, "example.com"), Ok(()));
+        assert_eq!(p.check_etrn(other, "example.com"), Err(EtrnRefusal::Client));
+        assert_eq!(p.check_etrn(lo, "example.org"), Err(EtrnRefusal::Node));
+        assert_eq!(p.check_etrn(lo, "example.net"), Err(EtrnRefusal::Node));
     }
 
     #[test]

@@ -392,6 +392,44 @@ impl Scheduler {
         (n, left)
     }
 
+    /// A remote ETRN for `node` (and its subdomains with `subdomains`): start delivering
+    /// those queues in the background. Held domains stay held. Returns the number of
+    /// messages started and whether a queue was left alone because it is on hold.
+    pub async fn etrn(self: &Arc<Self>, node: &str, subdomains: bool) -> (usize, bool) {
+        let spool = self.spool.clone();
+        let domains = match tokio::task::spawn_blocking(move || spool.domains()).await {
+            Ok(Ok(d)) => d,
+            _ => return (0, false),
+        };
+        let suffix = format!(".{node}");
+        let (mut started, mut held) = (0, false);
+        for d in domains {
+            if d != node && !(subdomains && d.ends_with(&suffix)) {
+                continue;
+            }
+            if self.spool.held_since(&d).is_some() {
+                held = true;
+                continue;
+            }
+            let ids = self.claim_domain(&d, false).await;
+            if ids.is_empty() {
+                continue;
+            }
+            started += ids.len();
+            info!("{d}: ETRN: delivering {} message(s) now", ids.len());
+            *lock(&self.per_domain).entry(d.clone()).or_insert(0) += 1;
+            let me = self.clone();
+            tokio::spawn(async move {
+                let _slot = DomainSlot {
+                    scheduler: &me,
+                    domain: d.clone(),
+                };
+                me.deliver_domain(&d, ids, None, false).await;
+            });
+        }
+        (started, held && started == 0)
+    }
+
     /// Return message `id`'s pending recipients of `domain` to the sender now, with a DSN
     /// (an administrator's `bounce`).
     pub async fn bounce(&self, domain: &str, id: &str) {

@@ -16,6 +16,7 @@ use tracing::{debug, error, info, warn};
 use super::session::{Session, SessionConfig, SpoolGauge, Step, StoreFailure};
 use crate::config::Config;
 use crate::policy::Policy;
+use crate::scheduler::Scheduler;
 use crate::spool::Spool;
 
 /// Shared by every connection.
@@ -24,6 +25,7 @@ struct Shared {
     policy: Arc<Policy>,
     gauge: Arc<SpoolGauge>,
     spool: Spool,
+    scheduler: Arc<Scheduler>,
     idle_timeout: Duration,
     connections: Arc<Semaphore>,
     max_connections: usize,
@@ -66,6 +68,7 @@ pub async fn bind(config: &Config) -> anyhow::Result<Vec<TcpListener>> {
 pub async fn run(
     config: &Config,
     spool: Spool,
+    scheduler: Arc<Scheduler>,
     listeners: Vec<TcpListener>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -81,6 +84,7 @@ pub async fn run(
         policy: Arc::new(Policy::new(config)),
         gauge: gauge.clone(),
         spool: spool.clone(),
+        scheduler,
         idle_timeout: config.smtp.command_timeout.0,
         connections: Arc::new(Semaphore::new(config.smtp.max_connections)),
         max_connections: config.smtp.max_connections,
@@ -243,6 +247,15 @@ async fn session(
                     }
                 };
                 s.stored(&id, result, SystemTime::now())
+            }
+            Step::Etrn { domain, subdomains } => {
+                let (started, held) = shared.scheduler.etrn(&domain, subdomains).await;
+                info!(
+                    "ETRN {domain} from [{}]: {started} message(s) started{}",
+                    peer.ip(),
+                    if held { ", domain on hold" } else { "" }
+                );
+                s.etrn_done(&domain, started, held, SystemTime::now())
             }
             Step::Close => {
                 let out = s.take_output();

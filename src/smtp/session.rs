@@ -15,7 +15,7 @@ use smtp_proto::{Error as ParseError, Request};
 
 use super::data::{DataReader, Verdict};
 use crate::envelope::{Body, Envelope, Notify, Recipient, Ret};
-use crate::policy::{Policy, Refusal};
+use crate::policy::{EtrnRefusal, Policy, Refusal};
 
 /// RFC 5321 4.5.3.1.4: a command line is at most 512 octets including CRLF.
 pub const MAX_COMMAND_LINE: usize = 512;
@@ -77,6 +77,9 @@ pub enum Step {
     Read,
     /// Store this message; then call [`Session::stored`]. Input is not processed meanwhile.
     Store(Box<Incoming>),
+    /// Start delivery of `domain`'s queue (and its subdomains' with `subdomains`) for an
+    /// authorised ETRN; then call [`Session::etrn_done`].
+    Etrn { domain: String, subdomains: bool },
     /// Send the pending output and close the connection.
     Close,
 }
@@ -322,6 +325,7 @@ impl Session {
                 None
             }
             Request::Lhlo { .. } => self.error("500 5.5.1 Error: this is SMTP, not LMTP"),
+            Request::Etrn { name } => return self.etrn(&name),
             _ => self.error("502 5.5.1 Error: command not implemented"),
         }
     }
@@ -349,6 +353,60 @@ impl Session {
         self.error(&r)
     }
 
+    /// ETRN (RFC 1985): `domain` or `@domain` (the domain and its subdomains).
+    fn etrn(&mut self, node: &str) -> Option<Step> {
+        match self.state {
+            State::Fresh => return self.error("503 5.5.1 Error: send HELO/EHLO first"),
+            State::Mail(_) => return self.error("503 5.5.1 Error: MAIL transaction in progress"),
+            _ => {}
+        }
+        if node.starts_with('#') {
+            let r = format!(
+                "458 4.5.0 Unable to queue messages for node {}: named queues are not supported",
+                printable(node)
+            );
+            return self.error(&r);
+        }
+        let (name, subdomains) = match node.strip_prefix('@') {
+            Some(d) => (d, true),
+            None => (node, false),
+        };
+        let domain = name.trim_end_matches('.').to_ascii_lowercase();
+        if !crate::config::is_domain(&domain) {
+            return self.error("501 5.5.4 Syntax: ETRN domain");
+        }
+        match self.policy.check_etrn(self.client, &domain) {
+            Ok(()) => {}
+            Err(EtrnRefusal::Client) => {
+                let r = format!("554 5.7.1 <{domain}>: ETRN is not allowed from your address");
+                return self.error(&r);
+            }
+            Err(EtrnRefusal::Node) => {
+                let r =
+                    format!("459 4.7.1 Node {domain} not allowed: not a partner domain with ETRN");
+                return self.error(&r);
+            }
+        }
+        Some(Step::Etrn { domain, subdomains })
+    }
+
+    /// The outcome of a [`Step::Etrn`]: how many messages were found for delivery, and
+    /// whether the domain is on hold (then nothing is started).
+    pub fn etrn_done(&mut self, domain: &str, queued: usize, held: bool, now: SystemTime) -> Step {
+        if held {
+            self.reply(&format!(
+                "458 4.7.0 Unable to queue messages for node {domain}: the domain is on hold"
+            ));
+        } else if queued == 0 {
+            self.reply(&format!("251 2.0.0 No messages waiting for node {domain}"));
+        } else {
+            self.reply(&format!(
+                "253 2.0.0 OK, {queued} pending messages for node {domain} started"
+            ));
+        }
+        self.process(now)
+    }
+
     fn hello(&mut self, host: String, esmtp: bool) -> Option<Step> {
         self.helo = Some(host);
         self.esmtp = esmtp;
@@ -360,7 +418,7 @@ impl Session {
             return None;
         }
         let r = format!(
-            "250-{name}\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250-DSN\r\n250 SMTPUTF8",
+            "250-{name}\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250-DSN\r\n250-ETRN\r\n250 SMTPUTF8",
             self.config.max_message_size
         );
         self.reply(&r);

@@ -84,6 +84,9 @@ impl Client {
                     self.closed = true;
                     return;
                 }
+                Step::Etrn { domain, .. } => {
+                    step = self.session.etrn_done(&domain, 0, false, SystemTime::now());
+                }
                 Step::Store(inc) => {
                     let id = inc.envelope.id.clone();
                     if self.store_result.is_ok() {
@@ -165,6 +168,7 @@ const EHLO: &str = "S: 220 mx2.example.net ESMTP mxspool
     S: 250-ENHANCEDSTATUSCODES
     S: 250-8BITMIME
     S: 250-DSN
+    S: 250-ETRN
     S: 250 SMTPUTF8";
 
 #[test]
@@ -219,6 +223,7 @@ fn pipelined_commands_get_replies_in_order_and_one_message() {
     c.send(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.com>\r\nRCPT TO:<nobody@relay.test>\r\nRCPT TO:<y@example.com>\r\nDATA\r\n");
     c.expect(&[
         "220",
+        "250-",
         "250-",
         "250-",
         "250-",
@@ -395,6 +400,7 @@ fn message_size_is_limited_at_mail_and_in_data() {
         "250-",
         "250-",
         "250-",
+        "250-",
         "250 ",
     ]);
     c.expect(&["552 5.3.4"]);
@@ -567,7 +573,7 @@ fn bare_lf_ends_a_command_line_but_never_data() {
     let mut c = Client::new();
     c.send(b"EHLO c\nMAIL FROM:<a@b.test>\nRCPT TO:<u@example.com>\nDATA\n");
     c.expect(&[
-        "220", "250-", "250-", "250-", "250-", "250-", "250-", "250 ", "250", "250", "354",
+        "220", "250-", "250-", "250-", "250-", "250-", "250-", "250-", "250 ", "250", "250", "354",
     ]);
     c.send(b"line\n.\n");
     c.expect_nothing_more();
@@ -598,4 +604,60 @@ fn queue_ids_in_replies_match_the_stored_envelope() {
     let id = last.rsplit(' ').next().unwrap();
     assert_eq!(id, c.stored[0].envelope.id);
     assert!(crate::queue_id::is_valid(id));
+}
+
+#[test]
+fn etrn_from_an_allowed_client_for_an_etrn_partner() {
+    let mut c = Client::new();
+    c.send(b"ETRN example.com\r\n");
+    c.expect(&["220", "503 5.5.1"]);
+    c.send(b"EHLO c\r\n");
+    c.pending.clear();
+    // 192.0.2.7 is neither loopback nor an etrn client.
+    c.send(b"ETRN example.com\r\n");
+    c.expect(&["554 5.7.1"]);
+    c.send(b"ETRN #queue\r\nETRN bad..name\r\n");
+    c.expect(&["458 4.5.0", "501 5.5.4"]);
+    c.expect_nothing_more();
+
+    let mut cfg = Config::parse(
+        "hostname = \"mx2.example.net\"\nspool = \"/x\"\n[[partner]]\ndomain = \"example.com\"\netrn = true\n[[partner]]\ndomain = \"example.org\"\n",
+    )
+    .unwrap();
+    cfg.partner[1].users = None;
+    let gauge = Arc::new(SpoolGauge::new(u64::MAX));
+    let mut s = Session::new(
+        config(1 << 20),
+        Arc::new(Policy::new(&cfg)),
+        gauge,
+        "127.0.0.1".parse().unwrap(),
+    );
+    let _ = s.take_output();
+    let step = s.receive(
+        b"EHLO c\r\nETRN @Example.COM\r\nNOOP\r\n",
+        SystemTime::now(),
+    );
+    let Step::Etrn { domain, subdomains } = step else {
+        panic!("expected an ETRN step, got {step:?}");
+    };
+    assert_eq!((domain.as_str(), subdomains), ("example.com", true));
+    let out = String::from_utf8(s.take_output()).unwrap();
+    assert!(out.contains("250-ETRN"), "{out}");
+    let step = s.etrn_done("example.com", 3, false, SystemTime::now());
+    assert!(matches!(step, Step::Read));
+    let out = String::from_utf8(s.take_output()).unwrap();
+    assert_eq!(
+        out,
+        "253 2.0.0 OK, 3 pending messages for node example.com started\r\n250 2.0.0 Ok\r\n"
+    );
+    let step = s.receive(
+        b"ETRN example.org\r\nETRN example.com\r\n",
+        SystemTime::now(),
+    );
+    assert!(matches!(step, Step::Etrn { .. }));
+    let out = String::from_utf8(s.take_output()).unwrap();
+    assert!(out.starts_with("459 4.7.1"), "{out}");
+    s.etrn_done("example.com", 0, true, SystemTime::now());
+    let out = String::from_utf8(s.take_output()).unwrap();
+    assert!(out.starts_with("458 4.7.0"), "{out}");
 }
