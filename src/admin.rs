@@ -12,9 +12,12 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use spool_tools::ArchivedEnvelope;
+
 use crate::config::Config;
+use crate::envelope::{Body, Envelope, Notify, RcptState, Recipient, Ret};
 use crate::scheduler::{now_ms, Scheduler};
-use crate::spool::Spool;
+use crate::spool::{QueueEntry, Spool};
 
 /// One operation, as sent over the control socket (JSON).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,10 +129,251 @@ async fn run(ctx: &Ctx, req: Request, out: &Out) -> Result<i32, String> {
         }
         Request::Delete { ids, domain } => delete(ctx, ids, domain, out).await,
         Request::Bounce { ids } => bounce(ctx, ids, out).await,
-        Request::Export { .. } | Request::Import { .. } => {
-            Err("export and import are not available in this build".into())
-        }
+        Request::Export {
+            domain,
+            output,
+            remove,
+        } => export(ctx, &domain, output, remove, out).await,
+        Request::Import { input } => import(ctx, input, out).await,
     }
+}
+
+/// The archive's form of one queue entry.
+fn to_archived(env: &Envelope, domain: &str, entry: &QueueEntry) -> ArchivedEnvelope {
+    use spool_tools::{ArchivedDsn, ArchivedRecipient, BodyType, RecipientState};
+    let time = |ms: u64| chrono::DateTime::from_timestamp_millis(ms as i64).unwrap_or_default();
+    ArchivedEnvelope {
+        id: env.id.clone(),
+        domain: domain.to_string(),
+        sender: env.sender.clone(),
+        recipients: entry
+            .recipients
+            .iter()
+            .map(|r| ArchivedRecipient {
+                address: r.address.clone(),
+                state: match r.state {
+                    RcptState::Pending => RecipientState::Pending,
+                    RcptState::Delivered => RecipientState::Delivered,
+                    RcptState::Failed => RecipientState::Failed,
+                },
+                orcpt: r.orcpt.clone(),
+                notify: r.notify.map(|n| spool_tools::Notify {
+                    never: n.never,
+                    success: n.success,
+                    failure: n.failure,
+                    delay: n.delay,
+                }),
+            })
+            .collect(),
+        arrival: time(env.arrival_ms),
+        attempts: entry.attempts,
+        last_error: entry.last_error.clone(),
+        next_attempt: (!entry.held).then(|| time(entry.next_attempt_ms)),
+        held: entry.held,
+        dsn: ArchivedDsn {
+            ret: env.ret.map(|r| match r {
+                Ret::Full => spool_tools::Ret::Full,
+                Ret::Hdrs => spool_tools::Ret::Hdrs,
+            }),
+            envid: env.envid.clone(),
+        },
+        body: match env.body {
+            Body::SevenBit => BodyType::SevenBit,
+            Body::EightBitMime => BodyType::EightBitMime,
+        },
+        smtputf8: env.smtputf8,
+        client_ip: env.client_ip.clone(),
+        helo: env.helo.clone(),
+    }
+}
+
+/// The spool's form of an archived entry: the envelope and the domain's queue entry.
+fn from_archived(a: &ArchivedEnvelope, size: u64) -> (Envelope, QueueEntry) {
+    use spool_tools::RecipientState;
+    let recipients: Vec<Recipient> = a
+        .recipients
+        .iter()
+        .map(|r| Recipient {
+            address: r.address.clone(),
+            orcpt: r.orcpt.clone(),
+            notify: r.notify.map(|n| Notify {
+                never: n.never,
+                success: n.success,
+                failure: n.failure,
+                delay: n.delay,
+            }),
+            state: match r.state {
+                RecipientState::Pending => RcptState::Pending,
+                RecipientState::Delivered => RcptState::Delivered,
+                RecipientState::Failed => RcptState::Failed,
+            },
+        })
+        .collect();
+    let env = Envelope {
+        id: a.id.clone(),
+        sender: a.sender.clone(),
+        recipients: recipients.clone(),
+        arrival_ms: a.arrival.timestamp_millis().max(0) as u64,
+        size,
+        body: match a.body {
+            spool_tools::BodyType::SevenBit => Body::SevenBit,
+            spool_tools::BodyType::EightBitMime => Body::EightBitMime,
+        },
+        smtputf8: a.smtputf8,
+        ret: a.dsn.ret.map(|r| match r {
+            spool_tools::Ret::Full => Ret::Full,
+            spool_tools::Ret::Hdrs => Ret::Hdrs,
+        }),
+        envid: a.dsn.envid.clone(),
+        client_ip: a.client_ip.clone(),
+        helo: a.helo.clone(),
+    };
+    let entry = QueueEntry {
+        recipients,
+        attempts: a.attempts,
+        next_attempt_ms: 0,
+        last_error: a.last_error.clone(),
+        held: false,
+        warned: false,
+        held_since_ms: 0,
+        held_ms: 0,
+    };
+    (env, entry)
+}
+
+async fn export(
+    ctx: &Ctx,
+    domain: &str,
+    output: PathBuf,
+    remove: bool,
+    out: &Out,
+) -> Result<i32, String> {
+    let d = domain_arg(domain)?;
+    let spool = ctx.spool.clone();
+    let host = ctx.config.hostname.clone();
+    let (dd, path) = (d.clone(), output.clone());
+    let progress = out.clone();
+    let ids = tokio::task::spawn_blocking(move || -> Result<Vec<String>, String> {
+        let e = |e: &dyn std::fmt::Display| format!("export of {dd} to {}: {e}", path.display());
+        let mut w =
+            spool_tools::create_file(&path, spool_tools::ArchiveMeta::new(host, Some(dd.clone())))
+                .map_err(|x| e(&x))?;
+        let mut ids = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let chunk = spool
+                .domain_entries(&dd, after.as_deref(), 500)
+                .map_err(|x| e(&x))?;
+            let Some((last, _)) = chunk.last() else { break };
+            after = Some(last.clone());
+            for (id, entry) in chunk {
+                let (Some(stored), Some(message)) = (
+                    spool.stored_envelope(&id).map_err(|x| e(&x))?,
+                    spool.message(&id).map_err(|x| e(&x))?,
+                ) else {
+                    continue;
+                };
+                w.add(&to_archived(&stored.envelope, &dd, &entry), &message)
+                    .map_err(|x| e(&x))?;
+                ids.push(id);
+            }
+            if ids.len() >= 10_000 {
+                let _ = progress.send(Line::Err(format!(
+                    "exporting {dd}: {} messages so far",
+                    ids.len()
+                )));
+            }
+        }
+        // Written, fsynced and renamed into place before anything is removed.
+        w.finish().map_err(|x| e(&x))?;
+        Ok(ids)
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    tracing::info!(
+        "{d}: {} message(s) exported to {}",
+        ids.len(),
+        output.display()
+    );
+    say(
+        out,
+        format!(
+            "{d}: {} message(s) written to {}",
+            ids.len(),
+            output.display()
+        ),
+    );
+    if remove {
+        let mut removed = 0;
+        for id in &ids {
+            if ctx.spool.remove(&d, id).await.map_err(|e| e.to_string())? {
+                removed += 1;
+            }
+        }
+        tracing::info!("{d}: {removed} exported message(s) removed from the spool");
+        say(
+            out,
+            format!("{d}: {removed} message(s) removed from the spool"),
+        );
+    }
+    Ok(0)
+}
+
+async fn import(ctx: &Ctx, input: PathBuf, out: &Out) -> Result<i32, String> {
+    let spool = ctx.spool.clone();
+    let o = out.clone();
+    let (added, present, skipped, problems) =
+        tokio::task::spawn_blocking(move || -> Result<(usize, usize, usize, usize), String> {
+            let reader = spool_tools::ArchiveReader::open(&input)
+                .map_err(|e| format!("{}: {e}; nothing imported", input.display()))?;
+            for p in reader.problems() {
+                let _ = o.send(Line::Err(format!(
+                    "{}: {}: {} (not imported)",
+                    input.display(),
+                    p.subject,
+                    p.what
+                )));
+            }
+            let problems = reader.problems().len();
+            let (mut added, mut present, mut skipped) = (0, 0, 0);
+            let now = now_ms();
+            reader
+                .for_each_entry(
+                    |entry: spool_tools::Entry| -> Result<(), spool_tools::Error> {
+                        let a = &entry.envelope;
+                        let domain = a.domain.trim_end_matches('.').to_ascii_lowercase();
+                        if a.pending().next().is_none() {
+                            skipped += 1;
+                            return Ok(());
+                        }
+                        let (env, qe) = from_archived(a, entry.message.len() as u64);
+                        match spool.import_blocking(&domain, env, qe, entry.message, now) {
+                            Ok(true) => added += 1,
+                            Ok(false) => present += 1,
+                            Err(e) => {
+                                let _ = o.send(Line::Err(format!("{}: {e} (not imported)", a.id)));
+                                skipped += 1;
+                            }
+                        }
+                        Ok(())
+                    },
+                )
+                .map_err(|e| format!("{}: {e}", input.display()))?;
+            Ok((added, present, skipped, problems))
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+    ctx.scheduler.wake();
+    tracing::info!(
+        "import: {added} added, {present} already queued, {skipped} skipped, {problems} damaged"
+    );
+    say(
+        out,
+        format!(
+            "{added} message(s) imported, {present} already in the queue, {skipped} with nothing pending or refused, {problems} damaged"
+        ),
+    );
+    Ok(i32::from(problems > 0))
 }
 
 async fn flush(ctx: &Ctx, domain: Option<String>, verbose: bool, out: &Out) -> Result<i32, String> {

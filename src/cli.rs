@@ -156,7 +156,8 @@ fn admin(config: Config, req: Request) -> anyhow::Result<ExitCode> {
     if let Some(code) = crate::control::request(&config.spool, &req)? {
         return Ok(exit(code));
     }
-    if !config.spool.join("CURRENT").is_file() {
+    // Only an import may create a spool; the others would act on an empty new one.
+    if !matches!(req, Request::Import { .. }) && !config.spool.join("CURRENT").is_file() {
         anyhow::bail!("spool {} does not exist", config.spool.display());
     }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -550,6 +550,61 @@ impl Spool {
         .await
     }
 
+    /// Add one entry from an archive: message `env.id` queued for `domain` as `entry`
+    /// (made held if the domain is held here, due now otherwise). The message and envelope
+    /// are stored once; an id already queued for `domain` is left alone (importing twice
+    /// adds nothing). Blocking; returns whether anything was added.
+    pub fn import_blocking(
+        &self,
+        domain: &str,
+        env: Envelope,
+        mut entry: QueueEntry,
+        message: Vec<u8>,
+        now_ms: u64,
+    ) -> Result<bool, SpoolError> {
+        let id = env.id.clone();
+        if id.is_empty() || !keys::valid_part(&id) || !keys::valid_part(domain) {
+            return Err(SpoolError::Invalid(format!(
+                "bad id or domain {id:?} {domain:?}"
+            )));
+        }
+        let _guard = self.inner.locks[stripe_of(&id)].blocking_lock();
+        if self.queue_entry(domain, &id)?.is_some() {
+            return Ok(false);
+        }
+        let mut b = Batch::new();
+        match self.stored_envelope(&id)? {
+            Some(mut stored) => {
+                if !stored.domains.iter().any(|d| d == domain) {
+                    stored.domains.push(domain.to_string());
+                }
+                b.put(Cf::Envelopes, keys::message(&id), stored.to_bytes());
+            }
+            None => {
+                let stored = StoredEnvelope {
+                    envelope: env,
+                    domains: vec![domain.to_string()],
+                };
+                b.put(Cf::Envelopes, keys::message(&id), stored.to_bytes());
+                b.put(Cf::Messages, keys::message(&id), message);
+            }
+        }
+        match self.held_since(domain) {
+            Some(_) => {
+                entry.held = true;
+                entry.held_since_ms = now_ms;
+            }
+            None => {
+                entry.held = false;
+                entry.next_attempt_ms = now_ms;
+                b.put(Cf::Due, keys::due(now_ms, domain, &id), Vec::new());
+            }
+        }
+        b.put(Cf::Queue, keys::queue(domain, &id), entry.to_bytes());
+        self.commit_blocking(b)?;
+        Ok(true)
+    }
+
     /// The domains that have queue entries, sorted; one seek per domain, not a scan.
     pub fn domains(&self) -> Result<Vec<String>, SpoolError> {
         let db = self.db();

@@ -1,0 +1,323 @@
+//! Writing an archive: [`ArchiveWriter`] over any `Write`, [`create_file`] for a file that
+//! appears under its name only once it is complete and synced.
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use flate2::write::GzEncoder;
+use sha2::{Digest, Sha256};
+
+use crate::envelope::{format_time, ArchivedEnvelope};
+use crate::error::{io_err, Error, Result};
+use crate::manifest::{
+    member_name, ArchiveMeta, Half, ManifestEntry, FORMAT_MEMBER, FORMAT_NAME, MANIFEST_MEMBER,
+};
+use crate::FORMAT_VERSION;
+
+/// Writes an archive to `W` as a plain tar stream (wrap `W` in a gzip encoder for a
+/// compressed one, or use [`create_file`]).
+///
+/// [`new`](Self::new) writes the `FORMAT` member, [`add`](Self::add) one message's two
+/// members, [`finish`](Self::finish) the manifest and the end of the tar stream. An archive
+/// that was never finished has no manifest and reads as truncated.
+pub struct ArchiveWriter<W: Write> {
+    tar: tar::Builder<W>,
+    meta: ArchiveMeta,
+    entries: Vec<ManifestEntry>,
+    ids: HashSet<String>,
+}
+
+impl<W: Write> ArchiveWriter<W> {
+    /// Starts an archive on `w`; writes the `FORMAT` member at once.
+    pub fn new(w: W, meta: ArchiveMeta) -> Result<Self> {
+        let mut tar = tar::Builder::new(w);
+        let format = format!("{FORMAT_NAME} {FORMAT_VERSION}\n");
+        append(&mut tar, FORMAT_MEMBER, format.as_bytes(), meta.created)?;
+        Ok(ArchiveWriter {
+            tar,
+            meta,
+            entries: Vec::new(),
+            ids: HashSet::new(),
+        })
+    }
+
+    /// Adds one message: its envelope and its raw RFC 5322 bytes, stored unchanged.
+    ///
+    /// Refuses an envelope that fails [`ArchivedEnvelope::validate`] and an id that is
+    /// already in the archive; nothing is written then, and the writer stays usable.
+    pub fn add(&mut self, env: &ArchivedEnvelope, message: &[u8]) -> Result<()> {
+        env.validate().map_err(|what| {
+            if crate::is_valid_id(&env.id) {
+                Error::Envelope {
+                    id: env.id.clone(),
+                    what,
+                }
+            } else {
+                Error::InvalidId(env.id.clone())
+            }
+        })?;
+        if self.ids.contains(&env.id) {
+            return Err(Error::DuplicateId(env.id.clone()));
+        }
+        let mut json = serde_json::to_vec_pretty(env).map_err(|e| Error::Envelope {
+            id: env.id.clone(),
+            what: e.to_string(),
+        })?;
+        json.push(b'\n');
+        append(
+            &mut self.tar,
+            &member_name(&env.id, Half::Json),
+            &json,
+            env.arrival,
+        )?;
+        append(
+            &mut self.tar,
+            &member_name(&env.id, Half::Eml),
+            message,
+            env.arrival,
+        )?;
+        self.ids.insert(env.id.clone());
+        self.entries.push(ManifestEntry {
+            id: env.id.clone(),
+            eml_sha256: sha256_hex(message),
+            json_sha256: sha256_hex(&json),
+            eml_size: message.len() as u64,
+        });
+        Ok(())
+    }
+
+    /// How many messages were added.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no message was added yet.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Writes the manifest and the end of the tar stream; gives back `W` (not flushed
+    /// beyond what the tar builder wrote, nor synced).
+    pub fn finish(mut self) -> Result<W> {
+        let manifest = self.manifest_json();
+        append(
+            &mut self.tar,
+            MANIFEST_MEMBER,
+            manifest.as_bytes(),
+            self.meta.created,
+        )?;
+        self.tar.into_inner().map_err(io_err("writing the archive"))
+    }
+
+    /// The manifest, one message per line so that it reads well and greps.
+    fn manifest_json(&self) -> String {
+        let mut s = String::with_capacity(200 + self.entries.len() * 180);
+        s.push_str("{\n");
+        let _ = writeln!(s, "  \"format\": {},", js(FORMAT_NAME));
+        let _ = writeln!(s, "  \"version\": {FORMAT_VERSION},");
+        let _ = writeln!(
+            s,
+            "  \"created\": {},",
+            js(&format_time(&self.meta.created))
+        );
+        let _ = writeln!(s, "  \"source_host\": {},", js(&self.meta.source_host));
+        let _ = writeln!(s, "  \"domain\": {},", js(&self.meta.domain));
+        let generator = concat!("spool-tools ", env!("CARGO_PKG_VERSION"));
+        let _ = writeln!(s, "  \"generator\": {},", js(generator));
+        s.push_str("  \"messages\": [");
+        for (i, e) in self.entries.iter().enumerate() {
+            s.push_str(if i == 0 { "\n    " } else { ",\n    " });
+            s.push_str(&serde_json::to_string(e).expect("manifest entries serialize"));
+        }
+        s.push_str(if self.entries.is_empty() {
+            "]\n}\n"
+        } else {
+            "\n  ]\n}\n"
+        });
+        s
+    }
+}
+
+/// A plain value as JSON text, for the manifest's header fields.
+fn js<T: serde::Serialize + ?Sized>(v: &T) -> String {
+    serde_json::to_string(v).expect("plain values serialize")
+}
+
+fn append<W: Write>(
+    tar: &mut tar::Builder<W>,
+    name: &str,
+    data: &[u8],
+    mtime: DateTime<Utc>,
+) -> Result<()> {
+    let mut h = tar::Header::new_ustar();
+    h.set_path(name)
+        .map_err(|e| Error::Format(format!("member name {name:?}: {e}")))?;
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.set_mtime(mtime.timestamp().max(0) as u64);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_cksum();
+    tar.append(&h, data)
+        .map_err(io_err(format!("writing {name} to the archive")))
+}
+
+pub(crate) fn sha256_hex(data: &[u8]) -> String {
+    hex(&Sha256::digest(data))
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// An archive being written to a file by [`create_file`].
+///
+/// The data goes to a hidden temporary file beside the target; [`finish`](Self::finish)
+/// completes it, syncs it, renames it to the target name and syncs the directory. Dropped
+/// unfinished, it removes the temporary file: the target name never shows a partial
+/// archive.
+pub struct FileArchiveWriter {
+    writer: Option<ArchiveWriter<Sink>>,
+    path: PathBuf,
+    tmp: PathBuf,
+}
+
+/// Creates an archive file at `path`, gzip-compressed when the name ends in `.gz` or
+/// `.tgz`. An existing file at `path` is replaced when the archive is finished.
+pub fn create_file(path: impl AsRef<Path>, meta: ArchiveMeta) -> Result<FileArchiveWriter> {
+    let path = path.as_ref().to_path_buf();
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::Io {
+            context: path.display().to_string(),
+            source: io::Error::new(io::ErrorKind::InvalidInput, "not a file name"),
+        })?
+        .to_string_lossy()
+        .into_owned();
+    let tmp = path.with_file_name(format!(".{name}.partial-{}", std::process::id()));
+    let file = File::create(&tmp).map_err(io_err(tmp.display()))?;
+    let buffered = BufWriter::with_capacity(256 * 1024, file);
+    let sink = if name.ends_with(".gz") || name.ends_with(".tgz") {
+        Sink::Gzip(GzEncoder::new(buffered, flate2::Compression::default()))
+    } else {
+        Sink::Plain(buffered)
+    };
+    let mut w = FileArchiveWriter {
+        writer: None,
+        path,
+        tmp,
+    };
+    w.writer = Some(ArchiveWriter::new(sink, meta).map_err(|e| w.with_path(e))?);
+    Ok(w)
+}
+
+impl FileArchiveWriter {
+    /// See [`ArchiveWriter::add`].
+    pub fn add(&mut self, env: &ArchivedEnvelope, message: &[u8]) -> Result<()> {
+        let r = self.inner().add(env, message);
+        r.map_err(|e| self.with_path(e))
+    }
+
+    /// How many messages were added.
+    pub fn len(&self) -> usize {
+        self.writer.as_ref().map_or(0, ArchiveWriter::len)
+    }
+
+    /// Whether no message was added yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The name the archive gets when finished.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes the manifest, syncs the file, and renames it into place (then syncs the
+    /// directory). When this returns `Ok`, the archive is durably on disk under its name:
+    /// only then may the messages be removed from the spool.
+    pub fn finish(mut self) -> Result<()> {
+        let writer = self.writer.take().expect("writer present until finish");
+        let sink = writer.finish().map_err(|e| self.with_path(e))?;
+        let tmp = self.tmp.clone();
+        let file = sink.into_file().map_err(io_err(tmp.display()))?;
+        file.sync_all().map_err(io_err(tmp.display()))?;
+        drop(file);
+        fs::rename(&self.tmp, &self.path).map_err(io_err(self.path.display()))?;
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        // A directory fsync: needed for the rename to survive a crash.
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(dir.display()))?;
+        self.tmp = PathBuf::new(); // nothing to clean up any more
+        Ok(())
+    }
+
+    fn inner(&mut self) -> &mut ArchiveWriter<Sink> {
+        self.writer.as_mut().expect("writer present until finish")
+    }
+
+    /// I/O errors of the generic writer name the step; name the file too.
+    fn with_path(&self, e: Error) -> Error {
+        match e {
+            Error::Io { context, source } => Error::Io {
+                context: format!("{}: {context}", self.path.display()),
+                source,
+            },
+            other => other,
+        }
+    }
+}
+
+impl Drop for FileArchiveWriter {
+    fn drop(&mut self) {
+        if !self.tmp.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// The byte sink under the tar builder of a [`FileArchiveWriter`].
+enum Sink {
+    Plain(BufWriter<File>),
+    Gzip(GzEncoder<BufWriter<File>>),
+}
+
+impl Sink {
+    /// Ends the gzip stream if any, flushes, and gives back the file.
+    fn into_file(self) -> io::Result<File> {
+        let buffered = match self {
+            Sink::Plain(b) => b,
+            Sink::Gzip(gz) => gz.finish()?,
+        };
+        buffered.into_inner().map_err(|e| e.into_error())
+    }
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sink::Plain(w) => w.write(buf),
+            Sink::Gzip(w) => w.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Sink::Plain(w) => w.flush(),
+            Sink::Gzip(w) => w.flush(),
+        }
+    }
+}
