@@ -325,7 +325,7 @@ impl Session {
                 None
             }
             Request::Lhlo { .. } => self.error("500 5.5.1 Error: this is SMTP, not LMTP"),
-            Request::Etrn { name } => return self.etrn(&name),
+            Request::Etrn { name } => self.etrn(&name),
             _ => self.error("502 5.5.1 Error: command not implemented"),
         }
     }
