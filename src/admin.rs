@@ -48,6 +48,76 @@ pub enum Request {
     Import {
         input: PathBuf,
     },
+    Queue {
+        domain: Option<String>,
+        json: bool,
+    },
+    Shape {
+        json: bool,
+    },
+    Show {
+        id: String,
+        body: bool,
+    },
+}
+
+/// A `Write` that sends each line to an [`Out`] (for reports made inside the server).
+pub struct OutWriter {
+    out: Out,
+    buf: Vec<u8>,
+}
+
+impl OutWriter {
+    pub fn new(out: Out) -> OutWriter {
+        OutWriter {
+            out,
+            buf: Vec::new(),
+        }
+    }
+}
+
+impl std::io::Write for OutWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        while let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+            let mut line: Vec<u8> = self.buf.drain(..=i).collect();
+            line.pop();
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            let text = String::from_utf8_lossy(&line).into_owned();
+            if self.out.send(Line::Out(text)).is_err() {
+                return Err(std::io::ErrorKind::BrokenPipe.into());
+            }
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.buf.is_empty() {
+            let text = String::from_utf8_lossy(&std::mem::take(&mut self.buf)).into_owned();
+            let _ = self.out.send(Line::Out(text));
+        }
+        Ok(())
+    }
+}
+
+/// Run a read-only report with `out` as its output, off the async threads.
+async fn report<F>(ctx: &Ctx, out: &Out, f: F) -> Result<i32, String>
+where
+    F: FnOnce(&Spool, &mut dyn std::io::Write) -> anyhow::Result<()> + Send + 'static,
+{
+    let spool = ctx.spool.clone();
+    let mut w = OutWriter::new(out.clone());
+    tokio::task::spawn_blocking(move || {
+        let r = f(&spool, &mut w);
+        let _ = std::io::Write::flush(&mut w);
+        r
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| format!("{e:#}"))?;
+    Ok(0)
 }
 
 /// A line of output: for standard output or standard error.
@@ -135,6 +205,18 @@ async fn run(ctx: &Ctx, req: Request, out: &Out) -> Result<i32, String> {
             remove,
         } => export(ctx, &domain, output, remove, out).await,
         Request::Import { input } => import(ctx, input, out).await,
+        Request::Queue { domain, json } => {
+            report(ctx, out, move |s, w| {
+                crate::report::queue(s, domain.as_deref(), json, w)
+            })
+            .await
+        }
+        Request::Shape { json } => {
+            report(ctx, out, move |s, w| crate::report::shape(s, json, w)).await
+        }
+        Request::Show { id, body } => {
+            report(ctx, out, move |s, w| crate::report::show(s, &id, body, w)).await
+        }
     }
 }
 

@@ -114,10 +114,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             print!("{}", config.to_toml());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Queue { domain, json } => crate::report::queue(&config, domain.as_deref(), json),
+        Command::Queue { domain, json } => report(config, Request::Queue { domain, json }),
         Command::Doctor { domain } => crate::doctor::run(&config, &domain),
-        Command::Shape { json } => crate::report::shape(&config, json),
-        Command::Show { id, body } => crate::report::show(&config, &id, body),
+        Command::Shape { json } => report(config, Request::Shape { json }),
+        Command::Show { id, body } => report(config, Request::Show { id, body }),
         Command::Flush { domain, v } => admin(config, Request::Flush { domain, verbose: v }),
         Command::Hold { domain } => admin(config, Request::Hold { domain }),
         Command::Release { domain } => admin(config, Request::Release { domain }),
@@ -148,6 +148,26 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 /// A path the server (whose working directory is not ours) can use.
 fn absolute(p: &std::path::Path) -> anyhow::Result<PathBuf> {
     std::path::absolute(p).with_context(|| format!("bad path {}", p.display()))
+}
+
+/// A read-only report: from the running server through its control socket (it has the
+/// spool open), or from a read-only view of the spool when no server runs.
+fn report(config: Config, req: Request) -> anyhow::Result<ExitCode> {
+    if let Some(code) = crate::control::request(&config.spool, &req)? {
+        return Ok(exit(code));
+    }
+    let spool = Spool::open_read_only(&config.spool)?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    match req {
+        Request::Queue { domain, json } => {
+            crate::report::queue(&spool, domain.as_deref(), json, &mut out)?
+        }
+        Request::Shape { json } => crate::report::shape(&spool, json, &mut out)?,
+        Request::Show { id, body } => crate::report::show(&spool, &id, body, &mut out)?,
+        _ => anyhow::bail!("not a report"),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A queue operation: through the running server's control socket, or here on the spool

@@ -4,59 +4,79 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::process::ExitCode;
 
-use crate::config::Config;
 use crate::envelope::RcptState;
 use crate::scheduler::now_ms;
 use crate::spool::{QueuedMessage, Spool};
 
-pub fn queue(config: &Config, domain: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
-    let spool = Spool::open_read_only(&config.spool)?;
+pub fn queue(
+    spool: &Spool,
+    domain: Option<&str>,
+    json: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
     let domain = domain.map(|d| d.trim_end_matches('.').to_ascii_lowercase());
-    let list = spool.list(domain.as_deref())?;
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
-    if json {
-        for m in &list {
-            writeln!(out, "{}", m.to_json())?;
+    let mut n = 0usize;
+    let mut failed: Option<std::io::Error> = None;
+    spool.for_each(domain.as_deref(), |m| {
+        let r = if json {
+            writeln!(out, "{}", m.to_json())
+        } else {
+            if n == 0 {
+                let _ = table_header(out);
+            }
+            table_row(out, &m)
+        };
+        n += 1;
+        match r {
+            Ok(()) => true,
+            Err(e) => {
+                failed = Some(e);
+                false
+            }
         }
-    } else {
-        print_table(&mut out, &list)?;
+    })?;
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    if !json {
+        if n == 0 {
+            writeln!(out, "Mail queue is empty")?;
+        } else {
+            writeln!(out, "-- {n} message(s)")?;
+        }
     }
     out.flush()?;
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
-/// mailq's layout: a line per message, its recipients indented below.
-fn print_table(out: &mut impl Write, list: &[QueuedMessage]) -> std::io::Result<()> {
-    if list.is_empty() {
-        return writeln!(out, "Mail queue is empty");
-    }
+fn table_header(out: &mut dyn Write) -> std::io::Result<()> {
     writeln!(
         out,
         "{:<13} {:>9} {:<20} {:<7} {:>3} Sender/Recipient",
         "Queue ID", "Size", "Arrival", "State", "Att"
+    )
+}
+
+/// mailq's layout: a line per message, its recipients indented below.
+fn table_row(out: &mut dyn Write, m: &QueuedMessage) -> std::io::Result<()> {
+    let arrival = chrono::DateTime::from_timestamp_millis(m.arrival_ms as i64)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_default();
+    let state = if m.held { "held" } else { "queued" };
+    let sender = if m.sender.is_empty() { "<>" } else { &m.sender };
+    writeln!(
+        out,
+        "{:<13} {:>9} {:<20} {:<7} {:>3} {}",
+        m.id, m.size, arrival, state, m.attempts, sender
     )?;
-    for m in list {
-        let arrival = chrono::DateTime::from_timestamp_millis(m.arrival_ms as i64)
-            .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
-            .unwrap_or_default();
-        let state = if m.held { "held" } else { "queued" };
-        let sender = if m.sender.is_empty() { "<>" } else { &m.sender };
-        writeln!(
-            out,
-            "{:<13} {:>9} {:<20} {:<7} {:>3} {}",
-            m.id, m.size, arrival, state, m.attempts, sender
-        )?;
-        if let Some(err) = &m.last_error {
-            writeln!(out, "{:>56}({err})", "")?;
-        }
-        for r in &m.recipients {
-            writeln!(out, "{:>56}{}", "", r.address)?;
-        }
+    if let Some(err) = &m.last_error {
+        writeln!(out, "{:>56}({err})", "")?;
     }
-    writeln!(out, "-- {} message(s)", list.len())
+    for r in &m.recipients {
+        writeln!(out, "{:>56}{}", "", r.address)?;
+    }
+    Ok(())
 }
 
 /// qshape's age buckets, in minutes: a message is counted in the first bucket it is younger
@@ -64,8 +84,7 @@ fn print_table(out: &mut impl Write, list: &[QueuedMessage]) -> std::io::Result<
 const BUCKETS: [u64; 9] = [5, 10, 20, 40, 80, 160, 320, 640, 1280];
 
 /// Messages per domain by age (qshape): a TOTAL row, then domains by count.
-pub fn shape(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
-    let spool = Spool::open_read_only(&config.spool)?;
+pub fn shape(spool: &Spool, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     let now = now_ms();
     let mut rows: BTreeMap<String, [u64; 10]> = BTreeMap::new();
     spool.for_each(None, |m| {
@@ -86,8 +105,6 @@ pub fn shape(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
         tb.cmp(&ta).then(a.0.cmp(&b.0))
     });
     ordered.insert(0, ("TOTAL".to_string(), total));
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
     if json {
         for (d, r) in &ordered {
             let mut buckets = serde_json::Map::new();
@@ -123,19 +140,16 @@ pub fn shape(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
         }
     }
     out.flush()?;
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 /// A message's envelope, its queue entries, and its headers (or the whole message).
-pub fn show(config: &Config, id: &str, body: bool) -> anyhow::Result<ExitCode> {
-    let spool = Spool::open_read_only(&config.spool)?;
+pub fn show(spool: &Spool, id: &str, body: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     let Some(stored) = spool.stored_envelope(id)? else {
         anyhow::bail!("{id}: no such message in the queue");
     };
     let message = spool.message(id)?.unwrap_or_default();
     let e = &stored.envelope;
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
     writeln!(out, "*** ENVELOPE RECORDS {id} ***")?;
     let time = |ms: u64| {
         chrono::DateTime::from_timestamp_millis(ms as i64)
@@ -197,5 +211,5 @@ pub fn show(config: &Config, id: &str, body: bool) -> anyhow::Result<ExitCode> {
     }
     writeln!(out, "*** END OF MESSAGE {id} ***")?;
     out.flush()?;
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }

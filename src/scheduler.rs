@@ -73,6 +73,22 @@ fn remote_host(relay: &Option<String>) -> Option<String> {
         .map(|r| r.split('[').next().unwrap_or(r).to_string())
 }
 
+/// What sending one entry over a connection came to.
+enum Sent {
+    /// Sent (or refused): the per-recipient outcomes, to be recorded.
+    Done {
+        entry: QueueEntry,
+        message: Vec<u8>,
+        outcomes: Vec<Outcome>,
+        /// A success after earlier failures: the primary is back.
+        recovered: bool,
+    },
+    /// Not sent and still queued (held, or unreadable).
+    Kept,
+    /// No longer in the queue.
+    Gone,
+}
+
 /// The new state of an entry after an attempt, and the DSNs it causes. Pure.
 ///
 /// `outcomes` has one element per pending recipient of `entry`, in order.
@@ -244,6 +260,8 @@ pub struct Scheduler {
     client: ClientConfig,
     in_flight: Mutex<HashSet<(String, String)>>,
     per_domain: Mutex<HashMap<String, usize>>,
+    /// Domains whose primary answered again: their whole queue is due now.
+    recovered: Mutex<HashSet<String>>,
     deliveries: Arc<Semaphore>,
     wake: Notify,
 }
@@ -256,13 +274,17 @@ struct DomainSlot<'a> {
 
 impl Drop for DomainSlot<'_> {
     fn drop(&mut self) {
-        let mut map = lock(&self.scheduler.per_domain);
-        if let Some(n) = map.get_mut(&self.domain) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.domain);
+        {
+            let mut map = lock(&self.scheduler.per_domain);
+            if let Some(n) = map.get_mut(&self.domain) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(&self.domain);
+                }
             }
         }
+        // A connection slot is free: look for work now, not at the next tick.
+        self.scheduler.wake();
     }
 }
 
@@ -286,6 +308,7 @@ impl Scheduler {
             client,
             in_flight: Mutex::new(HashSet::new()),
             per_domain: Mutex::new(HashMap::new()),
+            recovered: Mutex::new(HashSet::new()),
             wake: Notify::new(),
         }))
     }
@@ -329,6 +352,34 @@ impl Scheduler {
                 }
             }
         }
+        // A domain whose primary is back: everything of it is due, whatever its schedule.
+        let recovered: Vec<String> = lock(&self.recovered).iter().cloned().collect();
+        for domain in recovered {
+            let active = lock(&self.per_domain).get(&domain).copied().unwrap_or(0);
+            let free = self
+                .config
+                .queue
+                .max_connections_per_domain
+                .saturating_sub(active);
+            if free == 0 {
+                continue;
+            }
+            let ids = self
+                .claim_some(&domain, false, free * MAX_PER_CONNECTION)
+                .await;
+            if ids.is_empty() {
+                lock(&self.recovered).remove(&domain);
+                continue;
+            }
+            let per_task = ids.len().div_ceil(free).clamp(1, MAX_PER_CONNECTION);
+            for chunk in ids.chunks(per_task) {
+                if !self.spawn_delivery(&domain, chunk.to_vec()) {
+                    for id in chunk {
+                        self.release(&domain, id);
+                    }
+                }
+            }
+        }
         for (domain, ids) in by_domain {
             let active = lock(&self.per_domain).get(&domain).copied().unwrap_or(0);
             let free = self
@@ -341,37 +392,57 @@ impl Scheduler {
             }
             let per_task = ids.len().div_ceil(free).clamp(1, MAX_PER_CONNECTION);
             for chunk in ids.chunks(per_task).take(free) {
-                let Ok(permit) = self.deliveries.clone().try_acquire_owned() else {
-                    return Ok(());
-                };
-                {
+                // Claimed only if nobody claimed it since the scan (a recovered domain's
+                // sweep above, an ETRN, a flush): never two deliveries of one entry.
+                let chunk: Vec<String> = {
                     let mut flying = lock(&self.in_flight);
-                    for id in chunk {
-                        flying.insert((domain.clone(), id.clone()));
-                    }
+                    chunk
+                        .iter()
+                        .filter(|id| flying.insert((domain.clone(), (*id).clone())))
+                        .cloned()
+                        .collect()
+                };
+                if chunk.is_empty() {
+                    continue;
                 }
-                *lock(&self.per_domain).entry(domain.clone()).or_insert(0) += 1;
-                let me = self.clone();
-                let domain = domain.clone();
-                let chunk = chunk.to_vec();
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    let _slot = DomainSlot {
-                        scheduler: &me,
-                        domain: domain.clone(),
-                    };
-                    me.deliver_domain(&domain, chunk, None, false).await;
-                });
+                if !self.spawn_delivery(&domain, chunk.clone()) {
+                    for id in &chunk {
+                        self.release(&domain, id);
+                    }
+                    return Ok(());
+                }
             }
         }
         Ok(())
+    }
+
+    /// Start a delivery task for `ids` (already in flight) within `max_deliveries`;
+    /// false when no delivery slot is free.
+    fn spawn_delivery(self: &Arc<Self>, domain: &str, ids: Vec<String>) -> bool {
+        let Ok(permit) = self.deliveries.clone().try_acquire_owned() else {
+            return false;
+        };
+        *lock(&self.per_domain)
+            .entry(domain.to_string())
+            .or_insert(0) += 1;
+        let me = self.clone();
+        let domain = domain.to_string();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _slot = DomainSlot {
+                scheduler: &me,
+                domain: domain.clone(),
+            };
+            me.deliver_domain(&domain, ids, None, false).await;
+        });
+        true
     }
 
     /// Deliver `domain`'s queue now, whatever its schedule: an administrator's `flush`
     /// (`force`: held entries too) or a remote ETRN (held entries stay). Waits for the
     /// delivery; returns `(entries tried, entries still queued)`.
     pub async fn flush_domain(
-        &self,
+        self: &Arc<Self>,
         domain: &str,
         transcript: Option<Transcript>,
         force: bool,
@@ -381,14 +452,34 @@ impl Scheduler {
             return (0, 0);
         }
         let n = ids.len();
-        *lock(&self.per_domain)
-            .entry(domain.to_string())
-            .or_insert(0) += 1;
-        let _slot = DomainSlot {
-            scheduler: self,
-            domain: domain.to_string(),
+        // One connection when someone reads the transcript; else the domain's share.
+        let conns = if transcript.is_some() {
+            1
+        } else {
+            self.config.queue.max_connections_per_domain
         };
-        let left = self.deliver_domain(domain, ids, transcript, force).await;
+        let per = n.div_ceil(conns).max(1);
+        let mut tasks = tokio::task::JoinSet::new();
+        for chunk in ids.chunks(per) {
+            let (me, d, t, chunk) = (
+                self.clone(),
+                domain.to_string(),
+                transcript.clone(),
+                chunk.to_vec(),
+            );
+            *lock(&self.per_domain).entry(d.clone()).or_insert(0) += 1;
+            tasks.spawn(async move {
+                let _slot = DomainSlot {
+                    scheduler: &me,
+                    domain: d.clone(),
+                };
+                me.deliver_domain(&d, chunk, t, force).await
+            });
+        }
+        let mut left = 0;
+        while let Some(r) = tasks.join_next().await {
+            left += r.unwrap_or(0);
+        }
         (n, left)
     }
 
@@ -451,7 +542,7 @@ impl Scheduler {
     /// `force` (an administrator's flush) also sends entries of a held domain; what stays
     /// queued stays held.
     pub async fn deliver_domain(
-        &self,
+        self: &Arc<Self>,
         domain: &str,
         ids: Vec<String>,
         transcript: Option<Transcript>,
@@ -459,6 +550,9 @@ impl Scheduler {
     ) -> usize {
         let mut queue: std::collections::VecDeque<String> = ids.into();
         let mut left = 0;
+        // Outcomes are recorded while the next message goes out, so one connection's
+        // records share synced commits instead of waiting for one sync each.
+        let mut records: tokio::task::JoinSet<bool> = tokio::task::JoinSet::new();
         let route = self
             .config
             .partner(domain)
@@ -468,12 +562,10 @@ impl Scheduler {
             Ok(c) => c,
             Err(outcome) => {
                 for id in queue {
-                    if self.record_all(domain, &id, &outcome).await {
-                        left += 1;
-                    }
-                    self.release(domain, &id);
+                    self.record_later(&mut records, &mut left, domain, id, outcome.clone())
+                        .await;
                 }
-                return left;
+                return left + self.settled(records).await;
             }
         };
         let relay = format!(
@@ -485,66 +577,109 @@ impl Scheduler {
         let mut drained = false;
         let mut first = true;
         while let Some(id) = queue.pop_front() {
-            if !first {
-                if let Err(e) = conn.reset().await {
-                    let o = deferred(format!("lost connection with {relay}: {e}"), "4.4.2", None);
-                    queue.push_front(id);
-                    for id in queue.drain(..) {
-                        if self.record_all(domain, &id, &o).await {
-                            left += 1;
-                        }
-                        self.release(domain, &id);
-                    }
-                    return left;
-                }
-            }
+            let broken = if first {
+                None
+            } else {
+                conn.reset()
+                    .await
+                    .err()
+                    .map(|e| format!("lost connection with {relay}: {e}"))
+            };
             first = false;
-            match self
-                .deliver_one(&mut conn, &relay, domain, &id, force)
-                .await
-            {
-                Ok((stays, recovered)) => {
-                    if stays {
-                        left += 1;
-                    }
+            let sent = match broken {
+                Some(reason) => Err(reason),
+                None => self.send_one(&mut conn, &relay, domain, &id, force).await,
+            };
+            match sent {
+                Ok(Sent::Done {
+                    entry,
+                    message,
+                    outcomes,
+                    recovered,
+                }) => {
                     if recovered && !drained {
-                        // The primary is back: the rest of its queue is due now.
+                        // The primary is back: the rest of its queue is due now, spread
+                        // over the domain's connections by the dispatcher.
                         drained = true;
-                        let extra = self.claim_domain(domain, force).await;
-                        if !extra.is_empty() {
-                            info!(
-                                "{domain}: delivery works again, sending the {} other queued message(s) now",
-                                extra.len()
-                            );
-                        }
-                        queue.extend(extra);
+                        info!("{domain}: delivery works again, sending its queue now");
+                        lock(&self.recovered).insert(domain.to_string());
+                        self.wake();
                     }
+                    while records.len() >= 64 {
+                        if let Some(r) = records.join_next().await {
+                            left += usize::from(r.unwrap_or(true));
+                        }
+                    }
+                    let (me, d) = (self.clone(), domain.to_string());
+                    records.spawn(async move {
+                        let stays = me.record(&d, &id, &entry, &message, &outcomes).await;
+                        me.release(&d, &id);
+                        stays
+                    });
+                }
+                Ok(Sent::Kept) => {
+                    left += 1;
                     self.release(domain, &id);
                 }
+                Ok(Sent::Gone) => self.release(domain, &id),
                 Err(reason) => {
                     // The connection is unusable: this and the rest wait for the next try.
                     let o = deferred(reason, "4.4.2", None);
                     queue.push_front(id);
                     for id in queue.drain(..) {
-                        if self.record_all(domain, &id, &o).await {
-                            left += 1;
-                        }
-                        self.release(domain, &id);
+                        self.record_later(&mut records, &mut left, domain, id, o.clone())
+                            .await;
                     }
-                    return left;
+                    return left + self.settled(records).await;
                 }
             }
         }
         conn.quit().await;
+        left + self.settled(records).await
+    }
+
+    /// Record `outcome` for every pending recipient of `id` in the background.
+    async fn record_later(
+        self: &Arc<Self>,
+        records: &mut tokio::task::JoinSet<bool>,
+        left: &mut usize,
+        domain: &str,
+        id: String,
+        outcome: Outcome,
+    ) {
+        while records.len() >= 64 {
+            if let Some(r) = records.join_next().await {
+                *left += usize::from(r.unwrap_or(true));
+            }
+        }
+        let (me, d) = (self.clone(), domain.to_string());
+        records.spawn(async move {
+            let stays = me.record_all(&d, &id, &outcome).await;
+            me.release(&d, &id);
+            stays
+        });
+    }
+
+    /// Wait for the background records; how many entries stay queued.
+    async fn settled(&self, mut records: tokio::task::JoinSet<bool>) -> usize {
+        let mut left = 0;
+        while let Some(r) = records.join_next().await {
+            left += usize::from(r.unwrap_or(true));
+        }
         left
     }
 
     /// Mark every not-yet-flying entry of `domain` in flight and return their ids (held
     /// ones only with `include_held`).
     async fn claim_domain(&self, domain: &str, include_held: bool) -> Vec<String> {
+        self.claim_some(domain, include_held, usize::MAX).await
+    }
+
+    /// [`Scheduler::claim_domain`], at most `limit` entries.
+    async fn claim_some(&self, domain: &str, include_held: bool, limit: usize) -> Vec<String> {
         let mut out = Vec::new();
         let mut after: Option<String> = None;
-        loop {
+        while out.len() < limit {
             let spool = self.spool.clone();
             let (d, a) = (domain.to_string(), after.clone());
             let chunk = match tokio::task::spawn_blocking(move || {
@@ -564,7 +699,7 @@ impl Scheduler {
                 if (entry.held && !include_held) || !entry.has_pending() {
                     continue;
                 }
-                if flying.insert((domain.to_string(), id.clone())) {
+                if out.len() < limit && flying.insert((domain.to_string(), id.clone())) {
                     out.push(id);
                 }
             }
@@ -714,16 +849,15 @@ impl Scheduler {
         }
     }
 
-    /// Send one entry over `conn`. `Ok((stays_queued, recovered))`, or `Err` when the
-    /// connection broke (nothing recorded then).
-    async fn deliver_one(
+    /// Send one entry over `conn`; `Err` when the connection broke (nothing recorded).
+    async fn send_one(
         &self,
         conn: &mut Connection,
         relay: &str,
         domain: &str,
         id: &str,
         force: bool,
-    ) -> Result<(bool, bool), String> {
+    ) -> Result<Sent, String> {
         let spool = self.spool.clone();
         let (d, i) = (domain.to_string(), id.to_string());
         let loaded = tokio::task::spawn_blocking(move || -> Result<_, crate::spool::SpoolError> {
@@ -736,14 +870,14 @@ impl Scheduler {
         .map_err(|e| e.to_string())?;
         let (entry, stored, message) = match loaded {
             Ok((Some(e), Some(s), Some(m))) => (e, s, m),
-            Ok(_) => return Ok((false, false)), // gone meanwhile
+            Ok(_) => return Ok(Sent::Gone),
             Err(e) => {
                 error!("{id}: cannot read from the spool: {e}");
-                return Ok((true, false));
+                return Ok(Sent::Kept);
             }
         };
         if entry.held && !force {
-            return Ok((true, false));
+            return Ok(Sent::Kept);
         }
         let pending: Vec<Recipient> = entry
             .recipients
@@ -783,6 +917,23 @@ impl Scheduler {
             .collect();
         let recovered =
             entry.attempts > 0 && outcomes.iter().any(|o| matches!(o, Outcome::Sent { .. }));
+        Ok(Sent::Done {
+            entry,
+            message,
+            outcomes,
+            recovered,
+        })
+    }
+
+    /// Record what [`Scheduler::send_one`] got; returns whether the entry stays queued.
+    async fn record(
+        &self,
+        domain: &str,
+        id: &str,
+        entry: &QueueEntry,
+        message: &[u8],
+        outcomes: &[Outcome],
+    ) -> bool {
         let mut stays = false;
         let res = self
             .spool
@@ -792,8 +943,8 @@ impl Scheduler {
                     stays = current.has_pending();
                     return None;
                 }
-                let (next, batch) = self.outcome_batch(current, stored, &message, &outcomes);
-                self.log_outcomes(id, current, &stored.envelope, &outcomes, &next);
+                let (next, batch) = self.outcome_batch(current, stored, message, outcomes);
+                self.log_outcomes(id, current, &stored.envelope, outcomes, &next);
                 stays = next.has_pending();
                 Some((next, batch))
             })
@@ -801,9 +952,9 @@ impl Scheduler {
         if let Err(e) = res {
             // The mail went out but the spool could not record it: it will go again.
             error!("{id}: cannot record the delivery: {e}");
-            return Ok((true, recovered));
+            return true;
         }
-        Ok((stays, recovered))
+        stays
     }
 
     fn log_outcomes(
