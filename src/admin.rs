@@ -65,6 +65,8 @@ pub enum Request {
 pub struct OutWriter {
     out: Out,
     buf: Vec<u8>,
+    /// Pass bytes through unchanged ([`Line::Raw`]) instead of as text lines.
+    raw: bool,
 }
 
 impl OutWriter {
@@ -72,12 +74,28 @@ impl OutWriter {
         OutWriter {
             out,
             buf: Vec::new(),
+            raw: false,
+        }
+    }
+
+    /// An `OutWriter` that keeps every byte (for `show`, which prints a message).
+    pub fn raw(out: Out) -> OutWriter {
+        OutWriter {
+            out,
+            buf: Vec::new(),
+            raw: true,
         }
     }
 }
 
 impl std::io::Write for OutWriter {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.raw {
+            return match self.out.send(Line::raw(data)) {
+                Ok(()) => Ok(data.len()),
+                Err(_) => Err(std::io::ErrorKind::BrokenPipe.into()),
+            };
+        }
         self.buf.extend_from_slice(data);
         while let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
             let mut line: Vec<u8> = self.buf.drain(..=i).collect();
@@ -103,12 +121,16 @@ impl std::io::Write for OutWriter {
 }
 
 /// Run a read-only report with `out` as its output, off the async threads.
-async fn report<F>(ctx: &Ctx, out: &Out, f: F) -> Result<i32, String>
+async fn report<F>(ctx: &Ctx, out: &Out, raw: bool, f: F) -> Result<i32, String>
 where
     F: FnOnce(&Spool, &mut dyn std::io::Write) -> anyhow::Result<()> + Send + 'static,
 {
     let spool = ctx.spool.clone();
-    let mut w = OutWriter::new(out.clone());
+    let mut w = if raw {
+        OutWriter::raw(out.clone())
+    } else {
+        OutWriter::new(out.clone())
+    };
     tokio::task::spawn_blocking(move || {
         let r = f(&spool, &mut w);
         let _ = std::io::Write::flush(&mut w);
@@ -126,6 +148,24 @@ where
 pub enum Line {
     Out(String),
     Err(String),
+    /// Bytes for standard output exactly as they are (a message's body): each char of the
+    /// string is one byte (U+0000 to U+00FF), so the JSON of the control socket carries
+    /// CR, 8-bit and invalid UTF-8 unchanged.
+    Raw(String),
+}
+
+impl Line {
+    /// A [`Line::Raw`] of `bytes`.
+    pub fn raw(bytes: &[u8]) -> Line {
+        Line::Raw(bytes.iter().map(|&b| char::from(b)).collect())
+    }
+}
+
+/// The bytes of a [`Line::Raw`].
+pub fn raw_bytes(s: &str) -> Vec<u8> {
+    s.chars()
+        .map(|c| u8::try_from(u32::from(c)).unwrap_or(b'?'))
+        .collect()
 }
 
 pub type Out = mpsc::UnboundedSender<Line>;
@@ -206,16 +246,22 @@ async fn run(ctx: &Ctx, req: Request, out: &Out) -> Result<i32, String> {
         } => export(ctx, &domain, output, remove, out).await,
         Request::Import { input } => import(ctx, input, out).await,
         Request::Queue { domain, json } => {
-            report(ctx, out, move |s, w| {
+            report(ctx, out, false, move |s, w| {
                 crate::report::queue(s, domain.as_deref(), json, w)
             })
             .await
         }
         Request::Shape { json } => {
-            report(ctx, out, move |s, w| crate::report::shape(s, json, w)).await
+            report(ctx, out, false, move |s, w| {
+                crate::report::shape(s, json, w)
+            })
+            .await
         }
         Request::Show { id, body } => {
-            report(ctx, out, move |s, w| crate::report::show(s, &id, body, w)).await
+            report(ctx, out, true, move |s, w| {
+                crate::report::show(s, &id, body, w)
+            })
+            .await
         }
     }
 }

@@ -207,6 +207,10 @@ fn admin(config: Config, req: Request) -> anyhow::Result<ExitCode> {
                 match line {
                     crate::admin::Line::Out(s) => println!("{s}"),
                     crate::admin::Line::Err(s) => eprintln!("mxspool: {s}"),
+                    crate::admin::Line::Raw(s) => {
+                        use std::io::Write;
+                        let _ = std::io::stdout().write_all(&crate::admin::raw_bytes(&s));
+                    }
                 }
             }
         });

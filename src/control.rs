@@ -28,6 +28,7 @@ pub fn socket_path(spool: &Path) -> PathBuf {
 enum Answer {
     Out(String),
     Err(String),
+    Raw(String),
     Exit(i32),
 }
 
@@ -87,6 +88,7 @@ async fn session(ctx: Arc<Ctx>, stream: tokio::net::UnixStream) -> std::io::Resu
         let a = match l {
             Line::Out(s) => Answer::Out(s),
             Line::Err(s) => Answer::Err(s),
+            Line::Raw(s) => Answer::Raw(s),
         };
         // A client that went away does not stop the work (a flush goes on).
         if w.write_all(format!("{}\n", json(&a)).as_bytes())
@@ -134,6 +136,11 @@ pub fn request(spool: &Path, req: &Request) -> anyhow::Result<Option<i32>> {
                 o.flush()?;
             }
             Ok(Answer::Err(s)) => eprintln!("mxspool: {s}"),
+            Ok(Answer::Raw(s)) => {
+                let mut o = stdout.lock();
+                o.write_all(&crate::admin::raw_bytes(&s))?;
+                o.flush()?;
+            }
             Ok(Answer::Exit(code)) => return Ok(Some(code)),
             Err(_) => anyhow::bail!("garbled answer from the server: {line:?}"),
         }

@@ -325,6 +325,16 @@ impl Session {
                 None
             }
             Request::Lhlo { .. } => self.error("500 5.5.1 Error: this is SMTP, not LMTP"),
+            // RFC 1985 takes exactly one argument (smtp-proto ignores the rest).
+            Request::Etrn { .. }
+                if line
+                    .split(|b| b.is_ascii_whitespace())
+                    .filter(|w| !w.is_empty())
+                    .count()
+                    != 2 =>
+            {
+                self.error("501 5.5.4 Syntax: ETRN domain")
+            }
             Request::Etrn { name } => self.etrn(&name),
             _ => self.error("502 5.5.1 Error: command not implemented"),
         }

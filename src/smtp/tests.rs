@@ -616,8 +616,8 @@ fn etrn_from_an_allowed_client_for_an_etrn_partner() {
     // 192.0.2.7 is neither loopback nor an etrn client.
     c.send(b"ETRN example.com\r\n");
     c.expect(&["554 5.7.1"]);
-    c.send(b"ETRN #queue\r\nETRN bad..name\r\n");
-    c.expect(&["458 4.5.0", "501 5.5.4"]);
+    c.send(b"ETRN #queue\r\nETRN bad..name\r\nETRN example.com garbage\r\n");
+    c.expect(&["458 4.5.0", "501 5.5.4", "501 5.5.4"]);
     c.expect_nothing_more();
 
     let mut cfg = Config::parse(

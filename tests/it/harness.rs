@@ -745,3 +745,171 @@ pub fn smtp_send_all(addr: &str, messages: &[(String, String, Vec<u8>)]) -> Vec<
     let _ = c.cmd("QUIT");
     ids
 }
+
+// ---------------------------------------------------------------------------------------
+// Helpers for the queue-operation tests (queue_ops, etrn, archive).
+
+/// The spool directory of `env` (as written into its config by [`MxEnv::custom`] and
+/// [`MxEnv::with_config`]).
+pub fn spool_dir(env: &MxEnv) -> PathBuf {
+    env.dir.path().join("spool")
+}
+
+/// `mxspool --config CONFIG --spool SPOOL ARGS...`, bounded to 60 s: the command run on
+/// another spool, like sendmail's `-OQueueDirectory=DIR`.
+pub fn mxspool_on(env: &MxEnv, spool: &Path, args: &[&str]) -> Output {
+    run(
+        Command::new(BIN)
+            .arg("--config")
+            .arg(&env.config)
+            .arg("--spool")
+            .arg(spool)
+            .args(args),
+        60,
+    )
+}
+
+/// The parsed `mxspool --spool SPOOL queue --json`.
+pub fn queue_on(env: &MxEnv, spool: &Path) -> Vec<QueueEntry> {
+    let out = mxspool_on(env, spool, &["queue", "--json"]);
+    check_ok("mxspool --spool queue --json", &out);
+    parse_queue(&text(&out.stdout))
+}
+
+/// Stops a server the way an administrator does (SIGTERM), waiting at most 15 s for it to
+/// exit; SIGKILL as a last resort. Returns whether it exited on its own.
+pub fn stop_server(server: &mut Server) -> bool {
+    let pid = server.child.id() as i32;
+    // SAFETY: plain syscall on the pid of a child we started and have not reaped.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Ok(Some(_)) = server.child.try_wait() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            server.kill9();
+            return false;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One MAIL/RCPT.../DATA transaction on a fresh connection to `addr`; every reply must be
+/// positive. Returns the queue id (the last word of the final `250`).
+pub fn smtp_send(addr: &str, from: &str, rcpts: &[&str], message: &[u8]) -> String {
+    smtp_send_with(addr, &format!("MAIL FROM:<{from}>"), rcpts, &[], message)
+}
+
+/// Like [`smtp_send`] with the whole MAIL command given (for DSN parameters) and per
+/// recipient RCPT parameters (`rcpt_params[i]` for `rcpts[i]`, may be shorter).
+pub fn smtp_send_with(
+    addr: &str,
+    mail_cmd: &str,
+    rcpts: &[&str],
+    rcpt_params: &[&str],
+    message: &[u8],
+) -> String {
+    let (mut c, banner) = Smtp::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    assert_eq!(banner.code, 220, "banner: {banner}");
+    let r = c.cmd("EHLO client.sender.test").unwrap();
+    assert_eq!(r.code, 250, "EHLO: {r}");
+    let r = c.cmd(mail_cmd).unwrap();
+    assert_eq!(r.code, 250, "{mail_cmd}: {r}");
+    for (i, rcpt) in rcpts.iter().enumerate() {
+        let params = rcpt_params.get(i).copied().unwrap_or("");
+        let line = if params.is_empty() {
+            format!("RCPT TO:<{rcpt}>")
+        } else {
+            format!("RCPT TO:<{rcpt}> {params}")
+        };
+        let r = c.cmd(&line).unwrap();
+        assert_eq!(r.code, 250, "{line}: {r}");
+    }
+    let r = c.data(message).unwrap().expect("DATA accepted");
+    assert_eq!(r.code, 250, "end of DATA: {r}");
+    let _ = c.cmd("QUIT");
+    r.to_string().rsplit(' ').next().unwrap().to_string()
+}
+
+/// The `spool-tools` binary, next to `mxspool` in the same target directory. Built once
+/// per test run with `cargo build --release -p spool-tools` (quick when up to date; the
+/// `it` tests alone do not build the other workspace member). Panics when there is none.
+pub fn spool_tools() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let bin = Path::new(BIN);
+        let path = bin.with_file_name("spool-tools");
+        // BIN is TARGET/PROFILE/mxspool.
+        let profile_dir = bin.parent().expect("mxspool has a directory");
+        let target = profile_dir.parent().expect("target directory");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.arg("build")
+            .arg("-p")
+            .arg("spool-tools")
+            .arg("--bin")
+            .arg("spool-tools")
+            .env("CARGO_TARGET_DIR", target)
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if profile_dir.file_name().and_then(|n| n.to_str()) == Some("release") {
+            cmd.arg("--release");
+        }
+        let out = run(&mut cmd, 1800);
+        if !out.status.success() {
+            eprintln!(
+                "note: cargo build -p spool-tools failed ({}); using {} if present:\n{}",
+                out.status,
+                path.display(),
+                text(&out.stderr)
+            );
+        }
+        assert!(
+            path.is_file(),
+            "no spool-tools binary at {} (cargo build --release -p spool-tools)",
+            path.display()
+        );
+        path
+    })
+    .clone()
+}
+
+/// `spool-tools ARCHIVE ARGS...`, bounded to 120 s.
+pub fn spool_tools_run(archive: &Path, args: &[&str]) -> Output {
+    run(Command::new(spool_tools()).arg(archive).args(args), 120)
+}
+
+/// Fails the test unless `out` failed (non-zero exit) with a readable error: no panic, no
+/// backtrace, and some line of stderr (the first not empty) that says what is wrong.
+/// Returns stderr.
+pub fn assert_clean_failure(what: &str, out: &Output) -> String {
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "{what}: expected failure, got {}:\n--- stdout\n{}\n--- stderr\n{err}",
+        out.status,
+        text(&out.stdout)
+    );
+    assert_ne!(
+        out.status.code(),
+        Some(101),
+        "{what}: exit 101 is a Rust panic:\n{err}"
+    );
+    for bad in ["panicked", "RUST_BACKTRACE", "stack backtrace"] {
+        assert!(!err.contains(bad), "{what}: {bad:?} on stderr:\n{err}");
+    }
+    assert!(
+        err.lines().any(|l| !l.trim().is_empty()),
+        "{what}: failed without saying why"
+    );
+    err
+}
+
+/// A `Receiver`-free check that nothing listens on `127.0.0.1:port` (a "down" primary).
+pub fn port_closed(port: u16) -> bool {
+    TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(500),
+    )
+    .is_err()
+}

@@ -16,3 +16,7 @@ mod postfix;
 mod receiver;
 mod smtplib;
 mod swaks;
+
+mod archive;
+mod etrn;
+mod queue_ops;
