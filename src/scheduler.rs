@@ -24,7 +24,7 @@ use crate::delivery::mx::{ResolveError, Resolver, Route};
 use crate::delivery::{Reply, Transcript};
 use crate::dsn::{self, Action, Dsn, DsnRecipient};
 use crate::envelope::{Body, Envelope, RcptState, Recipient};
-use crate::spool::{Batch, QueueEntry, Spool, StoredEnvelope};
+use crate::spool::{Batch, DueCursor, QueueEntry, Spool, StoredEnvelope};
 
 /// Entries handed to one delivery task at most (one connection, RSET between messages).
 const MAX_PER_CONNECTION: usize = 200;
@@ -262,6 +262,10 @@ pub struct Scheduler {
     per_domain: Mutex<HashMap<String, usize>>,
     /// Domains whose primary answered again: their whole queue is due now.
     recovered: Mutex<HashSet<String>>,
+    /// Where the last look at the due index stopped, and when it last started from the
+    /// front: between full scans (one a `TICK`) a wake-up reads only what came after, so a
+    /// busy server does not re-read the entries it is already delivering.
+    cursor: Mutex<(Option<DueCursor>, std::time::Instant)>,
     deliveries: Arc<Semaphore>,
     wake: Notify,
 }
@@ -309,6 +313,7 @@ impl Scheduler {
             in_flight: Mutex::new(HashSet::new()),
             per_domain: Mutex::new(HashMap::new()),
             recovered: Mutex::new(HashSet::new()),
+            cursor: Mutex::new((None, std::time::Instant::now())),
             wake: Notify::new(),
         }))
     }
@@ -337,7 +342,26 @@ impl Scheduler {
         let in_flight = lock(&self.in_flight).len();
         let spool = self.spool.clone();
         let now = now_ms();
-        let due = tokio::task::spawn_blocking(move || spool.due(now, in_flight + 2000)).await??;
+        let after = {
+            let mut c = lock(&self.cursor);
+            if c.1.elapsed() >= TICK {
+                // A full scan now and then: entries committed out of time order, or made due
+                // again behind the cursor, are not missed for long.
+                *c = (None, std::time::Instant::now());
+            }
+            c.0.clone()
+        };
+        let limit = if after.is_some() {
+            2000
+        } else {
+            in_flight + 2000
+        };
+        let (due, cursor) =
+            tokio::task::spawn_blocking(move || spool.due_after(now, after.as_ref(), limit))
+                .await??;
+        if cursor.is_some() {
+            lock(&self.cursor).0 = cursor;
+        }
         // Group by domain, in due order, leaving out what is already being delivered.
         let mut by_domain: Vec<(String, Vec<String>)> = Vec::new();
         {

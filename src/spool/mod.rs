@@ -124,6 +124,10 @@ fn map_db_message(msg: String, path: &Path) -> SpoolError {
     }
 }
 
+/// A place in the `due` index to continue a scan from ([`Spool::due_after`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DueCursor(Vec<u8>);
+
 /// What `envelopes` holds for a message: the envelope and the domains that still have a
 /// queue entry for it (the message is deleted when the last one goes).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -735,6 +739,48 @@ impl Spool {
             .map_err(|e| self.err(e))?
             .map(|v| QueueEntry::from_bytes(&v))
             .transpose()
+    }
+
+    /// [`Spool::due`] continued after `after` (the cursor a previous call returned), so a
+    /// caller that already has the earlier entries in hand does not read them again. Returns
+    /// the pairs and the cursor to continue from.
+    pub fn due_after(
+        &self,
+        now_ms: u64,
+        after: Option<&DueCursor>,
+        limit: usize,
+    ) -> Result<(Vec<(String, String)>, Option<DueCursor>), SpoolError> {
+        let db = self.db();
+        let mut ro = ReadOptions::default();
+        if let Some(end) = keys::due_end(now_ms) {
+            ro.set_iterate_upper_bound(end);
+        }
+        let start = match after {
+            Some(DueCursor(k)) => {
+                let mut k = k.clone();
+                k.push(0);
+                k
+            }
+            None => Vec::new(),
+        };
+        let mut out = Vec::new();
+        let mut last = None;
+        let iter = db.iterator_cf_opt(
+            cf(db, Cf::Due)?,
+            ro,
+            IteratorMode::From(&start, Direction::Forward),
+        );
+        for item in iter {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, _) = item.map_err(|e| self.err(e))?;
+            let (_, d, id) = keys::parse_due(&key)
+                .ok_or_else(|| SpoolError::Corrupt(format!("bad due key {key:?}")))?;
+            out.push((d.to_string(), id.to_string()));
+            last = Some(DueCursor(key.to_vec()));
+        }
+        Ok((out, last))
     }
 
     /// Up to `limit` `(domain, id)` pairs due at `now_ms` (next attempt at or before it),

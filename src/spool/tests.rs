@@ -443,3 +443,30 @@ async fn a_deferred_entry_moves_in_the_due_index_and_a_dsn_rides_along() {
         .unwrap()
         .is_empty());
 }
+
+#[tokio::test]
+async fn a_due_scan_continues_after_its_cursor() {
+    let (_dir, spool) = open_tmp();
+    for (id, t) in [("A1", 10), ("A2", 20), ("A3", 30)] {
+        spool
+            .enqueue(env(id, t, &["x@one.org"]), b"m".to_vec())
+            .await
+            .unwrap();
+    }
+    let (first, cursor) = spool.due_after(25, None, 10).unwrap();
+    assert_eq!(
+        first,
+        vec![
+            ("one.org".into(), "A1".into()),
+            ("one.org".into(), "A2".into())
+        ]
+    );
+    let (none, same) = spool.due_after(25, cursor.as_ref(), 10).unwrap();
+    assert!(none.is_empty() && same.is_none(), "nothing new before 25");
+    let (later, _) = spool.due_after(35, cursor.as_ref(), 10).unwrap();
+    assert_eq!(later, vec![("one.org".into(), "A3".into())]);
+    let (limited, c1) = spool.due_after(35, None, 1).unwrap();
+    assert_eq!(limited.len(), 1);
+    let (rest, _) = spool.due_after(35, c1.as_ref(), 10).unwrap();
+    assert_eq!(rest.len(), 2);
+}
