@@ -128,6 +128,9 @@ fn map_db_message(msg: String, path: &Path) -> SpoolError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DueCursor(Vec<u8>);
 
+/// What [`Spool::due_after`] found: `(domain, id)` pairs and where to continue.
+pub type DueScan = (Vec<(String, String)>, Option<DueCursor>);
+
 /// What `envelopes` holds for a message: the envelope and the domains that still have a
 /// queue entry for it (the message is deleted when the last one goes).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -749,7 +752,7 @@ impl Spool {
         now_ms: u64,
         after: Option<&DueCursor>,
         limit: usize,
-    ) -> Result<(Vec<(String, String)>, Option<DueCursor>), SpoolError> {
+    ) -> Result<DueScan, SpoolError> {
         let db = self.db();
         let mut ro = ReadOptions::default();
         if let Some(end) = keys::due_end(now_ms) {
