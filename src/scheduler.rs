@@ -599,17 +599,10 @@ impl Scheduler {
             conn.peer().port()
         );
         let mut drained = false;
-        let mut first = true;
         while let Some(id) = queue.pop_front() {
-            let broken = if first {
-                None
-            } else {
-                conn.reset()
-                    .await
-                    .err()
-                    .map(|e| format!("lost connection with {relay}: {e}"))
-            };
-            first = false;
+            // After a finished transaction the next MAIL needs no RSET (RFC 5321 4.1.1.5);
+            // the client sends one itself when a transaction was left open.
+            let broken = (!conn.is_usable()).then(|| format!("lost connection with {relay}"));
             let sent = match broken {
                 Some(reason) => Err(reason),
                 None => self.send_one(&mut conn, &relay, domain, &id, force).await,
