@@ -180,14 +180,7 @@ fn admin(config: Config, req: Request) -> anyhow::Result<ExitCode> {
     if !matches!(req, Request::Import { .. }) && !config.spool.join("CURRENT").is_file() {
         anyhow::bail!("spool {} does not exist", config.spool.display());
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging("warn");
     let spool = Spool::open(&config.spool)?;
     let config = std::sync::Arc::new(config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -226,9 +219,10 @@ fn exit(code: i32) -> ExitCode {
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
-fn init_logging() {
+/// Logs to standard error; `RUST_LOG` overrides the `default` level.
+fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
@@ -238,7 +232,7 @@ fn init_logging() {
 }
 
 fn serve(config: Config) -> anyhow::Result<ExitCode> {
-    init_logging();
+    init_logging("info");
     let spool = Spool::open(&config.spool)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

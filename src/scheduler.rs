@@ -786,27 +786,48 @@ impl Scheduler {
     /// Record the same outcome for every pending recipient of one entry. Returns whether
     /// the entry stays queued.
     async fn record_all(&self, domain: &str, id: &str, outcome: &Outcome) -> bool {
-        let message = match self.load_message(id).await {
-            Some(m) => m,
-            None => return false,
+        let Some(message) = self.load_message(id).await else {
+            return false;
         };
+        self.record_with(domain, id, &message, None, |entry| {
+            let n = entry
+                .recipients
+                .iter()
+                .filter(|r| r.state == RcptState::Pending)
+                .count();
+            vec![outcome.clone(); n]
+        })
+        .await
+    }
+
+    /// Settle one entry with the outcomes `outcomes_for` gives for its pending recipients.
+    /// With `expect`, nothing is recorded if the entry's recipients changed meanwhile (an
+    /// administrator's action). Returns whether the entry stays queued.
+    async fn record_with(
+        &self,
+        domain: &str,
+        id: &str,
+        message: &[u8],
+        expect: Option<&[Recipient]>,
+        outcomes_for: impl FnOnce(&QueueEntry) -> Vec<Outcome>,
+    ) -> bool {
         let mut stays = false;
         let res = self
             .spool
-            .settle(domain, id, |entry, stored| {
-                let n = entry
-                    .recipients
-                    .iter()
-                    .filter(|r| r.state == RcptState::Pending)
-                    .count();
-                let outcomes = vec![outcome.clone(); n];
-                let (next, batch) = self.outcome_batch(entry, stored, &message, &outcomes);
-                self.log_outcomes(id, entry, &stored.envelope, &outcomes, &next);
+            .settle(domain, id, |current, stored| {
+                if expect.is_some_and(|r| r != current.recipients.as_slice()) {
+                    stays = current.has_pending();
+                    return None;
+                }
+                let outcomes = outcomes_for(current);
+                let (next, batch) = self.outcome_batch(current, stored, message, &outcomes);
+                self.log_outcomes(id, current, &stored.envelope, &outcomes, &next);
                 stays = next.has_pending();
                 Some((next, batch))
             })
             .await;
         if let Err(e) = res {
+            // If the mail went out, it will go again: a duplicate, never a loss.
             error!("{id}: cannot record the delivery attempt: {e}");
             return true;
         }
@@ -951,27 +972,10 @@ impl Scheduler {
         message: &[u8],
         outcomes: &[Outcome],
     ) -> bool {
-        let mut stays = false;
-        let res = self
-            .spool
-            .settle(domain, id, |current, stored| {
-                if current.recipients != entry.recipients {
-                    // Changed under us (an administrator's action): record nothing.
-                    stays = current.has_pending();
-                    return None;
-                }
-                let (next, batch) = self.outcome_batch(current, stored, message, outcomes);
-                self.log_outcomes(id, current, &stored.envelope, outcomes, &next);
-                stays = next.has_pending();
-                Some((next, batch))
-            })
-            .await;
-        if let Err(e) = res {
-            // The mail went out but the spool could not record it: it will go again.
-            error!("{id}: cannot record the delivery: {e}");
-            return true;
-        }
-        stays
+        self.record_with(domain, id, message, Some(&entry.recipients), |_| {
+            outcomes.to_vec()
+        })
+        .await
     }
 
     fn log_outcomes(
