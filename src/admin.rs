@@ -152,6 +152,68 @@ pub enum Line {
     /// string is one byte (U+0000 to U+00FF), so the JSON of the control socket carries
     /// CR, 8-bit and invalid UTF-8 unchanged.
     Raw(String),
+    /// How far a long piece of work is: `done` of `total` (`total` 0: not known).
+    Progress {
+        what: String,
+        done: u64,
+        total: u64,
+    },
+}
+
+/// Shows [`Line::Progress`] as a bar on standard error when that is a terminal, and
+/// nothing otherwise (scripts and logs get the result lines only).
+pub struct ProgressView {
+    bar: Option<indicatif::ProgressBar>,
+    tty: bool,
+}
+
+impl Default for ProgressView {
+    fn default() -> Self {
+        ProgressView {
+            bar: None,
+            tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        }
+    }
+}
+
+impl ProgressView {
+    pub fn update(&mut self, what: &str, done: u64, total: u64) {
+        if !self.tty {
+            return;
+        }
+        let bar = self.bar.get_or_insert_with(|| {
+            let b = indicatif::ProgressBar::new(total);
+            let style = if total > 0 {
+                "{msg} [{bar:40}] {pos}/{len} (eta {eta})"
+            } else {
+                "{spinner} {msg}: {pos} messages"
+            };
+            if let Ok(s) = indicatif::ProgressStyle::with_template(style) {
+                b.set_style(s.progress_chars("=> "));
+            }
+            b
+        });
+        if total > 0 {
+            bar.set_length(total);
+        }
+        bar.set_message(what.to_string());
+        bar.set_position(done);
+    }
+
+    /// Remove the bar before result lines are printed.
+    pub fn clear(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+    }
+}
+
+fn progress_line(out: &Out, what: &str, done: usize, total: usize) {
+    let _ = out.send(Line::Progress {
+        what: what.to_string(),
+        done: done as u64,
+        total: total as u64,
+    });
 }
 
 impl Line {
@@ -404,12 +466,9 @@ async fn export(
                 w.add(&to_archived(&stored.envelope, &dd, &entry), &message)
                     .map_err(|x| e(&x))?;
                 ids.push(id);
-            }
-            if ids.len() >= 10_000 {
-                let _ = progress.send(Line::Err(format!(
-                    "exporting {dd}: {} messages so far",
-                    ids.len()
-                )));
+                if ids.len() % 100 == 0 {
+                    progress_line(&progress, &format!("exporting {dd}"), ids.len(), 0);
+                }
             }
         }
         // Written, fsynced and renamed into place before anything is removed.
@@ -433,9 +492,12 @@ async fn export(
     );
     if remove {
         let mut removed = 0;
-        for id in &ids {
+        for (n, id) in ids.iter().enumerate() {
             if ctx.spool.remove(&d, id).await.map_err(|e| e.to_string())? {
                 removed += 1;
+            }
+            if n % 100 == 99 {
+                progress_line(out, &format!("removing {d}"), n + 1, ids.len());
             }
         }
         tracing::info!("{d}: {removed} exported message(s) removed from the spool");
@@ -463,6 +525,7 @@ async fn import(ctx: &Ctx, input: PathBuf, out: &Out) -> Result<i32, String> {
                 )));
             }
             let problems = reader.problems().len();
+            let total = reader.len();
             let (mut added, mut present, mut skipped) = (0, 0, 0);
             let now = now_ms();
             reader
@@ -482,6 +545,10 @@ async fn import(ctx: &Ctx, input: PathBuf, out: &Out) -> Result<i32, String> {
                                 let _ = o.send(Line::Err(format!("{}: {e} (not imported)", a.id)));
                                 skipped += 1;
                             }
+                        }
+                        let done = added + present + skipped;
+                        if done % 100 == 0 {
+                            progress_line(&o, "importing", done, total);
                         }
                         Ok(())
                     },
@@ -588,10 +655,13 @@ async fn delete(
         }
     }
     let mut removed = 0;
-    for (d, id) in &targets {
+    for (n, (d, id)) in targets.iter().enumerate() {
         if ctx.spool.remove(d, id).await.map_err(|e| e.to_string())? {
             tracing::info!("{id}: removed from the {d} queue by the administrator");
             removed += 1;
+        }
+        if n % 100 == 99 {
+            progress_line(out, "deleting", n + 1, targets.len());
         }
     }
     say(

@@ -196,8 +196,15 @@ fn admin(config: Config, req: Request) -> anyhow::Result<ExitCode> {
         };
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let printer = tokio::spawn(async move {
+            let mut view = crate::admin::ProgressView::default();
             while let Some(line) = rx.recv().await {
+                if let crate::admin::Line::Progress { what, done, total } = &line {
+                    view.update(what, *done, *total);
+                    continue;
+                }
+                view.clear();
                 match line {
+                    crate::admin::Line::Progress { .. } => {}
                     crate::admin::Line::Out(s) => println!("{s}"),
                     crate::admin::Line::Err(s) => eprintln!("mxspool: {s}"),
                     crate::admin::Line::Raw(s) => {

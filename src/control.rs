@@ -29,6 +29,7 @@ enum Answer {
     Out(String),
     Err(String),
     Raw(String),
+    Progress { what: String, done: u64, total: u64 },
     Exit(i32),
 }
 
@@ -89,6 +90,7 @@ async fn session(ctx: Arc<Ctx>, stream: tokio::net::UnixStream) -> std::io::Resu
             Line::Out(s) => Answer::Out(s),
             Line::Err(s) => Answer::Err(s),
             Line::Raw(s) => Answer::Raw(s),
+            Line::Progress { what, done, total } => Answer::Progress { what, done, total },
         };
         // A client that went away does not stop the work (a flush goes on).
         if w.write_all(format!("{}\n", json(&a)).as_bytes())
@@ -127,9 +129,15 @@ pub fn request(spool: &Path, req: &Request) -> anyhow::Result<Option<i32>> {
     let mut w = stream.try_clone()?;
     w.write_all(format!("{}\n", serde_json::to_string(req)?).as_bytes())?;
     let stdout = std::io::stdout();
+    let mut view = crate::admin::ProgressView::default();
     for line in BufReader::new(stream).lines() {
         let line = line?;
-        match serde_json::from_str::<Answer>(&line) {
+        let answer = serde_json::from_str::<Answer>(&line);
+        if !matches!(answer, Ok(Answer::Progress { .. })) {
+            view.clear();
+        }
+        match answer {
+            Ok(Answer::Progress { what, done, total }) => view.update(&what, done, total),
             Ok(Answer::Out(s)) => {
                 let mut o = stdout.lock();
                 writeln!(o, "{s}")?;
