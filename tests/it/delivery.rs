@@ -54,7 +54,7 @@ impl World {
             ("sender.test.", SENDER_ZONE),
             ("test.", TEST_ZONE),
         ]);
-        let port = free_port();
+        let port = closed_port_at("127.0.0.2");
         let env = MxEnv::custom(&format!(
             "[queue]\n{queue}\n\n[delivery]\nport = {port}\nconnect_timeout = \"2s\"\nnameservers = [\"{}\"]\n\n[[partner]]\ndomain = \"example.com\"\n",
             dns.addr

@@ -913,3 +913,21 @@ pub fn port_closed(port: u16) -> bool {
     )
     .is_err()
 }
+
+/// A port on `ip` that is free now and outside the kernel's ephemeral range (32768 and
+/// up by default), so no outgoing connection can ever get it as its own source port: a
+/// connection to it is refused (a port from [`free_port_at`] can, rarely, be connected to
+/// itself by TCP's simultaneous open).
+pub fn closed_port_at(ip: &str) -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let seed = (std::process::id() as u16).wrapping_mul(7919);
+    for _ in 0..5000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20000 + (seed.wrapping_add(n.wrapping_mul(13)) % 12000);
+        if TcpListener::bind((ip, port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below the ephemeral range on {ip}");
+}

@@ -29,7 +29,8 @@ enum Mode {
 struct Setup {
     env: MxEnv,
     server: Option<Server>,
-    /// example.com's primary: 127.0.0.1:primary, closed until a test starts a Receiver.
+    /// example.com's primary: PRIMARY_IP:primary, closed until a test starts a Receiver.
+    /// (An address no other test uses, so no parallel test can take the port meanwhile.)
     primary: u16,
     /// example.org's primary: never up.
     org: u16,
@@ -37,20 +38,31 @@ struct Setup {
     sender_rx: Receiver,
 }
 
+/// Loopback addresses only these tests use for the partners' primaries.
+const PRIMARY_IP: &str = "127.0.0.61";
+const ORG_IP: &str = "127.0.0.62";
+
 impl Setup {
     fn new(retry: &str) -> Setup {
-        let primary = free_port();
-        let org = free_port();
+        let primary = closed_port_at(PRIMARY_IP);
+        let org = closed_port_at(ORG_IP);
         let sender_rx = Receiver::start("127.0.0.1:0".parse().unwrap(), Behaviour::Accept);
         let mut env = MxEnv::custom(&format!(
             "[queue]\nretry_interval = \"{retry}\"\n\n\
              [delivery]\nconnect_timeout = \"2s\"\n\n\
-             [[partner]]\ndomain = \"example.com\"\nroute = [\"127.0.0.1:{primary}\"]\n\n\
-             [[partner]]\ndomain = \"example.org\"\nroute = [\"127.0.0.1:{org}\"]\n\n\
+             [[partner]]\ndomain = \"example.com\"\nroute = [\"{PRIMARY_IP}:{primary}\"]\n\n\
+             [[partner]]\ndomain = \"example.org\"\nroute = [\"{ORG_IP}:{org}\"]\n\n\
              [[partner]]\ndomain = \"sender.test\"\nroute = [\"{}\"]\n",
             sender_rx.addr()
         ));
-        assert!(port_closed(primary) && port_closed(org));
+        let closed = |ip: &str, port: u16| {
+            std::net::TcpStream::connect_timeout(
+                &format!("{ip}:{port}").parse().unwrap(),
+                Duration::from_millis(500),
+            )
+            .is_err()
+        };
+        assert!(closed(PRIMARY_IP, primary) && closed(ORG_IP, org));
         let server = env.start();
         Setup {
             env,
@@ -223,8 +235,12 @@ fn listing(mode: Mode) {
         };
         let err = e.last_error.as_deref().unwrap_or_default();
         assert!(
-            err.contains("127.0.0.1") && err.contains(&port.to_string()),
-            "last_error does not name the primary 127.0.0.1:{port}: {e:?}"
+            err.contains(PRIMARY_IP) || err.contains(ORG_IP),
+            "last_error does not name the primary: {e:?}"
+        );
+        assert!(
+            err.contains(&port.to_string()),
+            "last_error does not name the primary's port {port}: {e:?}"
         );
         assert!(!e.held, "{e:?}");
     }
@@ -429,7 +445,7 @@ fn hold_release(mode: Mode) {
 
     // The primary is back, but the domain is held: nothing moves.
     let primary = Receiver::start(
-        format!("127.0.0.1:{}", s.primary).parse().unwrap(),
+        format!("{PRIMARY_IP}:{}", s.primary).parse().unwrap(),
         Behaviour::Accept,
     );
     std::thread::sleep(Duration::from_millis(2500));
@@ -519,7 +535,7 @@ fn flush(mode: Mode) {
     );
 
     let primary = Receiver::start(
-        format!("127.0.0.1:{}", s.primary).parse().unwrap(),
+        format!("{PRIMARY_IP}:{}", s.primary).parse().unwrap(),
         Behaviour::Accept,
     );
     let out = s.env.mxspool(&["flush", "example.com", "-v"]);
@@ -893,7 +909,7 @@ fn seed_story_park_a_partners_mail_elsewhere_then_deliver_it_from_there() {
 
     // 4. The primary is back: run the parked queue by hand, with a transcript.
     let primary = Receiver::start(
-        format!("127.0.0.1:{}", s.primary).parse().unwrap(),
+        format!("{PRIMARY_IP}:{}", s.primary).parse().unwrap(),
         Behaviour::Accept,
     );
     let out = mxspool_on(&s.env, &second_spool, &["flush", "example.com", "-v"]);
