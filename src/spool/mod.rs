@@ -789,22 +789,7 @@ impl Spool {
     /// Up to `limit` `(domain, id)` pairs due at `now_ms` (next attempt at or before it),
     /// earliest first. Reads only the front of the `due` index.
     pub fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<(String, String)>, SpoolError> {
-        let db = self.db();
-        let mut ro = ReadOptions::default();
-        if let Some(end) = keys::due_end(now_ms) {
-            ro.set_iterate_upper_bound(end);
-        }
-        let mut out = Vec::new();
-        for item in db.iterator_cf_opt(cf(db, Cf::Due)?, ro, IteratorMode::Start) {
-            if out.len() >= limit {
-                break;
-            }
-            let (key, _) = item.map_err(|e| self.err(e))?;
-            let (_, d, id) = keys::parse_due(&key)
-                .ok_or_else(|| SpoolError::Corrupt(format!("bad due key {key:?}")))?;
-            out.push((d.to_string(), id.to_string()));
-        }
-        Ok(out)
+        Ok(self.due_after(now_ms, None, limit)?.0)
     }
 
     /// Up to `limit` queue entries of `domain` with ids after `after` (all when `None`), in
