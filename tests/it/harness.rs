@@ -22,10 +22,10 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_mxspool");
 /// The hostname the test servers use in banner and `Received:`.
 pub const HOSTNAME: &str = "mx2.test";
 
-/// A port on 127.0.0.1 that was free a moment ago.
+/// A port on 127.0.0.1 that is free now, never handed to another test of this run (a
+/// process-wide counter picks it), and below the ephemeral range (see [`closed_port_at`]).
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().unwrap().port()
+    closed_port_at("127.0.0.1")
 }
 
 /// A temp dir that other users (Postfix's unprivileged daemons) may traverse.
