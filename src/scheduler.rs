@@ -379,12 +379,7 @@ impl Scheduler {
         // A domain whose primary is back: everything of it is due, whatever its schedule.
         let recovered: Vec<String> = lock(&self.recovered).iter().cloned().collect();
         for domain in recovered {
-            let active = lock(&self.per_domain).get(&domain).copied().unwrap_or(0);
-            let free = self
-                .config
-                .queue
-                .max_connections_per_domain
-                .saturating_sub(active);
+            let free = self.free_connections(&domain);
             if free == 0 {
                 continue;
             }
@@ -405,12 +400,7 @@ impl Scheduler {
             }
         }
         for (domain, ids) in by_domain {
-            let active = lock(&self.per_domain).get(&domain).copied().unwrap_or(0);
-            let free = self
-                .config
-                .queue
-                .max_connections_per_domain
-                .saturating_sub(active);
+            let free = self.free_connections(&domain);
             if free == 0 {
                 continue;
             }
@@ -438,6 +428,15 @@ impl Scheduler {
             }
         }
         Ok(())
+    }
+
+    /// Connections `domain` may still open under `max_connections_per_domain`.
+    fn free_connections(&self, domain: &str) -> usize {
+        let active = lock(&self.per_domain).get(domain).copied().unwrap_or(0);
+        self.config
+            .queue
+            .max_connections_per_domain
+            .saturating_sub(active)
     }
 
     /// Start a delivery task for `ids` (already in flight) within `max_deliveries`;

@@ -335,14 +335,8 @@ impl Connection {
             self.in_transaction = true;
             for &i in &wire {
                 let r = self.read_reply("RCPT", t.rcpt).await?;
-                if r.code == 421 {
-                    settle(&mut results, &r);
+                if take_rcpt_reply(&mut results, &mut accepted, i, r) {
                     return Ok(settled(results));
-                }
-                if r.code / 100 == 2 {
-                    accepted.push(i);
-                } else {
-                    results[i] = Some(RcptResult::from_reply(r));
                 }
             }
             if accepted.is_empty() {
@@ -364,14 +358,8 @@ impl Connection {
             self.in_transaction = true;
             for (k, &i) in wire.iter().enumerate() {
                 let (r, _) = self.command(&rcpts[k], "RCPT", t.rcpt).await?;
-                if r.code == 421 {
-                    settle(&mut results, &r);
+                if take_rcpt_reply(&mut results, &mut accepted, i, r) {
                     return Ok(settled(results));
-                }
-                if r.code / 100 == 2 {
-                    accepted.push(i);
-                } else {
-                    results[i] = Some(RcptResult::from_reply(r));
                 }
             }
             if accepted.is_empty() {
@@ -750,6 +738,27 @@ fn synthetic(code: u16, status: &str, text: &str) -> Reply {
 }
 
 /// Every unsettled recipient gets `reply`'s verdict.
+/// Settle recipient `i` by its RCPT reply: accepted (2xx) waits for DATA, a refusal is its
+/// result. A 421 settles every recipient not yet settled; returns true then (the
+/// connection is going away).
+fn take_rcpt_reply(
+    results: &mut [Option<RcptResult>],
+    accepted: &mut Vec<usize>,
+    i: usize,
+    r: Reply,
+) -> bool {
+    if r.code == 421 {
+        settle(results, &r);
+        return true;
+    }
+    if r.code / 100 == 2 {
+        accepted.push(i);
+    } else {
+        results[i] = Some(RcptResult::from_reply(r));
+    }
+    false
+}
+
 fn settle(results: &mut [Option<RcptResult>], reply: &Reply) {
     for r in results.iter_mut().filter(|r| r.is_none()) {
         *r = Some(RcptResult::from_reply(reply.clone()));
