@@ -175,33 +175,9 @@ impl MxEnv {
 
     /// Like [`MxEnv::new`], with `extra` TOML appended to the config.
     pub fn with_config(extra: &str) -> MxEnv {
-        let dir = public_tempdir("mxspool-it.");
-        let port = free_port();
-        let spool = dir.path().join("spool");
-        let config = dir.path().join("mxspool.toml");
-        let toml = format!(
-            r#"hostname = "{HOSTNAME}"
-spool = "{spool}"
-
-[smtp]
-listen = ["127.0.0.1:{port}"]
-
-[queue]
-retry_interval = "1h"
-
-[[partner]]
-domain = "example.com"
-route = ["127.0.0.1:1"]
-{extra}"#,
-            spool = spool.display(),
-        );
-        fs::write(&config, toml).unwrap();
-        MxEnv {
-            dir,
-            port,
-            config,
-            starts: 0,
-        }
+        MxEnv::custom(&format!(
+            "[queue]\nretry_interval = \"1h\"\n\n[[partner]]\ndomain = \"example.com\"\nroute = [\"127.0.0.1:1\"]\n{extra}"
+        ))
     }
 
     /// An installation whose configuration is `hostname`, `spool`, `[smtp] listen` and then
