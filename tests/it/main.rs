@@ -20,3 +20,8 @@ mod swaks;
 mod archive;
 mod etrn;
 mod queue_ops;
+
+mod cases;
+mod dovecot;
+mod lmtp;
+mod primary;

@@ -1,0 +1,1 @@
+//! Sender masquerading (placeholder; being written).

@@ -1,0 +1,1 @@
+//! sendmail's virtusertable (placeholder; being written).
