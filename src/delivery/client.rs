@@ -1,5 +1,7 @@
 //! The outbound SMTP client (RFC 5321): one [`Connection`] to one next hop, over which the
-//! scheduler sends one message after another.
+//! scheduler sends one message after another. The same client speaks LMTP (RFC 2033) to a
+//! local delivery agent over TCP or a Unix socket ([`Connection::connect_lmtp`]): LHLO
+//! instead of EHLO, and after the final dot one reply per accepted recipient.
 //!
 //! Extensions used when offered: PIPELINING (RFC 2920: MAIL, every RCPT and DATA go out in
 //! one write), SIZE (RFC 1870), 8BITMIME (RFC 6152), SMTPUTF8 (RFC 6531), DSN (RFC 3461).
@@ -11,13 +13,14 @@
 //! stage's timeout (RFC 5321 4.5.3.2); `send` settles every recipient or returns an error,
 //! after which the connection is unusable.
 
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tokio::time::{timeout, timeout_at, Instant};
 
 use super::{Reply, Transcript};
@@ -66,6 +69,8 @@ pub struct ClientConfig {
     pub helo_name: String,
     pub connect_timeout: Duration,
     pub timeouts: Timeouts,
+    /// The local address TCP connections come from (`[delivery] bind_address`).
+    pub bind: Option<std::net::IpAddr>,
 }
 
 impl ClientConfig {
@@ -75,6 +80,7 @@ impl ClientConfig {
             helo_name: helo_name.into(),
             connect_timeout: Duration::from_secs(30),
             timeouts: Timeouts::default(),
+            bind: None,
         }
     }
 }
@@ -93,6 +99,8 @@ pub enum ClientError {
     Greeting(Reply),
     #[error("EHLO and HELO refused: {0}")]
     Hello(Reply),
+    #[error("LHLO refused: {0}")]
+    Lhlo(Reply),
 }
 
 impl ClientError {
@@ -100,7 +108,9 @@ impl ClientError {
     /// may still go to the next MX host).
     pub fn is_permanent(&self) -> bool {
         match self {
-            ClientError::Greeting(r) | ClientError::Hello(r) => r.is_permanent(),
+            ClientError::Greeting(r) | ClientError::Hello(r) | ClientError::Lhlo(r) => {
+                r.is_permanent()
+            }
             _ => false,
         }
     }
@@ -184,12 +194,110 @@ impl RcptResult {
     }
 }
 
-/// An SMTP connection after a successful EHLO/HELO.
+/// Where an LMTP server listens: a Unix socket or a TCP address.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum LmtpTarget {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl LmtpTarget {
+    /// `/path/to/socket` (an absolute path: a Unix socket), `ip:port` or `[ipv6]:port`.
+    /// Postfix's `unix:` and `inet:` prefixes are accepted too. Host names are not: the
+    /// target must not depend on DNS.
+    pub fn parse(s: &str) -> Result<LmtpTarget, String> {
+        let t = s.trim();
+        let bad = || {
+            format!(
+                "bad LMTP target {s:?}: expected a Unix socket path (/path/to/socket), \
+                 ip:port or [ipv6]:port"
+            )
+        };
+        if let Some(path) = t.strip_prefix("unix:") {
+            return match path.starts_with('/') {
+                true => Ok(LmtpTarget::Unix(PathBuf::from(path))),
+                false => Err(bad()),
+            };
+        }
+        if t.starts_with('/') {
+            return Ok(LmtpTarget::Unix(PathBuf::from(t)));
+        }
+        let addr = t.strip_prefix("inet:").unwrap_or(t);
+        match addr.parse::<SocketAddr>() {
+            Ok(a) if a.port() != 0 => Ok(LmtpTarget::Tcp(a)),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl fmt::Display for LmtpTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LmtpTarget::Tcp(a) => write!(f, "{a}"),
+            LmtpTarget::Unix(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// The transport under a [`Connection`]. An enum rather than a boxed trait object: the
+/// SMTP path keeps its direct calls on a `TcpStream`.
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.write_all(bytes).await,
+            Stream::Unix(s) => s.write_all(bytes).await,
+        }
+    }
+
+    async fn read_buf(&mut self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read_buf(buf).await,
+            Stream::Unix(s) => s.read_buf(buf).await,
+        }
+    }
+
+    async fn shutdown(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.shutdown().await,
+            Stream::Unix(s) => s.shutdown().await,
+        }
+    }
+}
+
+/// A connection attempt within the configured connect timeout.
+async fn dial<S>(
+    cfg: &ClientConfig,
+    connecting: impl std::future::Future<Output = io::Result<S>>,
+) -> Result<S, ClientError> {
+    match timeout(cfg.connect_timeout, connecting).await {
+        Err(_) => Err(ClientError::Timeout("connect")),
+        Ok(Err(e)) => Err(ClientError::Connect(e)),
+        Ok(Ok(s)) => Ok(s),
+    }
+}
+
+/// Which protocol a [`Connection`] speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Protocol {
+    Smtp,
+    Lmtp,
+}
+
+/// An SMTP connection after a successful EHLO/HELO, or an LMTP connection after LHLO.
 pub struct Connection {
-    stream: TcpStream,
+    stream: Stream,
+    protocol: Protocol,
     /// Received bytes not yet consumed by a reply; kept across replies.
     buf: Vec<u8>,
+    /// The TCP peer; `0.0.0.0:0` over a Unix socket.
     peer: SocketAddr,
+    /// The Unix socket's path, for a connection over one.
+    socket: Option<PathBuf>,
     host_name: String,
     ext: Extensions,
     timeouts: Timeouts,
@@ -200,6 +308,20 @@ pub struct Connection {
     broken: bool,
 }
 
+/// A TCP connection to `addr`, from `bind` when given (any port).
+async fn tcp_connect(addr: SocketAddr, bind: Option<std::net::IpAddr>) -> io::Result<TcpStream> {
+    let Some(ip) = bind else {
+        return TcpStream::connect(addr).await;
+    };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(ip, 0))?;
+    socket.connect(addr).await
+}
+
 impl Connection {
     /// Connects, reads the greeting and says EHLO (HELO if EHLO is refused with 5xx).
     pub async fn connect(
@@ -208,30 +330,85 @@ impl Connection {
         cfg: &ClientConfig,
         transcript: Option<Transcript>,
     ) -> Result<Connection, ClientError> {
-        let stream = match timeout(cfg.connect_timeout, TcpStream::connect(addr)).await {
-            Err(_) => return Err(ClientError::Timeout("connect")),
-            Ok(Err(e)) => return Err(ClientError::Connect(e)),
-            Ok(Ok(s)) => s,
-        };
+        let stream = dial(cfg, tcp_connect(addr, cfg.bind)).await?;
         // We batch our own writes; Nagle would only delay the last piece of each.
         let _ = stream.set_nodelay(true);
-        let mut c = Connection {
+        let c = Connection::new(Stream::Tcp(stream), Protocol::Smtp, cfg, transcript);
+        c.with_peer(addr, host_name).hello(cfg).await
+    }
+
+    /// Connects to an LMTP server (RFC 2033), reads the greeting and says LHLO (there is no
+    /// fallback: an LMTP server that refuses LHLO is an error). Over TCP the host name is
+    /// the address itself.
+    pub async fn connect_lmtp(
+        target: &LmtpTarget,
+        cfg: &ClientConfig,
+        transcript: Option<Transcript>,
+    ) -> Result<Connection, ClientError> {
+        match target {
+            LmtpTarget::Tcp(addr) => {
+                let stream = dial(cfg, tcp_connect(*addr, cfg.bind)).await?;
+                let _ = stream.set_nodelay(true);
+                let c = Connection::new(Stream::Tcp(stream), Protocol::Lmtp, cfg, transcript);
+                c.with_peer(*addr, &addr.ip().to_string()).hello(cfg).await
+            }
+            LmtpTarget::Unix(path) => {
+                let stream = dial(cfg, UnixStream::connect(path)).await?;
+                let mut c = Connection::new(Stream::Unix(stream), Protocol::Lmtp, cfg, transcript);
+                c.host_name = path.display().to_string();
+                c.socket = Some(path.clone());
+                c.hello(cfg).await
+            }
+        }
+    }
+
+    fn new(
+        stream: Stream,
+        protocol: Protocol,
+        cfg: &ClientConfig,
+        transcript: Option<Transcript>,
+    ) -> Connection {
+        Connection {
             stream,
+            protocol,
             buf: Vec::with_capacity(4096),
-            peer: addr,
-            host_name: host_name.to_string(),
+            peer: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+            socket: None,
+            host_name: String::new(),
             ext: Extensions::default(),
             timeouts: cfg.timeouts,
             transcript,
             in_transaction: false,
             broken: false,
-        };
+        }
+    }
+
+    fn with_peer(mut self, peer: SocketAddr, host_name: &str) -> Connection {
+        self.peer = peer;
+        self.host_name = host_name.to_string();
+        self
+    }
+
+    /// The greeting, then EHLO (HELO if EHLO is refused with 5xx), or LHLO for LMTP.
+    async fn hello(self, cfg: &ClientConfig) -> Result<Connection, ClientError> {
+        let mut c = self;
         let greeting = c.read_reply("greeting", c.timeouts.greeting).await?;
         if greeting.code / 100 != 2 {
             c.say_quit().await;
             return Err(ClientError::Greeting(greeting));
         }
         let other = c.timeouts.other;
+        if c.protocol == Protocol::Lmtp {
+            let (lhlo, lines) = c
+                .command(&format!("LHLO {}", cfg.helo_name), "LHLO", other)
+                .await?;
+            if lhlo.code / 100 != 2 {
+                c.say_quit().await;
+                return Err(ClientError::Lhlo(lhlo));
+            }
+            c.ext = Extensions::from_ehlo(&lines);
+            return Ok(c);
+        }
         let ehlo = c
             .command(&format!("EHLO {}", cfg.helo_name), "EHLO", other)
             .await?;
@@ -253,13 +430,33 @@ impl Connection {
         Ok(c)
     }
 
+    /// The TCP peer; `0.0.0.0:0` for a connection over a Unix socket.
     pub fn peer(&self) -> SocketAddr {
         self.peer
     }
 
-    /// The name of the host we connected to (for logs: `relay=host[ip]:port`).
+    /// The name of the host we connected to (for logs: `relay=host[ip]:port`); the socket
+    /// path for a Unix socket.
     pub fn host_name(&self) -> &str {
         &self.host_name
+    }
+
+    /// For logs: `host[ip]:port` over TCP, the socket path over a Unix socket.
+    pub fn relay(&self) -> String {
+        match &self.socket {
+            Some(path) => path.display().to_string(),
+            None => format!(
+                "{}[{}]:{}",
+                self.host_name,
+                self.peer.ip(),
+                self.peer.port()
+            ),
+        }
+    }
+
+    /// True for an LMTP connection ([`Connection::connect_lmtp`]).
+    pub fn is_lmtp(&self) -> bool {
+        self.protocol == Protocol::Lmtp
     }
 
     pub fn extensions(&self) -> &Extensions {
@@ -375,12 +572,55 @@ impl Connection {
             return Ok(settled(results));
         }
         self.write_body(msg.message).await?;
+        if self.protocol == Protocol::Lmtp {
+            self.lmtp_replies(&mut results, &accepted).await?;
+            return Ok(settled(results));
+        }
         let fin = self.read_reply("end of data", t.data_term).await?;
         self.in_transaction = false;
         for &i in &accepted {
             results[i] = Some(RcptResult::from_reply(fin.clone()));
         }
         Ok(settled(results))
+    }
+
+    /// LMTP after the final dot (RFC 2033 4.2): one reply for each recipient accepted at
+    /// RCPT, in RCPT order. A connection lost before the first reply is an error, as in
+    /// SMTP; lost after some replies, the recipients still without one are deferred (the
+    /// server may have delivered to them: a duplicate later, never a loss). A 421 settles
+    /// every recipient still without a reply.
+    async fn lmtp_replies(
+        &mut self,
+        results: &mut [Option<RcptResult>],
+        accepted: &[usize],
+    ) -> Result<(), ClientError> {
+        let t = self.timeouts.data_term;
+        for (k, &i) in accepted.iter().enumerate() {
+            let reply = match self.read_reply("end of data", t).await {
+                Ok(r) => r,
+                Err(e) if k == 0 => return Err(e),
+                Err(e) => {
+                    let text = format!(
+                        "lost connection with {} while reading the replies after end of data: {e}",
+                        self.relay()
+                    );
+                    let lost = synthetic(451, "4.4.2", &text);
+                    for &j in &accepted[k..] {
+                        results[j] = Some(RcptResult::Deferred(lost.clone()));
+                    }
+                    return Ok(());
+                }
+            };
+            if reply.code == 421 {
+                for &j in &accepted[k..] {
+                    results[j] = Some(RcptResult::from_reply(reply.clone()));
+                }
+                return Ok(());
+            }
+            results[i] = Some(RcptResult::from_reply(reply));
+        }
+        self.in_transaction = false;
+        Ok(())
     }
 
     /// RSET: ends any transaction, between messages on one connection.
@@ -414,7 +654,7 @@ impl Connection {
         if self.broken {
             return Err(ClientError::Io(io::Error::new(
                 io::ErrorKind::NotConnected,
-                "the SMTP connection is no longer usable",
+                "the connection is no longer usable",
             )));
         }
         Ok(())
@@ -873,7 +1113,8 @@ fn encode_line(line: &[u8], out: &mut Vec<u8>) {
 mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
-    use tokio::net::TcpListener;
+    use tokio::io::{AsyncRead, AsyncWrite};
+    use tokio::net::{TcpListener, UnixListener};
 
     /// One step of a scripted server.
     enum Step {
@@ -887,6 +1128,8 @@ mod tests {
         Pause(u64),
         /// Stop answering (until the test ends).
         Stall,
+        /// Close the connection now.
+        Close,
     }
     use Step::*;
 
@@ -904,6 +1147,17 @@ mod tests {
             Peer { addr, task }
         }
 
+        /// The same on a Unix socket at `path` (`addr` is unspecified).
+        fn start_unix(path: &std::path::Path, script: Vec<Step>) -> Peer {
+            let listener = UnixListener::bind(path).unwrap();
+            let task = tokio::spawn(async move {
+                let (s, _) = listener.accept().await.unwrap();
+                play_on(s, script).await
+            });
+            let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
+            Peer { addr, task }
+        }
+
         /// The peer's log (`C: line` for each client line, placed where it had arrived when
         /// the peer next spoke; `S: line` for each line said) and every byte received.
         async fn finish(self) -> (Vec<String>, Vec<u8>) {
@@ -915,11 +1169,18 @@ mod tests {
     }
 
     async fn play(listener: TcpListener, script: Vec<Step>) -> (Vec<String>, Vec<u8>) {
-        let (mut s, _) = listener.accept().await.unwrap();
+        let (s, _) = listener.accept().await.unwrap();
         s.set_nodelay(true).unwrap();
+        play_on(s, script).await
+    }
+
+    async fn play_on<S: AsyncRead + AsyncWrite + Unpin>(
+        mut s: S,
+        script: Vec<Step>,
+    ) -> (Vec<String>, Vec<u8>) {
         let (mut got, mut log, mut logged, mut want) = (Vec::new(), Vec::new(), 0, 0);
         let lines = |got: &[u8]| got.iter().filter(|&&b| b == b'\n').count();
-        async fn more(s: &mut TcpStream, got: &mut Vec<u8>) {
+        async fn more<S: AsyncRead + Unpin>(s: &mut S, got: &mut Vec<u8>) {
             let n = timeout(Duration::from_secs(5), s.read_buf(got))
                 .await
                 .expect("peer: client went silent")
@@ -947,6 +1208,10 @@ mod tests {
                 }
                 Pause(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
                 Stall => tokio::time::sleep(Duration::from_secs(60)).await,
+                Close => {
+                    log_lines(&got, &mut logged, &mut log);
+                    return (log, got);
+                }
             }
         }
         while let Ok(Ok(n)) = timeout(Duration::from_secs(3), s.read_buf(&mut got)).await {
@@ -985,6 +1250,7 @@ mod tests {
                 data_term: t,
                 other: t,
             },
+            bind: None,
         }
     }
 
@@ -1617,6 +1883,349 @@ mod tests {
         let end = out.got.len() - "QUIT\r\n".len();
         assert_eq!(&out.got.as_bytes()[start..end], &expected[..]);
         assert!(matches!(out.results[..], [RcptResult::Sent(_)]));
+    }
+
+    const LHLO_REPLY: &str =
+        "250-lmtp.test\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250 PIPELINING\r\n";
+    const LMTP_GREET: &str = "220 lmtp.test LMTP ready\r\n";
+
+    /// Connects over LMTP to a TCP peer playing `script`, sends one message (or fails).
+    async fn deliver_lmtp(
+        script: Vec<Step>,
+        env: &Envelope,
+        message: &[u8],
+    ) -> (Result<Vec<RcptResult>, ClientError>, bool, Outcome) {
+        let peer = Peer::start(script).await;
+        let cfg = cfg(Duration::from_secs(5));
+        let target = LmtpTarget::Tcp(peer.addr);
+        let mut c = Connection::connect_lmtp(&target, &cfg, None).await.unwrap();
+        assert!(c.is_lmtp());
+        let ext = c.extensions().clone();
+        let msg = Outgoing {
+            envelope: env,
+            recipients: &env.recipients,
+            message,
+        };
+        let results = c.send(&msg).await;
+        let usable = c.is_usable();
+        c.quit().await;
+        let (log, got) = peer.finish().await;
+        let out = Outcome {
+            results: results.as_ref().map(|r| r.clone()).unwrap_or_default(),
+            ext,
+            log,
+            got: String::from_utf8(got).unwrap(),
+        };
+        (results, usable, out)
+    }
+
+    #[tokio::test]
+    async fn lmtp_one_reply_per_recipient_after_the_dot() {
+        let env = envelope("a@x.org", &["b@y.org", "c@y.org", "d@y.org"]);
+        let script = vec![
+            Say(LMTP_GREET),
+            Hear(1),
+            Say(LHLO_REPLY),
+            Hear(5),
+            Say("250 2.1.0 OK\r\n250 2.1.5 OK\r\n250 2.1.5 OK\r\n250 2.1.5 OK\r\n354 OK\r\n"),
+            HearDot,
+            // The replies arrive one by one, as an LMTP server delivers.
+            Say("250 2.0.0 <b@y.org> Saved\r\n"),
+            Pause(30),
+            Say("452 4.2.2 <c@y.org> Mailbox is full\r\n"),
+            Pause(30),
+            Say("550 5.1.1 <d@y.org> No such user\r\n"),
+            Hear(1),
+            Say(BYE),
+        ];
+        let (results, usable, out) = deliver_lmtp(script, &env, b"hi\r\n.x\r\n").await;
+        assert!(usable);
+        assert_eq!(
+            results.unwrap(),
+            [
+                RcptResult::Sent(reply(250, Some("2.0.0"), "<b@y.org> Saved")),
+                RcptResult::Deferred(reply(452, Some("4.2.2"), "<c@y.org> Mailbox is full")),
+                RcptResult::Failed(reply(550, Some("5.1.1"), "<d@y.org> No such user")),
+            ]
+        );
+        assert!(out.ext.esmtp && out.ext.pipelining && out.ext.enhanced_status_codes);
+        assert_eq!(
+            out.got,
+            "LHLO mx2.test\r\n\
+             MAIL FROM:<a@x.org>\r\n\
+             RCPT TO:<b@y.org>\r\nRCPT TO:<c@y.org>\r\nRCPT TO:<d@y.org>\r\n\
+             DATA\r\nhi\r\n..x\r\n.\r\nQUIT\r\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn lmtp_recipients_refused_at_rcpt_keep_their_result() {
+        let env = envelope("a@x.org", &["b@y.org", "c@y.org", "d@y.org"]);
+        let script = vec![
+            Say(LMTP_GREET),
+            Hear(1),
+            Say(LHLO_REPLY),
+            Hear(5),
+            Say("250 2.1.0 OK\r\n250 2.1.5 OK\r\n550 5.1.1 <c@y.org> unknown\r\n250 2.1.5 OK\r\n354 OK\r\n"),
+            HearDot,
+            // Two replies: for b and d, the recipients accepted at RCPT.
+            Say("250 2.0.0 <b@y.org> Saved\r\n452 4.3.1 <d@y.org> no space\r\n"),
+            Hear(1),
+            Say(BYE),
+        ];
+        let (results, usable, _) = deliver_lmtp(script, &env, b"hi\r\n").await;
+        assert!(usable);
+        assert_eq!(
+            results.unwrap(),
+            [
+                RcptResult::Sent(reply(250, Some("2.0.0"), "<b@y.org> Saved")),
+                RcptResult::Failed(reply(550, Some("5.1.1"), "<c@y.org> unknown")),
+                RcptResult::Deferred(reply(452, Some("4.3.1"), "<d@y.org> no space")),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn lmtp_connection_lost_among_the_replies_defers_the_rest() {
+        let env = envelope("a@x.org", &["b@y.org", "c@y.org", "d@y.org"]);
+        let script = vec![
+            Say(LMTP_GREET),
+            Hear(1),
+            Say(LHLO_REPLY),
+            Hear(5),
+            Say("250 OK\r\n250 OK\r\n250 OK\r\n250 OK\r\n354 OK\r\n"),
+            HearDot,
+            Say("250 2.0.0 <b@y.org> Saved\r\n"),
+            Close,
+        ];
+        let (results, usable, _) = deliver_lmtp(script, &env, b"hi\r\n").await;
+        assert!(!usable);
+        let results = results.unwrap();
+        assert_eq!(
+            results[0],
+            RcptResult::Sent(reply(250, Some("2.0.0"), "<b@y.org> Saved"))
+        );
+        for r in &results[1..] {
+            let RcptResult::Deferred(r) = r else {
+                panic!("{results:?}")
+            };
+            assert_eq!((r.code, r.dsn_status().as_str()), (451, "4.4.2"));
+            assert!(r.text.starts_with("lost connection with 127.0.0.1["), "{r}");
+        }
+
+        // Lost before the first reply: an error, as in SMTP (everyone is retried).
+        let script = vec![
+            Say(LMTP_GREET),
+            Hear(1),
+            Say(LHLO_REPLY),
+            Hear(4),
+            Say("250 OK\r\n250 OK\r\n250 OK\r\n354 OK\r\n"),
+            HearDot,
+            Close,
+        ];
+        let env = envelope("a@x.org", &["b@y.org", "c@y.org"]);
+        let (results, usable, _) = deliver_lmtp(script, &env, b"hi\r\n").await;
+        assert!(!usable);
+        assert!(matches!(results, Err(ClientError::Io(_))), "{results:?}");
+
+        // A 421 among the replies settles the rest with it.
+        let script = vec![
+            Say(LMTP_GREET),
+            Hear(1),
+            Say(LHLO_REPLY),
+            Hear(5),
+            Say("250 OK\r\n250 OK\r\n250 OK\r\n250 OK\r\n354 OK\r\n"),
+            HearDot,
+            Say("250 2.0.0 Saved\r\n421 4.3.2 shutting down\r\n"),
+            Close,
+        ];
+        let env = envelope("a@x.org", &["b@y.org", "c@y.org", "d@y.org"]);
+        let (results, usable, _) = deliver_lmtp(script, &env, b"hi\r\n").await;
+        assert!(!usable);
+        let bye = reply(421, Some("4.3.2"), "shutting down");
+        assert_eq!(
+            results.unwrap(),
+            [
+                RcptResult::Sent(reply(250, Some("2.0.0"), "Saved")),
+                RcptResult::Deferred(bye.clone()),
+                RcptResult::Deferred(bye),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn lmtp_two_messages_and_a_refused_data() {
+        let env = envelope("a@x.org", &["b@y.org", "c@y.org"]);
+        let script = vec![
+            Say(LMTP_GREET),
+            Hear(1),
+            Say(LHLO_REPLY),
+            Hear(4),
+            Say("250 OK\r\n250 OK\r\n250 OK\r\n354 OK\r\n"),
+            HearDot,
+            Say("250 2.0.0 one\r\n250 2.0.0 two\r\n"),
+            // The second message: DATA refused, which settles both accepted recipients.
+            Hear(4),
+            Say("250 OK\r\n250 OK\r\n250 OK\r\n554 5.3.0 no\r\n"),
+            Hear(1),
+            Say("250 2.0.0 OK\r\n"),
+            Hear(1),
+            Say(BYE),
+        ];
+        let peer = Peer::start(script).await;
+        let cfg = cfg(Duration::from_secs(5));
+        let mut c = Connection::connect_lmtp(&LmtpTarget::Tcp(peer.addr), &cfg, None)
+            .await
+            .unwrap();
+        let msg = Outgoing {
+            envelope: &env,
+            recipients: &env.recipients,
+            message: b"hi\r\n",
+        };
+        let first = c.send(&msg).await.unwrap();
+        assert!(first.iter().all(|r| matches!(r, RcptResult::Sent(_))));
+        let second = c.send(&msg).await.unwrap();
+        let no = reply(554, Some("5.3.0"), "no");
+        assert_eq!(
+            second,
+            [RcptResult::Failed(no.clone()), RcptResult::Failed(no)]
+        );
+        c.reset().await.unwrap();
+        c.quit().await;
+        let (_, got) = peer.finish().await;
+        let tx = "MAIL FROM:<a@x.org>\r\nRCPT TO:<b@y.org>\r\nRCPT TO:<c@y.org>\r\nDATA\r\n";
+        assert_eq!(
+            String::from_utf8(got).unwrap(),
+            format!("LHLO mx2.test\r\n{tx}hi\r\n.\r\n{tx}RSET\r\nQUIT\r\n")
+        );
+    }
+
+    #[tokio::test]
+    async fn lhlo_refused_is_an_error_without_helo() {
+        let script = vec![
+            Say(LMTP_GREET),
+            Hear(1),
+            Say("500 5.5.1 Unknown command\r\n"),
+            Hear(1),
+            Say(BYE),
+        ];
+        let peer = Peer::start(script).await;
+        let cfg = cfg(Duration::from_secs(5));
+        let err = Connection::connect_lmtp(&LmtpTarget::Tcp(peer.addr), &cfg, None)
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            matches!(&err, ClientError::Lhlo(r) if r.code == 500),
+            "{err}"
+        );
+        assert!(err.is_permanent());
+        assert_eq!(err.to_string(), "LHLO refused: 500 5.5.1 Unknown command");
+        let (_, got) = peer.finish().await;
+        assert_eq!(got, b"LHLO mx2.test\r\nQUIT\r\n");
+    }
+
+    #[tokio::test]
+    async fn lmtp_over_a_unix_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lmtp.sock");
+        let script = vec![
+            Say(LMTP_GREET),
+            Hear(1),
+            Say(LHLO_REPLY),
+            Hear(3),
+            Say("250 2.1.0 OK\r\n250 2.1.5 OK\r\n354 OK\r\n"),
+            HearDot,
+            Say("250 2.0.0 <b@y.org> Saved\r\n"),
+            Hear(1),
+            Say(BYE),
+        ];
+        let peer = Peer::start_unix(&path, script);
+        let cfg = cfg(Duration::from_secs(5));
+        let target = LmtpTarget::parse(path.to_str().unwrap()).unwrap();
+        let mut c = Connection::connect_lmtp(&target, &cfg, None).await.unwrap();
+        assert_eq!(c.relay(), path.display().to_string());
+        assert_eq!(c.peer(), SocketAddr::from(([0, 0, 0, 0], 0)));
+        assert_eq!(c.host_name(), path.display().to_string());
+        let env = envelope("", &["b@y.org"]);
+        let msg = Outgoing {
+            envelope: &env,
+            recipients: &env.recipients,
+            message: b"Subject: x\r\n\r\nbody\r\n",
+        };
+        let r = c.send(&msg).await.unwrap();
+        assert_eq!(
+            r,
+            [RcptResult::Sent(reply(
+                250,
+                Some("2.0.0"),
+                "<b@y.org> Saved"
+            ))]
+        );
+        c.quit().await;
+        let (_, got) = peer.finish().await;
+        assert_eq!(
+            String::from_utf8(got).unwrap(),
+            "LHLO mx2.test\r\nMAIL FROM:<>\r\nRCPT TO:<b@y.org>\r\nDATA\r\n\
+             Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn relay_names_the_peer() {
+        let peer = Peer::start(vec![
+            Say(GREET),
+            Hear(1),
+            Say(EHLO_PLAIN),
+            Hear(1),
+            Say(BYE),
+        ])
+        .await;
+        let cfg = cfg(Duration::from_secs(5));
+        let c = Connection::connect(peer.addr, "mx.test", &cfg, None)
+            .await
+            .unwrap();
+        assert!(!c.is_lmtp());
+        assert_eq!(
+            c.relay(),
+            format!("mx.test[127.0.0.1]:{}", peer.addr.port())
+        );
+        c.quit().await;
+        peer.finish().await;
+    }
+
+    #[test]
+    fn lmtp_targets() {
+        let tcp = |s: &str| LmtpTarget::Tcp(s.parse().unwrap());
+        assert_eq!(LmtpTarget::parse("127.0.0.1:24"), Ok(tcp("127.0.0.1:24")));
+        assert_eq!(LmtpTarget::parse("[::1]:2424"), Ok(tcp("[::1]:2424")));
+        assert_eq!(
+            LmtpTarget::parse("inet:10.0.0.1:24"),
+            Ok(tcp("10.0.0.1:24"))
+        );
+        assert_eq!(
+            LmtpTarget::parse("/run/dovecot/lmtp"),
+            Ok(LmtpTarget::Unix(PathBuf::from("/run/dovecot/lmtp")))
+        );
+        assert_eq!(
+            LmtpTarget::parse("unix:/run/dovecot/lmtp"),
+            Ok(LmtpTarget::Unix(PathBuf::from("/run/dovecot/lmtp")))
+        );
+        for bad in [
+            "",
+            "127.0.0.1",
+            "127.0.0.1:0",
+            "::1:24",
+            "mail.example.org:24",
+            "run/dovecot/lmtp",
+            "unix:relative",
+            "127.0.0.1:99999",
+        ] {
+            let e = LmtpTarget::parse(bad).unwrap_err();
+            assert!(e.starts_with("bad LMTP target"), "{bad:?}: {e}");
+        }
+        assert_eq!(tcp("[::1]:24").to_string(), "[::1]:24");
+        assert_eq!(LmtpTarget::Unix(PathBuf::from("/s")).to_string(), "/s");
     }
 
     #[test]
