@@ -150,6 +150,92 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     #[serde(default)]
     pub partner: Vec<Partner>,
+    /// Primary-server mode: domains whose mail is delivered here (Maildir or LMTP).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub local: Vec<LocalDomain>,
+    /// Primary-server mode: sendmail's virtusertable.
+    #[serde(default, rename = "virtual", skip_serializing_if = "Option::is_none")]
+    pub virtual_table: Option<VirtualConfig>,
+    /// Primary-server mode: per-domain next hops (mailertable, transport_maps).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub route: Vec<RouteConfig>,
+    /// Primary-server mode: trusted networks and the smart host.
+    #[serde(default)]
+    pub relay: RelayConfig,
+    /// Primary-server mode: sender masquerading for mail from the relay networks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub masquerade: Option<MasqueradeConfig>,
+}
+
+/// A domain whose mail ends here: in a Maildir per user, or handed to an LMTP server.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalDomain {
+    pub domain: String,
+    /// Maildir path template with `{domain}` and `{user}`, e.g. `/var/mail/{domain}/{user}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maildir: Option<String>,
+    /// LMTP server: `host:port` or a Unix socket path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lmtp: Option<String>,
+    /// Optional file of valid users (mailbox names or addresses), one per line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub users: Option<PathBuf>,
+    /// The user list, loaded by [`Config::load`]: lower-cased mailbox names.
+    #[serde(skip)]
+    pub user_set: Option<HashSet<String>>,
+}
+
+/// `[virtual]`: the virtusertable file, loaded with the configuration.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtualConfig {
+    pub file: PathBuf,
+    #[serde(skip)]
+    pub table: crate::virtual_table::VirtualTable,
+}
+
+/// `[[route]]`: mail for `domain` goes to these hops, no MX lookup.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub domain: String,
+    pub to: Vec<String>,
+}
+
+/// `[relay]`: who may relay to any domain, and where mail for other domains goes.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    #[serde(deserialize_with = "networks")]
+    pub networks: Vec<IpNet>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub smart_host: Option<String>,
+}
+
+/// `[masquerade]`: sendmail's MASQUERADE_AS, masquerade_entire_domain, masquerade_envelope.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MasqueradeConfig {
+    #[serde(rename = "as")]
+    pub as_domain: String,
+    /// Hosts masqueraded (each with every host under it); empty: this server's `hostname`.
+    #[serde(default)]
+    pub domains: Vec<String>,
+    #[serde(default)]
+    pub envelope: bool,
+}
+
+/// How mail for one domain leaves the queue.
+#[derive(Clone, Copy, Debug)]
+pub enum Transport<'a> {
+    /// Delivered here (Maildir or LMTP).
+    Local(&'a LocalDomain),
+    /// To these `host[:port]` hops, in order, without MX lookup: a `[[route]]`, a partner's
+    /// `route`, or the smart host.
+    Hops(&'a [String]),
+    /// To the domain's MX hosts.
+    Mx,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -215,6 +301,10 @@ pub struct DeliveryConfig {
     pub port: u16,
     pub connect_timeout: HumanDuration,
     pub nameservers: Vec<String>,
+    /// The local address outbound connections come from (Postfix's `smtp_bind_address`);
+    /// unset: the system chooses.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bind_address: Option<IpAddr>,
 }
 
 impl Default for DeliveryConfig {
@@ -223,6 +313,7 @@ impl Default for DeliveryConfig {
             port: 25,
             connect_timeout: secs(30),
             nameservers: Vec::new(),
+            bind_address: None,
         }
     }
 }
@@ -335,17 +426,77 @@ impl Config {
                 parse_hop(hop).map_err(|e| at("route", e))?;
             }
         }
+        for l in &mut self.local {
+            let d = normal_domain(&l.domain)
+                .ok_or_else(|| at("domain", format!("{:?} is not a domain name", l.domain)))?;
+            if !seen.insert(d.clone()) {
+                return Err(at(
+                    "domain",
+                    format!("{d} is listed twice (partner, local or route)"),
+                ));
+            }
+            l.domain = d;
+            match (&l.maildir, &l.lmtp) {
+                (Some(m), None) => {
+                    if !m.starts_with('/') {
+                        return Err(at(
+                            "maildir",
+                            format!("{m:?} must be an absolute path (e.g. \"/var/mail/{{domain}}/{{user}}\")"),
+                        ));
+                    }
+                }
+                (None, Some(t)) => {
+                    crate::delivery::client::LmtpTarget::parse(t).map_err(|e| at("lmtp", e))?;
+                }
+                _ => {
+                    return Err(at(
+                        "domain",
+                        format!(
+                            "local domain {}: give exactly one of maildir or lmtp",
+                            l.domain
+                        ),
+                    ))
+                }
+            }
+        }
+        for r in &mut self.route {
+            let d = normal_domain(&r.domain)
+                .ok_or_else(|| at("domain", format!("{:?} is not a domain name", r.domain)))?;
+            if !seen.insert(d.clone()) {
+                return Err(at(
+                    "domain",
+                    format!("{d} is listed twice (partner, local or route)"),
+                ));
+            }
+            r.domain = d;
+            if r.to.is_empty() {
+                return Err(at("to", format!("route {}: no next hop", r.domain)));
+            }
+            for hop in &r.to {
+                parse_hop(hop).map_err(|e| at("to", e))?;
+            }
+        }
+        if let Some(h) = &self.relay.smart_host {
+            parse_hop(h).map_err(|e| at("smart_host", e))?;
+        }
+        if let Some(m) = &mut self.masquerade {
+            m.as_domain = normal_domain(&m.as_domain)
+                .ok_or_else(|| at("as", format!("{:?} is not a domain name", m.as_domain)))?;
+            for d in &mut m.domains {
+                *d = normal_domain(d)
+                    .ok_or_else(|| at("domains", format!("{d:?} is not a domain name")))?;
+            }
+            if m.domains.is_empty() {
+                m.domains.push(self.hostname.clone());
+            }
+        }
         Ok(())
     }
 
     fn load_lists(&mut self, base: &Path) -> Result<(), String> {
         for p in &mut self.partner {
             if let Some(file) = &p.recipients {
-                let file = if file.is_absolute() || file.exists() {
-                    file.clone()
-                } else {
-                    base.join(file)
-                };
+                let file = relative_to(base, file);
                 let text = std::fs::read_to_string(&file).map_err(|e| {
                     format!(
                         "partner {}: cannot read recipients file {}: {e}",
@@ -356,7 +507,51 @@ impl Config {
                 p.users = Some(parse_user_list(&text, &p.domain));
             }
         }
+        for l in &mut self.local {
+            if let Some(file) = &l.users {
+                let file = relative_to(base, file);
+                let text = std::fs::read_to_string(&file).map_err(|e| {
+                    format!(
+                        "local domain {}: cannot read users file {}: {e}",
+                        l.domain,
+                        file.display()
+                    )
+                })?;
+                l.user_set = Some(parse_user_list(&text, &l.domain));
+            }
+        }
+        if let Some(v) = &mut self.virtual_table {
+            v.table = crate::virtual_table::VirtualTable::load(&relative_to(base, &v.file))?;
+        }
         Ok(())
+    }
+
+    /// How mail for `domain` (lower case) leaves the queue: local domains are delivered
+    /// here; a `[[route]]` or a partner's `route` gives the hops; other partners go to their
+    /// MX hosts; every other domain goes to the smart host if there is one, else its MX.
+    pub fn transport(&self, domain: &str) -> Transport<'_> {
+        if let Some(l) = self.local.iter().find(|l| l.domain == domain) {
+            return Transport::Local(l);
+        }
+        if let Some(r) = self.route.iter().find(|r| r.domain == domain) {
+            return Transport::Hops(&r.to);
+        }
+        if let Some(p) = self.partner(domain) {
+            return if p.route.is_empty() {
+                Transport::Mx
+            } else {
+                Transport::Hops(&p.route)
+            };
+        }
+        match &self.relay.smart_host {
+            Some(h) => Transport::Hops(std::slice::from_ref(h)),
+            None => Transport::Mx,
+        }
+    }
+
+    /// The `[[local]]` entry for `domain` (lower case).
+    pub fn local_domain(&self, domain: &str) -> Option<&LocalDomain> {
+        self.local.iter().find(|l| l.domain == domain)
     }
 
     /// The listen addresses as socket addresses (validated at load).
@@ -398,19 +593,52 @@ pub fn parse_user_list(text: &str, domain: &str) -> HashSet<String> {
         .collect()
 }
 
+/// A relative file name in the configuration is taken relative to the configuration's
+/// directory (unless it exists as given, relative to the working directory).
+fn relative_to(base: &Path, file: &Path) -> PathBuf {
+    if file.is_absolute() || file.exists() {
+        file.to_path_buf()
+    } else {
+        base.join(file)
+    }
+}
+
+/// A domain name lower-cased, without its trailing dot; `None` if it is not one.
+fn normal_domain(s: &str) -> Option<String> {
+    let d = s.trim_end_matches('.').to_ascii_lowercase();
+    is_domain(&d).then_some(d)
+}
+
 /// `"127.0.0.1:25"`, `"[::1]:25"`.
 pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     s.parse::<SocketAddr>()
         .map_err(|_| format!("{s:?} is not an address:port (e.g. \"0.0.0.0:25\", \"[::]:25\")"))
 }
 
-/// A next hop `host:port` or `[ip]:port`; the port is required.
-pub fn parse_hop(s: &str) -> Result<(String, u16), String> {
-    let bad = || format!("{s:?} is not host:port (e.g. \"mail.example.com:25\")");
-    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
-    let port: u16 = port.parse().map_err(|_| bad())?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() {
+/// A next hop `host`, `host:port`, `[ip]` or `[ip]:port`; without a port, `[delivery] port`
+/// applies (`None`).
+pub fn parse_hop(s: &str) -> Result<(String, Option<u16>), String> {
+    let bad =
+        || format!("{s:?} is not host[:port] (e.g. \"mail.example.com:25\", \"[2001:db8::1]:25\")");
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (host, after) = rest.split_once(']').ok_or_else(bad)?;
+        let port = match after {
+            "" => None,
+            p => Some(p.strip_prefix(':').ok_or_else(bad)?),
+        };
+        (host, port)
+    } else {
+        match s.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (s, None),
+        }
+    };
+    let port = match port {
+        Some(p) => Some(p.parse::<u16>().ok().filter(|&p| p != 0).ok_or_else(bad)?),
+        None => None,
+    };
+    let host_ok = host.parse::<IpAddr>().is_ok() || is_domain(host.trim_end_matches('.'));
+    if !host_ok {
         return Err(bad());
     }
     Ok((host.to_string(), port))
@@ -556,9 +784,23 @@ mod tests {
         assert!(c.partner("example.com").unwrap().etrn);
         assert_eq!(
             parse_hop("[127.0.0.2]:25").unwrap(),
-            ("127.0.0.2".into(), 25)
+            ("127.0.0.2".into(), Some(25))
         );
-        assert!(parse_hop("mail.example.com").is_err());
+        assert_eq!(
+            parse_hop("mail.example.com").unwrap(),
+            ("mail.example.com".into(), None)
+        );
+        assert_eq!(parse_hop("[::1]:2525").unwrap(), ("::1".into(), Some(2525)));
+        for bad in [
+            "::1:25",
+            "mail.example.com:x",
+            "a b:25",
+            "[::1",
+            ":25",
+            "h:0",
+        ] {
+            assert!(parse_hop(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -589,5 +831,126 @@ mod tests {
         assert!(c.etrn_allowed("192.0.2.10".parse().unwrap()));
         assert!(c.etrn_allowed("::1".parse().unwrap()));
         assert!(!c.etrn_allowed("198.51.100.1".parse().unwrap()));
+    }
+
+    const PRIMARY: &str = "[[local]]\ndomain = \"Inst.UC.pt.\"\nmaildir = \"/var/mail/{domain}/{user}\"\n\
+        [[local]]\ndomain = \"lmtp.uc.pt\"\nlmtp = \"127.0.0.1:24\"\n\
+        [[route]]\ndomain = \"depart.uc.pt\"\nto = [\"mail-server1.inst.uc.pt\", \"[192.0.2.7]:2525\"]\n\
+        [[partner]]\ndomain = \"partner.org\"\n\
+        [[partner]]\ndomain = \"routed-partner.org\"\nroute = [\"mx.routed-partner.org:25\"]\n\
+        [relay]\nnetworks = [\"192.168.0.0/24\", \"2001:db8::/32\", \"192.0.2.1\"]\nsmart_host = \"smtpout.inst.uc.pt\"\n\
+        [masquerade]\nas = \"Inst.UC.pt\"\nenvelope = true\n";
+
+    #[test]
+    fn primary_server_keys() {
+        let c = Config::parse(&format!("{MINIMAL}{PRIMARY}")).unwrap();
+        assert_eq!(c.local[0].domain, "inst.uc.pt");
+        assert_eq!(c.relay.networks.len(), 3);
+        let m = c.masquerade.as_ref().unwrap();
+        assert_eq!(m.as_domain, "inst.uc.pt");
+        // No domains given: this server's own name is masqueraded.
+        assert_eq!(m.domains, vec!["mx2.example.net".to_string()]);
+        let hops = |d: &str| match c.transport(d) {
+            Transport::Hops(h) => h.to_vec(),
+            other => panic!("{d}: {other:?}"),
+        };
+        assert!(matches!(c.transport("inst.uc.pt"), Transport::Local(l) if l.maildir.is_some()));
+        assert!(matches!(c.transport("lmtp.uc.pt"), Transport::Local(l) if l.lmtp.is_some()));
+        assert_eq!(hops("depart.uc.pt").len(), 2);
+        assert!(matches!(c.transport("partner.org"), Transport::Mx));
+        assert_eq!(hops("routed-partner.org"), vec!["mx.routed-partner.org:25"]);
+        assert_eq!(hops("gmail.example"), vec!["smtpout.inst.uc.pt"]);
+        // Without a smart host, other domains go by MX.
+        let plain = Config::parse(MINIMAL).unwrap();
+        assert!(matches!(plain.transport("gmail.example"), Transport::Mx));
+        let printed = c.to_toml();
+        Config::parse(&printed).unwrap_or_else(|e| panic!("{e}\n{printed}"));
+    }
+
+    #[test]
+    fn primary_server_keys_are_checked() {
+        let local = "[[local]]\ndomain = \"a.org\"\n";
+        check_err(
+            &format!("{MINIMAL}{local}"),
+            &["line 4", "exactly one of maildir or lmtp"],
+        );
+        check_err(
+            &format!("{MINIMAL}{local}maildir = \"/m/{{user}}\"\nlmtp = \"127.0.0.1:24\"\n"),
+            &["exactly one"],
+        );
+        check_err(
+            &format!("{MINIMAL}{local}maildir = \"mail/{{user}}\"\n"),
+            &["line 5", "absolute"],
+        );
+        check_err(
+            &format!("{MINIMAL}{local}lmtp = \"nowhere\"\n"),
+            &["line 5", "lmtp"],
+        );
+        check_err(
+            &format!("{MINIMAL}{local}maildir = \"/m\"\n[[partner]]\ndomain = \"A.org\"\n"),
+            &["a.org", "twice"],
+        );
+        check_err(
+            &format!("{MINIMAL}[[route]]\ndomain = \"r.org\"\nto = []\n"),
+            &["line 5", "no next hop"],
+        );
+        check_err(
+            &format!("{MINIMAL}[[route]]\ndomain = \"r.org\"\nto = [\"a b\"]\n"),
+            &["line 5", "to"],
+        );
+        check_err(
+            &format!("{MINIMAL}[relay]\nnetworks = [\"192.168.0.0/33\"]\n"),
+            &["line 4", "not a network"],
+        );
+        check_err(
+            &format!("{MINIMAL}[relay]\nsmart_host = \"::1:25\"\n"),
+            &["line 4", "smart_host"],
+        );
+        check_err(
+            &format!("{MINIMAL}[masquerade]\nas = \"not a domain\"\n"),
+            &["line 4", "as"],
+        );
+        check_err(
+            &format!("{MINIMAL}[virtual]\nfiles = \"x\"\n"),
+            &["line 4", "files"],
+        );
+        check_err(
+            &format!("{MINIMAL}[delivery]\nbind_address = \"host\"\n"),
+            &["line 4"],
+        );
+    }
+
+    #[test]
+    fn tables_and_user_files_are_read_relative_to_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("inst.users"), "alice\nBob@inst.uc.pt\n").unwrap();
+        std::fs::write(
+            dir.path().join("virtusertable"),
+            "@depart.uc.pt %1@mail-server1.inst.uc.pt\n",
+        )
+        .unwrap();
+        let path = dir.path().join("mxspool.toml");
+        std::fs::write(
+            &path,
+            format!("{MINIMAL}[[local]]\ndomain = \"inst.uc.pt\"\nmaildir = \"/m/{{user}}\"\nusers = \"inst.users\"\n[virtual]\nfile = \"virtusertable\"\n"),
+        )
+        .unwrap();
+        let c = Config::load(&path).unwrap();
+        let users = c.local[0].user_set.as_ref().unwrap();
+        assert!(users.contains("alice") && users.contains("bob"));
+        assert!(c
+            .virtual_table
+            .as_ref()
+            .unwrap()
+            .table
+            .has_domain("depart.uc.pt"));
+        // A bad table line is named with the file and line.
+        std::fs::write(dir.path().join("virtusertable"), "# ok\nnot-a-key target\n").unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("virtusertable") && err.contains("line 2"),
+            "{err}"
+        );
+        assert!(!err.contains('\n'), "{err}");
     }
 }

@@ -177,7 +177,16 @@ pub async fn check(config: &Config, domain: &str) -> anyhow::Result<Report> {
                 "This server ({}) is in the MX set at preference {p}.",
                 config.hostname
             );
-            if Some(p) == best {
+            // A primary (local, routed or virtual domain) is rightly the best MX; a
+            // backup MX is not.
+            let primary_here = config.partner(&domain).is_none()
+                && (config.local_domain(&domain).is_some()
+                    || config.route.iter().any(|r| r.domain == domain)
+                    || config
+                        .virtual_table
+                        .as_ref()
+                        .is_some_and(|v| v.table.has_domain(&domain)));
+            if Some(p) == best && !primary_here {
                 warnings.push(format!(
                     "this server is the most preferred MX host of {domain} (preference {p}): a \
                      backup MX needs a higher preference number than the primary, or mail stays \
@@ -199,12 +208,23 @@ pub async fn check(config: &Config, domain: &str) -> anyhow::Result<Report> {
             }
         }
     }
-    if let Some(p) = config.partner(&domain).filter(|p| !p.route.is_empty()) {
-        let _ = writeln!(
-            out,
-            "Delivery to {domain} uses the configured route: {}.",
-            p.route.join(", ")
-        );
+    match config.transport(&domain) {
+        crate::config::Transport::Local(l) => {
+            let how = match (&l.maildir, &l.lmtp) {
+                (Some(m), _) => format!("to Maildirs {m}"),
+                (None, Some(t)) => format!("over LMTP to {t}"),
+                (None, None) => "nowhere".to_string(),
+            };
+            let _ = writeln!(out, "Mail for {domain} is delivered here, {how}.");
+        }
+        crate::config::Transport::Hops(hops) => {
+            let _ = writeln!(
+                out,
+                "Delivery to {domain} uses the configured route: {}.",
+                hops.join(", ")
+            );
+        }
+        crate::config::Transport::Mx => {}
     }
     if let Some(net) = shared_slash24(&found) {
         warnings.push(format!(

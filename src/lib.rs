@@ -6,9 +6,12 @@
 //! - [`smtp`]: mail comes in. `smtp::session` is the SMTP protocol as a sans-IO state machine
 //!   (bytes and time in, replies and actions out); `smtp::data` finds the end of DATA and
 //!   refuses smuggling; `smtp::server` is the tokio driver with the connection limits.
-//! - [`policy`]: whom we accept mail for (partner domains only; never an open relay).
+//! - [`policy`]: whom we accept mail for (our domains; any domain only from `[relay]
+//!   networks; never an open relay), with [`virtual_table`] and [`masquerade`].
 //! - [`spool`]: the durable queue in RocksDB, the only module that names `rocksdb`. Its
 //!   group-commit writer syncs the write-ahead log before any message is acknowledged.
+//! - [`scheduler`] and [`delivery`]: mail goes out, to next hops over SMTP or to local
+//!   Maildirs and LMTP servers.
 //! - [`envelope`] and [`queue_id`]: the plain data that travels between them.
 //! - [`cli`]: the administrator's commands (`serve`, `check-config`, `queue`).
 

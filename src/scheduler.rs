@@ -18,8 +18,9 @@ use rand::Rng;
 use tokio::sync::{watch, Notify, Semaphore};
 use tracing::{error, info, warn};
 
-use crate::config::Config;
-use crate::delivery::client::{ClientConfig, Connection, Outgoing, RcptResult};
+use crate::config::{Config, Transport};
+use crate::delivery::client::{ClientConfig, Connection, LmtpTarget, Outgoing, RcptResult};
+use crate::delivery::link::{Link, MaildirTarget};
 use crate::delivery::mx::{ResolveError, Resolver, Route};
 use crate::delivery::{Reply, Transcript};
 use crate::dsn::{self, Action, Dsn, DsnRecipient};
@@ -303,6 +304,7 @@ impl Scheduler {
             helo_name: config.hostname.clone(),
             connect_timeout: config.delivery.connect_timeout.0,
             timeouts: Default::default(),
+            bind: config.delivery.bind_address,
         };
         Ok(Arc::new(Scheduler {
             deliveries: Arc::new(Semaphore::new(config.queue.max_deliveries)),
@@ -576,12 +578,7 @@ impl Scheduler {
         // Outcomes are recorded while the next message goes out, so one connection's
         // records share synced commits instead of waiting for one sync each.
         let mut records: tokio::task::JoinSet<bool> = tokio::task::JoinSet::new();
-        let route = self
-            .config
-            .partner(domain)
-            .map(|p| p.route.clone())
-            .unwrap_or_default();
-        let mut conn = match self.connect(domain, &route, transcript.clone()).await {
+        let mut conn = match self.open_link(domain, transcript.clone()).await {
             Ok(c) => c,
             Err(outcome) => {
                 for id in queue {
@@ -591,12 +588,7 @@ impl Scheduler {
                 return left + self.settled(records).await;
             }
         };
-        let relay = format!(
-            "{}[{}]:{}",
-            conn.host_name(),
-            conn.peer().ip(),
-            conn.peer().port()
-        );
+        let relay = conn.relay();
         let mut drained = false;
         while let Some(id) = queue.pop_front() {
             // After a finished transaction the next MAIL needs no RSET (RFC 5321 4.1.1.5);
@@ -723,12 +715,47 @@ impl Scheduler {
         out
     }
 
+    /// The way out for `domain`'s queue (see [`Config::transport`]).
+    async fn open_link(
+        &self,
+        domain: &str,
+        transcript: Option<Transcript>,
+    ) -> Result<Link, Outcome> {
+        match self.config.transport(domain) {
+            Transport::Local(local) => match (&local.maildir, &local.lmtp) {
+                (Some(template), _) => Ok(Link::Maildir(MaildirTarget {
+                    template: template.clone(),
+                    hostname: self.config.hostname.clone(),
+                })),
+                (None, Some(lmtp)) => {
+                    let target = LmtpTarget::parse(lmtp)
+                        .map_err(|e| deferred(format!("lmtp {lmtp}: {e}"), "4.3.5", None))?;
+                    match Connection::connect_lmtp(&target, &self.client, transcript).await {
+                        Ok(c) => Ok(Link::Remote(Box::new(c))),
+                        Err(e) => {
+                            let why = format!("connect to LMTP server {lmtp}: {e}");
+                            warn!("{domain}: {why}");
+                            Err(deferred(why, "4.4.1", None))
+                        }
+                    }
+                }
+                (None, None) => Err(deferred(
+                    format!("local domain {domain} has neither maildir nor lmtp"),
+                    "4.3.5",
+                    None,
+                )),
+            },
+            Transport::Hops(hops) => self.connect(domain, hops, transcript).await,
+            Transport::Mx => self.connect(domain, &[], transcript).await,
+        }
+    }
+
     async fn connect(
         &self,
         domain: &str,
         route: &[String],
         transcript: Option<Transcript>,
-    ) -> Result<Connection, Outcome> {
+    ) -> Result<Link, Outcome> {
         let hops = match self.resolver.next_hops(domain, route).await {
             Ok(Route::Hops(h)) => h,
             Ok(Route::NullMx) => {
@@ -762,7 +789,7 @@ impl Scheduler {
             for ip in &hop.addrs {
                 let addr = std::net::SocketAddr::new(*ip, hop.port);
                 match Connection::connect(addr, &hop.name, &self.client, transcript.clone()).await {
-                    Ok(c) => return Ok(c),
+                    Ok(c) => return Ok(Link::Remote(Box::new(c))),
                     Err(e) => {
                         let why = format!("connect to {}[{}]:{}: {e}", hop.name, ip, hop.port);
                         warn!("{domain}: {why}");
@@ -889,7 +916,7 @@ impl Scheduler {
     /// Send one entry over `conn`; `Err` when the connection broke (nothing recorded).
     async fn send_one(
         &self,
-        conn: &mut Connection,
+        conn: &mut Link,
         relay: &str,
         domain: &str,
         id: &str,
@@ -933,6 +960,8 @@ impl Scheduler {
             .await
             .map_err(|e| format!("lost connection with {relay}: {e}"))?
         };
+        // A remote server's words are quoted as its own; a local failure is ours.
+        let said_by = conn.is_remote().then(|| relay.to_string());
         let outcomes: Vec<Outcome> = results
             .into_iter()
             .map(|r| match r {
@@ -943,12 +972,12 @@ impl Scheduler {
                 RcptResult::Deferred(reply) => Outcome::Deferred {
                     status: reply.dsn_status(),
                     reason: reply.to_string(),
-                    relay: Some(relay.to_string()),
+                    relay: said_by.clone(),
                 },
                 RcptResult::Failed(reply) => Outcome::Failed {
                     status: reply.dsn_status(),
                     reason: reply.to_string(),
-                    relay: Some(relay.to_string()),
+                    relay: said_by.clone(),
                 },
             })
             .collect();

@@ -3,6 +3,7 @@
 //! only knows how.
 
 pub mod client;
+pub mod link;
 pub mod maildir;
 pub mod mx;
 

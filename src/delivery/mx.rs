@@ -381,11 +381,16 @@ impl Resolver {
             .enumerate()
         {
             match addrs {
-                Ok(addrs) if !addrs.is_empty() => hops.push(Hop {
+                Ok(mut addrs) if !addrs.is_empty() => hops.push(Hop {
                     name: host.to_ascii_lowercase(),
                     preference: u16::try_from(i).unwrap_or(u16::MAX),
-                    addrs,
-                    port,
+                    addrs: {
+                        // A name with several addresses is a round-robin group (the
+                        // seed's smtpout1..n): spread the load, try every one.
+                        addrs.shuffle(&mut rand::rng());
+                        addrs
+                    },
+                    port: port.unwrap_or(self.port),
                 }),
                 Ok(_) => failures.push(format!("{host} has no address")),
                 Err(e) => failures.push(format!("{host}: {e}")),

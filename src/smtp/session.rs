@@ -504,19 +504,29 @@ impl Session {
         let State::Mail(tx) = &self.state else {
             return self.error("503 5.5.1 Error: need MAIL command");
         };
-        let addr = to.address.as_ref();
-        if addr.is_empty() {
+        let given = to.address.as_ref();
+        let postmaster;
+        let addr = if given.is_empty() {
             // smtp-proto gives "" for both <> and <postmaster>.
-            return if raw
+            if !raw
                 .to_ascii_lowercase()
                 .windows(12)
                 .any(|w| w == b"<postmaster>")
             {
-                self.error("550 5.7.1 <postmaster>: no local mailboxes on this host")
-            } else {
-                self.error("501 5.1.3 Bad recipient address syntax")
-            };
-        }
+                return self.error("501 5.1.3 Bad recipient address syntax");
+            }
+            match self.policy.postmaster() {
+                Some(p) => {
+                    postmaster = p;
+                    postmaster.as_str()
+                }
+                None => {
+                    return self.error("550 5.7.1 <postmaster>: no local mailboxes on this host")
+                }
+            }
+        } else {
+            given
+        };
         if !tx.smtputf8 && !addr.is_ascii() {
             return self.error("553 5.6.7 Non-ASCII recipient address needs SMTPUTF8");
         }
@@ -530,27 +540,13 @@ impl Session {
         if to.flags & (RCPT_CONNEG | RCPT_RRVS_REJECT | RCPT_RRVS_CONTINUE) != 0 || to.rrvs != 0 {
             return self.error("555 5.5.4 Unsupported RCPT parameter");
         }
-        match self.policy.check_recipient(addr) {
-            Ok(()) => {}
-            Err(Refusal::Relay) => {
-                let r = format!("550 5.7.1 <{}>: Relay access denied", printable(addr));
+        let accepted = match self.policy.check_recipient(self.client, addr) {
+            Ok(a) => a,
+            Err(refusal) => {
+                let r = refusal_reply(&refusal, addr);
                 return self.error(&r);
             }
-            Err(Refusal::Routing) => {
-                let r = format!(
-                    "550 5.7.1 <{}>: Sender-specified routing is not allowed",
-                    printable(addr)
-                );
-                return self.error(&r);
-            }
-            Err(Refusal::UnknownUser) => {
-                let r = format!(
-                    "550 5.1.1 <{}>: Recipient address rejected: User unknown",
-                    printable(addr)
-                );
-                return self.error(&r);
-            }
-        }
+        };
         let notify = (to.flags
             & (RCPT_NOTIFY_NEVER | RCPT_NOTIFY_SUCCESS | RCPT_NOTIFY_FAILURE | RCPT_NOTIFY_DELAY)
             != 0)
@@ -560,9 +556,16 @@ impl Session {
                 failure: to.flags & RCPT_NOTIFY_FAILURE != 0,
                 delay: to.flags & RCPT_NOTIFY_DELAY != 0,
             });
+        // A rewritten recipient keeps the address the client gave as its ORCPT (RFC 3461
+        // 4.2), so DSNs and the next hop name it.
+        let orcpt = match (to.orcpt, &accepted.original) {
+            (Some(o), _) => Some(format!("rfc822;{o}")),
+            (None, Some(original)) => Some(format!("rfc822;{original}")),
+            (None, None) => None,
+        };
         let recipient = Recipient {
-            address: addr.to_string(),
-            orcpt: to.orcpt.map(|o| format!("rfc822;{o}")),
+            address: accepted.address,
+            orcpt,
             notify,
             state: Default::default(),
         };
@@ -617,6 +620,16 @@ impl Session {
         if count_received(&body) > MAX_RECEIVED {
             return self.error("554 5.4.6 Error: too many hops (mail loop?)");
         }
+        let mut tx = tx;
+        let mut body = body;
+        if let Some(m) = self.policy.masquerade_for(self.client) {
+            if let Some(sender) = m.envelope_sender(&tx.sender) {
+                tx.sender = sender;
+            }
+            if let Some(rewritten) = m.headers(&body) {
+                body = rewritten;
+            }
+        }
         let id = crate::queue_id::next();
         let received = self.received_header(&tx, &id, now);
         let mut message = Vec::with_capacity(received.len() + body.len());
@@ -659,6 +672,28 @@ impl Session {
             "Received: from {helo} ([{}])\r\n\tby {} (mxspool) with {with} id {id}{for_clause};\r\n\t{date}\r\n",
             self.client, self.config.hostname
         )
+    }
+}
+
+/// The reply to a refused RCPT.
+fn refusal_reply(refusal: &Refusal, addr: &str) -> String {
+    let addr = printable(addr);
+    match refusal {
+        Refusal::Relay => format!("550 5.7.1 <{addr}>: Relay access denied"),
+        Refusal::Routing => {
+            format!("550 5.7.1 <{addr}>: Sender-specified routing is not allowed")
+        }
+        Refusal::UnknownUser => {
+            format!("550 5.1.1 <{addr}>: Recipient address rejected: User unknown")
+        }
+        Refusal::BadMailbox => format!("553 5.1.3 <{addr}>: Bad mailbox name"),
+        Refusal::Virtual { code, status, text } => {
+            format!("{code} {status} <{addr}>: {}", printable(text))
+        }
+        Refusal::Loop => format!("554 5.4.6 <{addr}>: Virtual alias loop"),
+        Refusal::NoLocalDomain => {
+            format!("451 4.3.0 <{addr}>: Virtual table names a local mailbox but no local domain is configured")
+        }
     }
 }
 

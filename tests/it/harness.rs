@@ -161,6 +161,8 @@ pub struct QueueRcpt {
 /// spool.
 pub struct MxEnv {
     pub dir: TempDir,
+    /// The listen address (127.0.0.1 unless made with [`MxEnv::host`]).
+    pub ip: String,
     pub port: u16,
     pub config: PathBuf,
     starts: u32,
@@ -183,17 +185,25 @@ impl MxEnv {
     /// An installation whose configuration is `hostname`, `spool`, `[smtp] listen` and then
     /// `tail` exactly (no partner or queue settings of its own).
     pub fn custom(tail: &str) -> MxEnv {
+        MxEnv::host(HOSTNAME, "127.0.0.1", free_port(), tail)
+    }
+
+    /// A machine of a multi-server picture: `hostname`, listening on `ip:port` only, then
+    /// `tail`. `{dir}` in `tail` is replaced by the installation's temp dir (for Maildirs
+    /// and table files).
+    pub fn host(hostname: &str, ip: &str, port: u16, tail: &str) -> MxEnv {
         let dir = public_tempdir("mxspool-it.");
-        let port = free_port();
         let spool = dir.path().join("spool");
         let config = dir.path().join("mxspool.toml");
+        let tail = tail.replace("{dir}", &dir.path().display().to_string());
         let toml = format!(
-            "hostname = \"{HOSTNAME}\"\nspool = \"{}\"\n\n[smtp]\nlisten = [\"127.0.0.1:{port}\"]\n\n{tail}",
+            "hostname = \"{hostname}\"\nspool = \"{}\"\n\n[smtp]\nlisten = [\"{ip}:{port}\"]\n\n{tail}",
             spool.display()
         );
         fs::write(&config, toml).unwrap();
         MxEnv {
             dir,
+            ip: ip.to_string(),
             port,
             config,
             starts: 0,
@@ -201,7 +211,7 @@ impl MxEnv {
     }
 
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.ip, self.port)
     }
 
     /// `mxspool --config CONFIG ARGS...`, bounded to 60 s.
@@ -234,7 +244,7 @@ impl MxEnv {
         let mut server = Server {
             child,
             log,
-            port: self.port,
+            addr: self.addr(),
         };
         server.wait_ready(Duration::from_secs(20));
         server
@@ -272,7 +282,8 @@ pub fn parse_queue(json_lines: &str) -> Vec<QueueEntry> {
 pub struct Server {
     pub child: Child,
     pub log: PathBuf,
-    pub port: u16,
+    /// `ip:port` it listens on.
+    pub addr: String,
 }
 
 impl Server {
@@ -282,13 +293,13 @@ impl Server {
             if let Some(status) = self.child.try_wait().unwrap() {
                 panic!("mxspool serve exited early ({status}):\n{}", self.log());
             }
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            if TcpStream::connect(&self.addr).is_ok() {
                 return;
             }
             if Instant::now() >= deadline {
                 panic!(
-                    "mxspool serve does not accept on 127.0.0.1:{} after {limit:?}:\n{}",
-                    self.port,
+                    "mxspool serve does not accept on {} after {limit:?}:\n{}",
+                    self.addr,
                     self.log()
                 );
             }
@@ -335,7 +346,21 @@ impl std::fmt::Display for Reply {
 
 impl Smtp {
     pub fn connect(addr: &str) -> std::io::Result<(Smtp, Reply)> {
-        let s = TcpStream::connect(addr)?;
+        Smtp::start(TcpStream::connect(addr)?)
+    }
+
+    /// Connects to `addr` from the local address `source` (a loopback address such as
+    /// `127.0.40.9`), so the server sees that client address.
+    pub fn connect_from(addr: &str, source: &str) -> std::io::Result<(Smtp, Reply)> {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        let src: std::net::SocketAddr = format!("{source}:0").parse().expect("source address");
+        sock.bind(&src.into())?;
+        let dst: std::net::SocketAddr = addr.parse().expect("server address");
+        sock.connect_timeout(&dst.into(), Duration::from_secs(10))?;
+        Smtp::start(sock.into())
+    }
+
+    fn start(s: TcpStream) -> std::io::Result<(Smtp, Reply)> {
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
         s.set_write_timeout(Some(Duration::from_secs(30)))?;
         let mut c = Smtp {
