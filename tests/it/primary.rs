@@ -478,3 +478,70 @@ fn local_delivery_failures_are_retried_and_bounce_when_they_expire() {
         server.log()
     );
 }
+
+#[test]
+fn a_local_domain_over_lmtp_gets_per_recipient_results_from_dovecot() {
+    let dovecot = crate::dovecot::Dovecot::start();
+    let socket = dovecot.lmtp_socket();
+    let (env, server) = local_server(&format!(
+        "[[local]]\ndomain = \"example.org\"\nlmtp = \"{}\"\n",
+        socket.display()
+    ));
+    let big = format!(
+        "Subject: over lmtp\n\n{}\n",
+        "quota filler line\n".repeat(200)
+    );
+    let (replies, end) = transaction(
+        &env.addr(),
+        "127.0.0.1",
+        "alice@inst.test",
+        &[
+            "carl@example.org",
+            crate::dovecot::UNKNOWN_USER,
+            crate::dovecot::FULL_USER,
+        ],
+        &big,
+    );
+    assert!(replies.iter().all(|r| r.code == 250), "{replies:?}");
+    assert_eq!(end.unwrap().code, 250);
+    // Carl's copy is in Dovecot's Maildir; the two refusals bounce to the (local) sender.
+    assert!(
+        wait_for(Duration::from_secs(20), Duration::from_millis(100), || {
+            !dovecot.messages("example.org", "carl").is_empty()
+        }),
+        "nothing for carl:\n{}\n{}",
+        server.log(),
+        dovecot.log()
+    );
+    let carl = String::from_utf8_lossy(&dovecot.messages("example.org", "carl")[0]).into_owned();
+    assert!(carl.contains("Subject: over lmtp"), "{carl}");
+    assert!(carl.contains("by mx.inst.test (mxspool)"), "{carl}");
+    let dsn = wait_maildir(&mailbox(&env, "inst.test", "alice"), 1);
+    let d = &dsn[0];
+    assert!(
+        d.contains("Final-Recipient: rfc822; nosuchuser@example.org"),
+        "{d}"
+    );
+    assert!(
+        d.contains("Final-Recipient: rfc822; full@example.org"),
+        "{d}"
+    );
+    assert!(
+        d.contains("Status: 5.1.1") && d.contains("Status: 5.2.2"),
+        "{d}"
+    );
+    assert!(
+        !d.contains("Final-Recipient: rfc822; carl@example.org"),
+        "{d}"
+    );
+    let log = server.log();
+    assert!(
+        log.contains(&format!("relay={}", socket.display())),
+        "{log}"
+    );
+    assert!(wait_for(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || env.queue(None).is_empty()
+    ));
+}
