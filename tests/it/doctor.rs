@@ -238,6 +238,24 @@ fn doctor_warns_when_this_server_is_the_most_preferred() {
 }
 
 #[test]
+fn doctor_a_primary_is_rightly_the_most_preferred() {
+    // The same MX set as above, for a domain this server delivers itself (primary-server
+    // mode): being the best MX is the point, not a mistake.
+    let s = Setup::new();
+    let (code, out, warnings) = s.doctor(
+        "[[local]]\ndomain = \"inverted.example.com.br\"\nmaildir = \"/var/mail/{domain}/{user}\"\n",
+        "inverted.example.com.br",
+    );
+    check_warnings(&out, &warnings, &[]);
+    assert_eq!(code, 0);
+    assert!(out.contains("at preference 0"), "{out}");
+    assert!(
+        out.contains("Mail for inverted.example.com.br is delivered here, to Maildirs /var/mail/{domain}/{user}."),
+        "{out}"
+    );
+}
+
+#[test]
 fn doctor_warns_about_alias_and_address_literal_targets() {
     let s = Setup::new();
     let (_, out, warnings) = s.doctor("", "aliased.example.com.br");
