@@ -55,19 +55,6 @@ fn machine(dns: &TestDns, port: u16, ip: &str, retry: &str) -> String {
     )
 }
 
-/// The messages in a Maildir's `new/` (file contents), oldest name first.
-fn maildir_messages(dir: &Path) -> Vec<String> {
-    let mut files: Vec<PathBuf> = match fs::read_dir(dir.join("new")) {
-        Ok(rd) => rd.filter_map(|e| e.ok()).map(|e| e.path()).collect(),
-        Err(_) => return Vec::new(),
-    };
-    files.sort();
-    files
-        .iter()
-        .map(|f| String::from_utf8_lossy(&fs::read(f).unwrap()).into_owned())
-        .collect()
-}
-
 /// Every server's log, for failure messages.
 fn logs(servers: &[(&str, &Server)]) -> String {
     servers

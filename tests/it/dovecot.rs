@@ -16,13 +16,13 @@ use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use crate::harness::{closed_port_at, public_tempdir, tool, wait_for};
+use crate::harness::{closed_port_at, maildir_files, public_tempdir, tool, wait_for};
 
 /// The address the LMTP TCP listener is bound to.
 pub const LMTP_IP: &str = "127.0.20.1";
@@ -206,9 +206,9 @@ service anvil {{
         self.dir.path().join("mail").join(domain).join(user)
     }
 
-    /// The messages in the Maildir of `user@domain` (see [`maildir_messages`]).
+    /// The messages in the Maildir of `user@domain` (see [`maildir_files`]).
     pub fn messages(&self, domain: &str, user: &str) -> Vec<Vec<u8>> {
-        maildir_messages(&self.maildir(domain, user))
+        maildir_files(&self.maildir(domain, user))
             .into_iter()
             .map(|(_, bytes)| bytes)
             .collect()
@@ -242,31 +242,6 @@ impl Drop for Dovecot {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-/// The messages of a Maildir (its `new/` and `cur/`), ordered by file name, with their
-/// paths. A missing directory counts as empty.
-pub fn maildir_messages(maildir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut files = Vec::new();
-    for sub in ["new", "cur"] {
-        let Ok(entries) = fs::read_dir(maildir.join(sub)) else {
-            continue;
-        };
-        for e in entries {
-            let e = e.unwrap();
-            if e.file_type().unwrap().is_file() {
-                files.push(e.path());
-            }
-        }
-    }
-    files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
-    files
-        .into_iter()
-        .map(|p| {
-            let bytes = fs::read(&p).unwrap();
-            (p, bytes)
-        })
-        .collect()
 }
 
 /// Whether the stream's first line (read with the stream's timeout) is a `220` greeting;

@@ -932,3 +932,36 @@ pub fn closed_port_at(ip: &str) -> u16 {
     }
     panic!("no free port below the ephemeral range on {ip}");
 }
+
+/// The messages of a Maildir (its `new/` and `cur/`), ordered by file name, with their
+/// paths. A missing directory counts as empty.
+pub fn maildir_files(maildir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut files = Vec::new();
+    for sub in ["new", "cur"] {
+        let Ok(entries) = fs::read_dir(maildir.join(sub)) else {
+            continue;
+        };
+        for e in entries {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_file() {
+                files.push(e.path());
+            }
+        }
+    }
+    files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+    files
+        .into_iter()
+        .map(|p| {
+            let bytes = fs::read(&p).unwrap();
+            (p, bytes)
+        })
+        .collect()
+}
+
+/// The messages of a Maildir as text (see [`maildir_files`]).
+pub fn maildir_messages(dir: &Path) -> Vec<String> {
+    maildir_files(dir)
+        .into_iter()
+        .map(|(_, bytes)| String::from_utf8_lossy(&bytes).into_owned())
+        .collect()
+}

@@ -14,19 +14,6 @@ use crate::receiver::{Behaviour, Receiver};
 const IP: &str = "127.0.30.1";
 const TRUSTED: &str = "127.0.30.100";
 
-/// The messages in a Maildir's `new/` (file contents), oldest name first.
-pub fn maildir_messages(dir: &Path) -> Vec<String> {
-    let mut files: Vec<PathBuf> = match fs::read_dir(dir.join("new")) {
-        Ok(rd) => rd.filter_map(|e| e.ok()).map(|e| e.path()).collect(),
-        Err(_) => return Vec::new(),
-    };
-    files.sort();
-    files
-        .iter()
-        .map(|f| String::from_utf8_lossy(&fs::read(f).unwrap()).into_owned())
-        .collect()
-}
-
 /// Waits (at most 20 s) until the Maildir holds `n` messages and returns them.
 pub fn wait_maildir(dir: &Path, n: usize) -> Vec<String> {
     let ok = wait_for(Duration::from_secs(20), Duration::from_millis(50), || {
