@@ -26,7 +26,7 @@ pub const MAX_MAIL_RCPT_LINE: usize = 512 + 600;
 pub const MAX_RECEIVED: usize = 50;
 
 /// What the session needs from the server's configuration.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct SessionConfig {
     pub hostname: String,
     pub max_message_size: usize,
@@ -600,11 +600,11 @@ impl Session {
 
     fn end_of_data(
         &mut self,
-        tx: Transaction,
+        mut tx: Transaction,
         reader: DataReader,
         now: SystemTime,
     ) -> Option<Step> {
-        let (body, verdict) = reader.finish();
+        let (mut body, verdict) = reader.finish();
         let refusal = match verdict {
             Verdict::Ok => None,
             Verdict::TooBig => Some("552 5.3.4 Error: message file too big"),
@@ -620,8 +620,8 @@ impl Session {
         if count_received(&body) > MAX_RECEIVED {
             return self.error("554 5.4.6 Error: too many hops (mail loop?)");
         }
-        let mut tx = tx;
-        let mut body = body;
+        // Masquerading (mail from the relay networks) changes what is stored, before our
+        // own Received: goes on top.
         if let Some(m) = self.policy.masquerade_for(self.client) {
             if let Some(sender) = m.envelope_sender(&tx.sender) {
                 tx.sender = sender;

@@ -44,12 +44,35 @@ fn policy() -> Arc<Policy> {
     Arc::new(Policy::new(&c))
 }
 
+/// Primary-server mode: a local domain, a virtual table, relay networks, masquerading.
+fn primary_policy() -> Arc<Policy> {
+    let mut c = Config::parse(
+        "hostname = \"mx.inst.uc.pt\"\nspool = \"/x\"\n\
+         [[local]]\ndomain = \"inst.uc.pt\"\nmaildir = \"/m/{user}\"\n\
+         [relay]\nnetworks = [\"192.168.0.0/24\"]\n\
+         [masquerade]\nas = \"inst.uc.pt\"\ndomains = [\"inst.uc.pt\"]\nenvelope = true\n",
+    )
+    .unwrap();
+    c.virtual_table = Some(crate::config::VirtualConfig {
+        file: "/x".into(),
+        table: crate::virtual_table::VirtualTable::parse(
+            "info@inst.uc.pt alice\nold@inst.uc.pt error:5.7.0:550 Gone fishing\n",
+        )
+        .unwrap(),
+    });
+    Arc::new(Policy::new(&c))
+}
+
 impl Client {
     fn with(config: Arc<SessionConfig>) -> Client {
+        Client::connected(config, policy(), "192.0.2.7")
+    }
+
+    fn connected(config: Arc<SessionConfig>, policy: Arc<Policy>, ip: &str) -> Client {
         let gauge = Arc::new(SpoolGauge::new(u64::MAX));
-        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let ip: IpAddr = ip.parse().unwrap();
         let mut c = Client {
-            session: Session::new(config, policy(), gauge.clone(), ip),
+            session: Session::new(config, policy, gauge.clone(), ip),
             pending: Vec::new(),
             stored: Vec::new(),
             store_result: Ok(()),
@@ -660,4 +683,102 @@ fn etrn_from_an_allowed_client_for_an_etrn_partner() {
     s.etrn_done("example.com", 0, true, SystemTime::now());
     let out = String::from_utf8(s.take_output()).unwrap();
     assert!(out.starts_with("458 4.7.0"), "{out}");
+}
+
+const PRIMARY_EHLO: &str = "S: 220 mx.inst.uc.pt ESMTP mxspool
+    C: EHLO client.example
+    S: 250-mx.inst.uc.pt
+    S: 250-PIPELINING
+    S: 250-SIZE 1048576
+    S: 250-ENHANCEDSTATUSCODES
+    S: 250-8BITMIME
+    S: 250-DSN
+    S: 250-ETRN
+    S: 250 SMTPUTF8";
+
+fn primary_config() -> Arc<SessionConfig> {
+    Arc::new(SessionConfig {
+        hostname: "mx.inst.uc.pt".into(),
+        ..(*config(1 << 20)).clone()
+    })
+}
+
+#[test]
+fn the_virtual_table_answers_at_rcpt_and_the_rewritten_address_is_stored() {
+    let mut c = Client::connected(primary_config(), primary_policy(), "198.51.100.1");
+    check_with(
+        &mut c,
+        &format!(
+            "{PRIMARY_EHLO}
+            C: MAIL FROM:<s@outside.test>
+            S: 250 2.1.0
+            C: RCPT TO:<Info@inst.uc.pt>
+            S: 250 2.1.5
+            C: RCPT TO:<old@inst.uc.pt>
+            S: 550 5.7.0 <old@inst.uc.pt>: Gone fishing
+            C: RCPT TO:<x@far.example>
+            S: 550 5.7.1 <x@far.example>: Relay access denied
+            C: RCPT TO:<postmaster>
+            S: 250 2.1.5
+            C: DATA
+            S: 354
+            C: From: joe@ws.inst.uc.pt
+            C:
+            C: body
+            C: .
+            S: 250 2.0.0 Ok: queued as"
+        ),
+    );
+    let env = &c.stored[0].envelope;
+    assert_eq!(env.recipients[0].address, "alice@inst.uc.pt");
+    assert_eq!(
+        env.recipients[0].orcpt.as_deref(),
+        Some("rfc822;Info@inst.uc.pt")
+    );
+    assert_eq!(env.recipients[1].address, "postmaster@inst.uc.pt");
+    assert_eq!(env.recipients[1].orcpt, None);
+    // Not from a relay network: nothing is masqueraded.
+    assert_eq!(env.sender, "s@outside.test");
+    let text = String::from_utf8_lossy(&c.stored[0].message).into_owned();
+    assert!(
+        text.ends_with("\r\nFrom: joe@ws.inst.uc.pt\r\n\r\nbody\r\n"),
+        "{text}"
+    );
+}
+
+#[test]
+fn relay_networks_relay_anywhere_and_their_mail_is_masqueraded_under_our_received() {
+    let mut c = Client::connected(primary_config(), primary_policy(), "192.168.0.20");
+    check_with(
+        &mut c,
+        &format!(
+            "{PRIMARY_EHLO}
+            C: MAIL FROM:<joe@ws.inst.uc.pt>
+            S: 250 2.1.0
+            C: RCPT TO:<x@far.example>
+            S: 250 2.1.5
+            C: DATA
+            S: 354
+            C: From: Joe <joe@ws.inst.uc.pt>
+            C: To: x@far.example
+            C: Message-ID: <1@ws.inst.uc.pt>
+            C:
+            C: body from joe@ws.inst.uc.pt
+            C: .
+            S: 250 2.0.0 Ok: queued as"
+        ),
+    );
+    let stored = &c.stored[0];
+    assert_eq!(stored.envelope.sender, "joe@inst.uc.pt");
+    let text = String::from_utf8_lossy(&stored.message).into_owned();
+    assert!(
+        text.starts_with("Received: from client.example ([192.168.0.20])"),
+        "{text}"
+    );
+    assert!(
+        text.ends_with(
+            "\r\nFrom: Joe <joe@inst.uc.pt>\r\nTo: x@far.example\r\nMessage-ID: <1@ws.inst.uc.pt>\r\n\r\nbody from joe@ws.inst.uc.pt\r\n"
+        ),
+        "{text}"
+    );
 }
