@@ -1,8 +1,11 @@
 //! Integration tests: mxspool as a real server, driven by real SMTP peers (Python's smtplib,
-//! swaks, a private Postfix instance) and killed mid-stream. One test binary, `it`.
+//! swaks, a private Postfix instance, a private Dovecot as the LMTP server) and killed
+//! mid-stream; the seed's deployments booted as several servers with their own DNS. One test
+//! binary, `it`.
 //!
-//! Needs python3, swaks and Postfix (`postfix`, `sendmail`), and root for Postfix; a missing
-//! tool fails its test. All traffic stays on 127.0.0.1.
+//! Needs python3, swaks, Postfix (`postfix`, `sendmail`) and Dovecot (`dovecot-lmtpd`), and
+//! root for Postfix; a missing tool fails its test. All traffic stays on loopback addresses
+//! (127.0.0.0/8).
 
 mod harness;
 
