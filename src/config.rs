@@ -181,9 +181,17 @@ pub struct LocalDomain {
     /// Optional file of valid users (mailbox names or addresses), one per line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub users: Option<PathBuf>,
+    /// Deliveries to this domain at once (Maildir writers or LMTP connections), like
+    /// Postfix's `default_destination_concurrency_limit`.
+    #[serde(default = "default_local_concurrency")]
+    pub concurrency: usize,
     /// The user list, loaded by [`Config::load`]: lower-cased mailbox names.
     #[serde(skip)]
     pub user_set: Option<HashSet<String>>,
+}
+
+fn default_local_concurrency() -> usize {
+    20
 }
 
 /// `[virtual]`: the virtusertable file, loaded with the configuration.
@@ -436,6 +444,9 @@ impl Config {
                 ));
             }
             l.domain = d;
+            if l.concurrency == 0 {
+                return Err(at("concurrency", "must be at least 1".into()));
+            }
             match (&l.maildir, &l.lmtp) {
                 (Some(m), None) => {
                     if !m.starts_with('/') {
@@ -546,6 +557,15 @@ impl Config {
         match &self.relay.smart_host {
             Some(h) => Transport::Hops(std::slice::from_ref(h)),
             None => Transport::Mx,
+        }
+    }
+
+    /// How many deliveries to `domain` may run at once: a local domain's `concurrency`,
+    /// else `[queue] max_connections_per_domain` (what a remote server is asked to bear).
+    pub fn domain_concurrency(&self, domain: &str) -> usize {
+        match self.local_domain(domain) {
+            Some(l) => l.concurrency,
+            None => self.queue.max_connections_per_domain,
         }
     }
 

@@ -31,6 +31,8 @@ use crate::spool::{Batch, DueCursor, QueueEntry, Spool, StoredEnvelope};
 const MAX_PER_CONNECTION: usize = 200;
 /// How often the due index is looked at when nothing wakes the runner earlier.
 const TICK: Duration = Duration::from_secs(1);
+/// The shortest time between two looks at the due index when woken.
+const MIN_GAP: Duration = Duration::from_millis(20);
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -328,13 +330,19 @@ impl Scheduler {
     /// Run until `shutdown` turns true.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         loop {
+            let started = tokio::time::Instant::now();
             if let Err(e) = self.clone().dispatch().await {
                 error!("queue runner: {e}");
             }
-            tokio::select! {
+            let woken = tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => return,
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(TICK) => {}
+                _ = self.wake.notified() => true,
+                _ = tokio::time::sleep(TICK) => false,
+            };
+            if woken {
+                // Under a stream of new mail every message wakes the runner: look at the
+                // due index at most every MIN_GAP, taking what came meanwhile at once.
+                tokio::time::sleep_until(started + MIN_GAP).await;
             }
         }
     }
@@ -432,12 +440,12 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Connections `domain` may still open under `max_connections_per_domain`.
+    /// Deliveries `domain` may still start under its concurrency limit
+    /// ([`Config::domain_concurrency`]).
     fn free_connections(&self, domain: &str) -> usize {
         let active = lock(&self.per_domain).get(domain).copied().unwrap_or(0);
         self.config
-            .queue
-            .max_connections_per_domain
+            .domain_concurrency(domain)
             .saturating_sub(active)
     }
 
@@ -481,7 +489,7 @@ impl Scheduler {
         let conns = if transcript.is_some() {
             1
         } else {
-            self.config.queue.max_connections_per_domain
+            self.config.domain_concurrency(domain)
         };
         let per = n.div_ceil(conns).max(1);
         let mut tasks = tokio::task::JoinSet::new();

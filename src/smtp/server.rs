@@ -235,6 +235,8 @@ async fn session(
                 let result = match result {
                     Ok(()) => {
                         info!("{id}: from=<{from}>, size={size}, nrcpt={nrcpt} (queued)");
+                        // New mail is due now: try it at once, not at the next tick.
+                        shared.scheduler.wake();
                         Ok(())
                     }
                     Err(e) if e.is_no_space() => {
