@@ -865,6 +865,9 @@ mod tests {
     fn primary_server_keys() {
         let c = Config::parse(&format!("{MINIMAL}{PRIMARY}")).unwrap();
         assert_eq!(c.local[0].domain, "inst.uc.pt");
+        assert_eq!(c.local[0].concurrency, 20);
+        assert_eq!(c.domain_concurrency("inst.uc.pt"), 20);
+        assert_eq!(c.domain_concurrency("partner.org"), 4);
         assert_eq!(c.relay.networks.len(), 3);
         let m = c.masquerade.as_ref().unwrap();
         assert_eq!(m.as_domain, "inst.uc.pt");
@@ -905,6 +908,10 @@ mod tests {
         check_err(
             &format!("{MINIMAL}{local}lmtp = \"nowhere\"\n"),
             &["line 5", "lmtp"],
+        );
+        check_err(
+            &format!("{MINIMAL}{local}maildir = \"/m\"\nconcurrency = 0\n"),
+            &["line 6", "concurrency", "at least 1"],
         );
         check_err(
             &format!("{MINIMAL}{local}maildir = \"/m\"\n[[partner]]\ndomain = \"A.org\"\n"),
