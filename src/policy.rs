@@ -179,7 +179,8 @@ impl Policy {
         let final_local = final_addr.rsplit_once('@').map_or("", |(l, _)| l);
         if let Some(users) = self.locals.get(&final_domain) {
             let name = mailbox_user(final_local).map_err(|_| Refusal::BadMailbox)?;
-            if let Some(users) = users {
+            // RFC 5321 4.5.1: postmaster of a domain we deliver is always accepted.
+            if let Some(users) = users.as_ref().filter(|_| name != "postmaster") {
                 if !users.contains(&name) && !users.contains(&final_local.to_ascii_lowercase()) {
                     return Err(Refusal::UnknownUser);
                 }
@@ -407,6 +408,11 @@ mod tests {
         assert_eq!(
             p.check_recipient(OUT, "carol@inst.uc.pt"),
             Err(Refusal::UnknownUser)
+        );
+        // Not in the users list, but RFC 5321 4.5.1 requires it.
+        assert_eq!(
+            p.check_recipient(OUT, "PostMaster@inst.uc.pt"),
+            same("PostMaster@inst.uc.pt")
         );
         assert_eq!(
             p.check_recipient(OUT, "../etc@inst.uc.pt"),
