@@ -544,6 +544,14 @@ impl Session {
             Ok(a) => a,
             Err(refusal) => {
                 let r = refusal_reply(&refusal, addr);
+                // Postfix's NOQUEUE line: what was refused, for whom, from where.
+                tracing::info!(
+                    "NOQUEUE: reject: RCPT from [{}]: {r}; from=<{}> to=<{}> helo=<{}>",
+                    self.client,
+                    printable(&tx.sender),
+                    printable(addr),
+                    printable(self.helo.as_deref().unwrap_or(""))
+                );
                 return self.error(&r);
             }
         };

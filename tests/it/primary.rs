@@ -259,7 +259,7 @@ fn relay_networks_may_relay_through_the_smart_host_and_others_may_not() {
         format!("127.0.30.6:{port}").parse().unwrap(),
         Behaviour::Accept,
     );
-    let (env, _server) = server(&format!(
+    let (env, server) = server(&format!(
         "[queue]\nretry_interval = \"1h\"\n\n\
          [[route]]\ndomain = \"routed.test\"\nto = [\"127.0.30.5:{port}\"]\n\n\
          [relay]\nnetworks = [\"{TRUSTED}/32\", \"2001:db8::/32\"]\nsmart_host = \"[127.0.30.6]:{port}\"\n"
@@ -284,6 +284,12 @@ fn relay_networks_may_relay_through_the_smart_host_and_others_may_not() {
     assert_eq!(end.unwrap().code, 250);
     assert!(routed.wait_for(1, Duration::from_secs(20)));
     assert_eq!(routed.messages()[0].recipients, vec!["x@routed.test"]);
+    // The refusal is logged the way Postfix logs it.
+    let log = server.log();
+    assert!(
+        log.contains("NOQUEUE: reject: RCPT from [127.0.0.1]: 550 5.7.1 <x@elsewhere.test>: Relay access denied; from=<s@outside.test> to=<x@elsewhere.test> helo=<client.test>"),
+        "{log}"
+    );
 
     // Inside: anywhere, through the smart host; routed domains still by their route.
     let (replies, end) = transaction(
