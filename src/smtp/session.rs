@@ -92,6 +92,8 @@ struct Transaction {
     ret: Option<Ret>,
     envid: Option<String>,
     recipients: Vec<Recipient>,
+    /// Each recipient as the client gave it (before the virtual table), for `Received:`.
+    given: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -491,6 +493,7 @@ impl Session {
             ret,
             envid: from.env_id.map(|e| e.into_owned()),
             recipients: Vec::new(),
+            given: Vec::new(),
         });
         self.reply("250 2.1.0 Ok");
         None
@@ -587,6 +590,7 @@ impl Session {
             .any(|r| r.address.eq_ignore_ascii_case(&recipient.address))
         {
             tx.recipients.push(recipient);
+            tx.given.push(addr.to_string());
         }
         self.reply("250 2.1.5 Ok");
         None
@@ -672,8 +676,9 @@ impl Session {
         };
         let date = chrono::DateTime::<chrono::Local>::from(now).to_rfc2822();
         let helo = printable(self.helo.as_deref().unwrap_or("unknown"));
-        let for_clause = match tx.recipients.as_slice() {
-            [one] => format!("\r\n\tfor <{}>", printable(&one.address)),
+        // Like Postfix: the address the client asked for, not what the virtual table made of it.
+        let for_clause = match tx.given.as_slice() {
+            [one] => format!("\r\n\tfor <{}>", printable(one)),
             _ => String::new(),
         };
         format!(

@@ -782,3 +782,29 @@ fn relay_networks_relay_anywhere_and_their_mail_is_masqueraded_under_our_receive
         "{text}"
     );
 }
+
+#[test]
+fn received_names_the_recipient_the_client_gave() {
+    let mut c = Client::connected(primary_config(), primary_policy(), "198.51.100.1");
+    check_with(
+        &mut c,
+        &format!(
+            "{PRIMARY_EHLO}
+            C: MAIL FROM:<s@outside.test>
+            S: 250 2.1.0
+            C: RCPT TO:<info@inst.uc.pt>
+            S: 250 2.1.5
+            C: DATA
+            S: 354
+            C: Subject: x
+            C:
+            C: body
+            C: .
+            S: 250 2.0.0 Ok: queued as"
+        ),
+    );
+    let stored = &c.stored[0];
+    assert_eq!(stored.envelope.recipients[0].address, "alice@inst.uc.pt");
+    let text = String::from_utf8_lossy(&stored.message).into_owned();
+    assert!(text.contains("\r\n\tfor <info@inst.uc.pt>;\r\n"), "{text}");
+}
