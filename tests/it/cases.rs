@@ -10,6 +10,11 @@
 //!   host smtp.inst.uc.pt, masquerading), an outside MTA (another mxspool) and an outside
 //!   recipient (a scriptable receiver).
 //! - Case 1 (127.0.41.0/24): the mail server (MX 10, Maildir) and the backup MX (MX 20).
+//! - Case 2 (127.0.42.0/24): the mail server (MX 10, Maildir, smart host
+//!   smtpout.inst.uc.pt, masquerading), two relays smtpout1/smtpout2 (one round-robin name,
+//!   both MX 20 of inst.uc.pt, relaying and masquerading for the campus), an outside MTA
+//!   and an outside recipient (an mxspool with a Maildir, whose `Received:` shows who
+//!   connected).
 //!
 //! The configurations follow `contrib/caseN/*.toml`; the tables (`virtusertable`, users
 //! files) are the contrib files themselves, and every contrib configuration and zone file is
@@ -1142,4 +1147,356 @@ fn cases_case1_backup_delivers_by_retry_when_the_primary_returns() {
     // Nothing doubled.
     assert_eq!(maildir_messages(&c.mailbox("ana")).len(), 1);
     assert_eq!(maildir_messages(&c.mailbox("carla")).len(), 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// Case 2: the mail server plus outgoing relays that are also the backup MX.
+
+const C2_SERVER: &str = "127.0.42.1";
+const C2_SMTPOUT: [&str; 2] = ["127.0.42.11", "127.0.42.12"];
+/// The campus network of the test (the contrib files' 192.168.0.0/24) and a workstation
+/// in it.
+const C2_CAMPUS: &str = "127.0.42.0/25";
+const C2_WORKSTATION: &str = "127.0.42.70";
+/// The Internet: the outside MTA, the outside recipient's MX, the test's own client.
+const C2_OUTSIDE_MTA: &str = "127.0.42.150";
+const C2_OUTSIDE_MX: &str = "127.0.42.160";
+const C2_CLIENT: &str = "127.0.42.200";
+
+struct Case2 {
+    port: u16,
+    server: MxEnv,
+    smtpout: Vec<MxEnv>,
+    outside: MxEnv,
+    /// The outside recipient: mx.outside.example, an mxspool with a Maildir for
+    /// outside.example, so its `Received:` field shows the address that connected.
+    outside_mx: MxEnv,
+    _dns: TestDns,
+}
+
+impl Case2 {
+    /// The picture as in `contrib/case2`, nothing started. The mail server and the outside
+    /// MTA retry only after an hour (what they deliver, they deliver at the first attempt);
+    /// so do the relays (`contrib/case2/smtpout1.toml`): mail waiting there for the mail
+    /// server goes only when flushed.
+    fn new() -> Case2 {
+        let port = closed_port_at(C2_SERVER);
+        let inst = zone(
+            "inst.uc.pt.",
+            &format!(
+                "@ IN MX 10 mail-server.inst.uc.pt.\n\
+                 @ IN MX 20 smtpout1.inst.uc.pt.\n@ IN MX 20 smtpout2.inst.uc.pt.\n\
+                 mail-server IN A {C2_SERVER}\npop IN CNAME mail-server\n\
+                 smtpout1 IN A {o1}\nsmtpout2 IN A {o2}\n\
+                 ; the round-robin name: one A record per relay\n\
+                 smtpout IN A {o1}\nsmtpout IN A {o2}\nsmtp IN CNAME smtpout\n",
+                o1 = C2_SMTPOUT[0],
+                o2 = C2_SMTPOUT[1]
+            ),
+        );
+        let outside_zone = zone(
+            "outside.example.",
+            &format!("@ IN MX 10 mx\nmx IN A {C2_OUTSIDE_MX}\nmta IN A {C2_OUTSIDE_MTA}\n"),
+        );
+        let dns = TestDns::start(&[
+            ("inst.uc.pt.", inst.as_str()),
+            ("outside.example.", outside_zone.as_str()),
+        ]);
+        let users = contrib("case2/inst.uc.pt.users");
+        let masquerade = "[masquerade]\nas = \"inst.uc.pt\"\ndomains = [\"inst.uc.pt\"]\n\
+                          envelope = true\n";
+        let server = MxEnv::host(
+            "mail-server.inst.uc.pt",
+            C2_SERVER,
+            port,
+            &format!(
+                "{}[[local]]\ndomain = \"inst.uc.pt\"\n\
+                 maildir = \"{{dir}}/mail/{{domain}}/{{user}}\"\nusers = \"{users}\"\n\n\
+                 [[local]]\ndomain = \"mail-server.inst.uc.pt\"\n\
+                 maildir = \"{{dir}}/mail/inst.uc.pt/{{user}}\"\nusers = \"{users}\"\n\n\
+                 [relay]\nnetworks = [\"{C2_CAMPUS}\"]\nsmart_host = \"smtpout.inst.uc.pt\"\n\n\
+                 {masquerade}",
+                machine(&dns, port, C2_SERVER, "1h")
+            ),
+        );
+        let smtpout: Vec<MxEnv> = (0..2)
+            .map(|i| {
+                let ip = C2_SMTPOUT[i];
+                MxEnv::host(
+                    &format!("smtpout{}.inst.uc.pt", i + 1),
+                    ip,
+                    port,
+                    // The tail starts inside [smtp].
+                    &format!(
+                        "etrn_clients = [\"{C2_SERVER}/32\"]\n\n{}\
+                         [[partner]]\ndomain = \"inst.uc.pt\"\nrecipients = \"{users}\"\n\
+                         etrn = true\n\n[relay]\nnetworks = [\"{C2_CAMPUS}\"]\n\n{masquerade}",
+                        machine(&dns, port, ip, "1h")
+                    ),
+                )
+            })
+            .collect();
+        let outside = MxEnv::host(
+            "mta.outside.example",
+            C2_OUTSIDE_MTA,
+            port,
+            &format!(
+                "{}[relay]\nnetworks = [\"{C2_CLIENT}/32\"]\n",
+                machine(&dns, port, C2_OUTSIDE_MTA, "1h")
+            ),
+        );
+        let outside_mx = MxEnv::host(
+            "mx.outside.example",
+            C2_OUTSIDE_MX,
+            port,
+            &format!(
+                "{}[[local]]\ndomain = \"outside.example\"\n\
+                 maildir = \"{{dir}}/mail/{{domain}}/{{user}}\"\n",
+                machine(&dns, port, C2_OUTSIDE_MX, "1h")
+            ),
+        );
+        Case2 {
+            port,
+            server,
+            smtpout,
+            outside,
+            outside_mx,
+            _dns: dns,
+        }
+    }
+
+    fn mailbox(&self, user: &str) -> PathBuf {
+        self.server
+            .dir
+            .path()
+            .join("mail")
+            .join("inst.uc.pt")
+            .join(user)
+    }
+
+    fn outside_mailbox(&self, user: &str) -> PathBuf {
+        self.outside_mx
+            .dir
+            .path()
+            .join("mail")
+            .join("outside.example")
+            .join(user)
+    }
+}
+
+/// Every running server of `list` with its name, for failure messages.
+fn running<'a>(list: &'a [(&'a str, &'a Option<Server>)]) -> Vec<(&'a str, &'a Server)> {
+    list.iter()
+        .filter_map(|(n, s)| s.as_ref().map(|s| (*n, s)))
+        .collect()
+}
+
+/// (1) A campus workstation sends through the mail server: the mail leaves through one of
+/// the relays (smart host smtpout.inst.uc.pt, round robin), the outside recipient sees the
+/// relay's address connect, and the envelope sender and From: are masqueraded from the
+/// workstation's name to inst.uc.pt; with smtpout1 killed it leaves through smtpout2, at
+/// the mail server's first attempt. (2) Mail from outside reaches the mail server's
+/// Maildir; with the mail server stopped, the outside MTA falls over to the relays (MX 20),
+/// the mail waits on one of them (`mxspool queue`), and once the mail server is back,
+/// `mxspool flush inst.uc.pt` on that relay delivers it into the Maildir, exactly once.
+#[test]
+fn cases_case2_mail_leaves_through_the_relays_and_waits_there_while_the_server_is_down() {
+    let mut c = Case2::new();
+    let mut server = Some(c.server.start());
+    let mut smtpout1 = Some(c.smtpout[0].start());
+    let smtpout2 = Some(c.smtpout[1].start());
+    let outside = Some(c.outside.start());
+    let outside_mx = Some(c.outside_mx.start());
+    macro_rules! servers {
+        () => {
+            running(&[
+                ("mail-server", &server),
+                ("smtpout1", &smtpout1),
+                ("smtpout2", &smtpout2),
+                ("mta.outside.example", &outside),
+                ("mx.outside.example", &outside_mx),
+            ])
+        };
+    }
+
+    // (1) From a workstation to the Internet, through the mail server and a relay.
+    let send_out = |subject: &str| {
+        let sent = format!(
+            "From: Bruno <bruno@ws.inst.uc.pt>\nTo: Someone <someone@outside.example>\n\
+             Subject: {subject}\nMessage-ID: <{subject}@ws.inst.uc.pt>\n\n\
+             Written on ws.inst.uc.pt.\n"
+        );
+        submit(
+            &c.server.addr(),
+            C2_WORKSTATION,
+            "bruno@ws.inst.uc.pt",
+            &["someone@outside.example"],
+            &sent,
+        );
+    };
+    // Checks a message the outside recipient got; returns the relay it came through.
+    let check_out = |msg: &str, subject: &str| -> usize {
+        assert_maildir_message(msg, "bruno@inst.uc.pt", "someone@outside.example");
+        let fields = header_fields(msg);
+        assert_eq!(header(&fields, "Subject"), [subject], "{msg}");
+        assert_eq!(
+            header(&fields, "From"),
+            ["Bruno <bruno@inst.uc.pt>"],
+            "{msg}"
+        );
+        assert_eq!(
+            header(&fields, "To"),
+            ["Someone <someone@outside.example>"],
+            "{msg}"
+        );
+        assert_eq!(body(msg), "Written on ws.inst.uc.pt.\n");
+        let at_mx = received_by(msg, "mx.outside.example");
+        let relay = (0..2)
+            .find(|&i| at_mx.contains(&format!("[{}]", C2_SMTPOUT[i])))
+            .unwrap_or_else(|| panic!("not from a relay's address: {at_mx}"));
+        let at_relay = received_by(msg, &format!("smtpout{}.inst.uc.pt", relay + 1));
+        assert!(at_relay.contains(&format!("[{C2_SERVER}]")), "{at_relay}");
+        let at_server = received_by(msg, "mail-server.inst.uc.pt");
+        assert!(
+            at_server.contains(&format!("[{C2_WORKSTATION}]")),
+            "{at_server}"
+        );
+        assert_eq!(
+            fields.iter().filter(|f| f.starts_with("Received:")).count(),
+            3,
+            "{msg}"
+        );
+        relay
+    };
+
+    send_out("campus-out-1");
+    let got = wait_maildir(&c.outside_mailbox("someone"), 1, 30, &servers!());
+    check_out(&got[0], "campus-out-1");
+    wait_queue_empty(&c.server, "mail-server", 20, &servers!());
+
+    // smtpout1 dies: the smart host's other address takes the mail at once.
+    smtpout1.take().unwrap().kill9();
+    assert!(std::net::TcpStream::connect(format!("{}:{}", C2_SMTPOUT[0], c.port)).is_err());
+    send_out("campus-out-2");
+    let got = wait_maildir(&c.outside_mailbox("someone"), 2, 30, &servers!());
+    let second = got
+        .iter()
+        .find(|m| m.contains("Subject: campus-out-2\n"))
+        .expect("campus-out-2 outside");
+    assert_eq!(check_out(second, "campus-out-2"), 1, "{second}");
+    wait_queue_empty(&c.server, "mail-server", 20, &servers!());
+    wait_queue_empty(&c.smtpout[1], "smtpout2", 20, &servers!());
+    assert_eq!(
+        subjects(&maildir_messages(&c.outside_mailbox("someone"))),
+        ["campus-out-1", "campus-out-2"]
+    );
+    // smtpout1 comes back on its spool.
+    smtpout1 = Some(c.smtpout[0].start());
+
+    // (2) From the Internet to ana@inst.uc.pt: the outside MTA delivers by MX.
+    let from_outside = |subject: &str| {
+        submit(
+            &c.outside.addr(),
+            C2_CLIENT,
+            "carlos@outside.example",
+            &["ana@inst.uc.pt"],
+            &Case1::message(subject, "ana@inst.uc.pt"),
+        );
+    };
+    from_outside("direct");
+    let ana = wait_maildir(&c.mailbox("ana"), 1, 30, &servers!());
+    assert_maildir_message(&ana[0], "carlos@outside.example", "ana@inst.uc.pt");
+    let at_server = received_by(&ana[0], "mail-server.inst.uc.pt");
+    assert!(
+        at_server.contains(&format!("[{C2_OUTSIDE_MTA}]")),
+        "{at_server}"
+    );
+    wait_queue_empty(&c.outside, "mta.outside.example", 20, &servers!());
+
+    // The mail server goes down: MX 10 refuses, the outside MTA takes an MX 20.
+    let mut s = server.take().unwrap();
+    assert!(stop_server(&mut s), "mail-server did not stop on SIGTERM");
+    drop(s);
+    from_outside("while-down");
+    wait_queue_empty(&c.outside, "mta.outside.example", 20, &servers!());
+    // One relay holds it and has tried the mail server (only it: no ping-pong to the
+    // sibling relay at the same preference).
+    let mut holder = None;
+    let ok = wait_for(Duration::from_secs(20), Duration::from_millis(100), || {
+        let q: Vec<Vec<QueueEntry>> = c.smtpout.iter().map(|e| e.queue(None)).collect();
+        let n: Vec<usize> = q.iter().map(|q| q.len()).collect();
+        match n.as_slice() {
+            [1, 0] | [0, 1] => {
+                let i = if n[0] == 1 { 0 } else { 1 };
+                if q[i][0].attempts >= 1 {
+                    holder = Some((i, q[i][0].clone()));
+                    return true;
+                }
+                false
+            }
+            _ => false,
+        }
+    });
+    assert!(
+        ok,
+        "no relay holds exactly the one message: {:#?} {:#?}\n{}",
+        c.smtpout[0].queue(None),
+        c.smtpout[1].queue(None),
+        logs(&servers!())
+    );
+    let (h, entry) = holder.unwrap();
+    let relay = &c.smtpout[h];
+    assert_eq!(entry.domain, "inst.uc.pt", "{entry:?}");
+    assert_eq!(entry.sender, "carlos@outside.example", "{entry:?}");
+    assert!(
+        entry.recipients.iter().all(|r| r.state == "pending"),
+        "{entry:?}"
+    );
+    let err = entry.last_error.as_deref().unwrap_or("");
+    assert!(err.contains(C2_SERVER), "{entry:?}");
+    assert!(!C2_SMTPOUT.iter().any(|ip| err.contains(ip)), "{entry:?}");
+    // What the administrator of that relay sees.
+    let out = relay.mxspool(&["queue"]);
+    check_ok("mxspool queue", &out);
+    let listing = text(&out.stdout);
+    assert!(listing.contains(&entry.id), "{listing}");
+    assert!(listing.contains("carlos@outside.example"), "{listing}");
+    assert!(listing.contains("ana@inst.uc.pt"), "{listing}");
+
+    // The mail server is back (same spool and configuration); the relay would wait an
+    // hour, the administrator flushes it.
+    server = Some(c.server.start());
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(relay.queue(None).len(), 1, "delivered before the flush?");
+    assert_eq!(maildir_messages(&c.mailbox("ana")).len(), 1);
+    let out = relay.mxspool(&["flush", "inst.uc.pt"]);
+    check_ok("mxspool flush inst.uc.pt", &out);
+    let ana = wait_maildir(&c.mailbox("ana"), 2, 20, &servers!());
+    wait_queue_empty(relay, &format!("smtpout{}", h + 1), 20, &servers!());
+    let later = ana
+        .iter()
+        .find(|m| m.contains("Subject: while-down\n"))
+        .expect("while-down in ana's Maildir");
+    assert_maildir_message(later, "carlos@outside.example", "ana@inst.uc.pt");
+    let at_server = received_by(later, "mail-server.inst.uc.pt");
+    assert!(
+        at_server.contains(&format!("[{}]", C2_SMTPOUT[h])),
+        "{at_server}"
+    );
+    let at_relay = received_by(later, &format!("smtpout{}.inst.uc.pt", h + 1));
+    assert!(
+        at_relay.contains(&format!("[{C2_OUTSIDE_MTA}]")),
+        "{at_relay}"
+    );
+    assert_eq!(body(later), "Body of while-down.\n");
+    // Exactly once: nothing more arrives, nothing is left anywhere.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        subjects(&maildir_messages(&c.mailbox("ana"))),
+        ["direct", "while-down"]
+    );
+    for (i, env) in c.smtpout.iter().enumerate() {
+        wait_queue_empty(env, &format!("smtpout{}", i + 1), 5, &servers!());
+    }
+    wait_queue_empty(&c.server, "mail-server", 5, &servers!());
 }
