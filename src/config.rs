@@ -200,7 +200,8 @@ fn default_local_concurrency() -> usize {
 pub struct VirtualConfig {
     pub file: PathBuf,
     #[serde(skip)]
-    pub table: crate::virtual_table::VirtualTable,
+    /// Shared with the policy (a table can have many thousand lines).
+    pub table: std::sync::Arc<crate::virtual_table::VirtualTable>,
 }
 
 /// `[[route]]`: mail for `domain` goes to these hops, no MX lookup.
@@ -420,30 +421,28 @@ impl Config {
         for ns in &self.delivery.nameservers {
             parse_listen(ns).map_err(|e| at("nameservers", e))?;
         }
+        // A domain is a partner, a local domain or a route: once, in normal form.
         let mut seen = HashSet::new();
-        for p in &mut self.partner {
-            let d = p.domain.trim_end_matches('.').to_ascii_lowercase();
-            if !is_domain(&d) {
-                return Err(at("domain", format!("{:?} is not a domain name", p.domain)));
-            }
-            if !seen.insert(d.clone()) {
-                return Err(at("domain", format!("partner {d} is listed twice")));
-            }
-            p.domain = d;
-            for hop in &p.route {
-                parse_hop(hop).map_err(|e| at("route", e))?;
-            }
-        }
-        for l in &mut self.local {
-            let d = normal_domain(&l.domain)
-                .ok_or_else(|| at("domain", format!("{:?} is not a domain name", l.domain)))?;
+        let mut claim = |domain: &mut String| -> Result<(), String> {
+            let d = normal_domain(domain)
+                .ok_or_else(|| at("domain", format!("{domain:?} is not a domain name")))?;
             if !seen.insert(d.clone()) {
                 return Err(at(
                     "domain",
                     format!("{d} is listed twice (partner, local or route)"),
                 ));
             }
-            l.domain = d;
+            *domain = d;
+            Ok(())
+        };
+        for p in &mut self.partner {
+            claim(&mut p.domain)?;
+            for hop in &p.route {
+                parse_hop(hop).map_err(|e| at("route", e))?;
+            }
+        }
+        for l in &mut self.local {
+            claim(&mut l.domain)?;
             if l.concurrency == 0 {
                 return Err(at("concurrency", "must be at least 1".into()));
             }
@@ -471,15 +470,7 @@ impl Config {
             }
         }
         for r in &mut self.route {
-            let d = normal_domain(&r.domain)
-                .ok_or_else(|| at("domain", format!("{:?} is not a domain name", r.domain)))?;
-            if !seen.insert(d.clone()) {
-                return Err(at(
-                    "domain",
-                    format!("{d} is listed twice (partner, local or route)"),
-                ));
-            }
-            r.domain = d;
+            claim(&mut r.domain)?;
             if r.to.is_empty() {
                 return Err(at("to", format!("route {}: no next hop", r.domain)));
             }
@@ -532,7 +523,7 @@ impl Config {
             }
         }
         if let Some(v) = &mut self.virtual_table {
-            v.table = crate::virtual_table::VirtualTable::load(&relative_to(base, &v.file))?;
+            v.table = crate::virtual_table::VirtualTable::load(&relative_to(base, &v.file))?.into();
         }
         Ok(())
     }

@@ -179,13 +179,8 @@ pub async fn check(config: &Config, domain: &str) -> anyhow::Result<Report> {
             );
             // A primary (local, routed or virtual domain) is rightly the best MX; a
             // backup MX is not.
-            let primary_here = config.partner(&domain).is_none()
-                && (config.local_domain(&domain).is_some()
-                    || config.route.iter().any(|r| r.domain == domain)
-                    || config
-                        .virtual_table
-                        .as_ref()
-                        .is_some_and(|v| v.table.has_domain(&domain)));
+            let policy = crate::policy::Policy::new(config);
+            let primary_here = policy.is_ours(&domain) && !policy.is_partner(&domain);
             if Some(p) == best && !primary_here {
                 warnings.push(format!(
                     "this server is the most preferred MX host of {domain} (preference {p}): a \

@@ -67,7 +67,7 @@ pub struct Policy {
     first_local: Option<String>,
     /// `[[route]]` domains.
     routed: HashSet<String>,
-    virtual_table: VirtualTable,
+    virtual_table: std::sync::Arc<VirtualTable>,
     /// `[relay] networks`.
     relay_networks: Vec<ipnet::IpNet>,
     masquerade: Option<Masquerade>,
@@ -167,11 +167,13 @@ impl Policy {
         let rewritten = self.rewrite(address)?;
         let final_addr = rewritten.as_deref().unwrap_or(address);
         let final_domain = domain_of(final_addr);
+        // (The lookup is repeated only here, for an address of a virtual-only domain that
+        // was not rewritten: an identity entry, or no entry at all.)
         if rewritten.is_none()
             && self.virtual_table.has_domain(&final_domain)
-            && self.virtual_table.lookup(final_addr).is_none()
             && !self.partners.contains_key(&final_domain)
             && !self.locals.contains_key(&final_domain)
+            && self.virtual_table.lookup(final_addr).is_none()
         {
             // A virtual domain knows its users by its entries.
             return Err(Refusal::UnknownUser);
@@ -377,7 +379,8 @@ mod tests {
                  b@loop.uc.pt a@loop.uc.pt\n\
                  same@self.uc.pt same@self.uc.pt\n",
             )
-            .unwrap(),
+            .unwrap()
+            .into(),
         });
         Policy::new(&c)
     }

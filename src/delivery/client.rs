@@ -48,6 +48,21 @@ pub struct Timeouts {
     pub other: Duration,
 }
 
+impl Timeouts {
+    /// The same limit for every step (tests, short-lived peers).
+    pub fn all(t: Duration) -> Timeouts {
+        Timeouts {
+            greeting: t,
+            mail: t,
+            rcpt: t,
+            data_init: t,
+            data_block: t,
+            data_term: t,
+            other: t,
+        }
+    }
+}
+
 impl Default for Timeouts {
     fn default() -> Self {
         let min = |m: u64| Duration::from_secs(60 * m);
@@ -1241,15 +1256,7 @@ mod tests {
         ClientConfig {
             helo_name: "mx2.test".to_string(),
             connect_timeout: Duration::from_secs(5),
-            timeouts: Timeouts {
-                greeting: t,
-                mail: t,
-                rcpt: t,
-                data_init: t,
-                data_block: t,
-                data_term: t,
-                other: t,
-            },
+            timeouts: Timeouts::all(t),
             bind: None,
         }
     }

@@ -156,28 +156,44 @@ pub fn deliver(
     recipient: &str,
     message: &[u8],
 ) -> Result<PathBuf, LocalError> {
-    ensure_maildir(dir)?;
     let content = file_content(sender, recipient, message);
     let name = unique_name(hostname, content.len());
     let tmp = dir.join("tmp").join(&name);
     let new_dir = dir.join("new");
     let new = new_dir.join(&name);
 
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| io_error("create", &tmp, e))?;
+    // The Maildir is made only when a step finds it missing: no extra look-ups per
+    // delivery into a Maildir that exists.
+    let create = || {
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+    };
+    let mut file = match create() {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            ensure_maildir(dir)?;
+            create()
+        }
+        other => other,
+    }
+    .map_err(|e| io_error("create", &tmp, e))?;
     let written = file.write_all(&content).and_then(|()| file.sync_all());
     drop(file);
     if let Err(e) = written {
         let _ = fs::remove_file(&tmp);
         return Err(io_error("write", &tmp, e));
     }
-    if let Err(e) = rename_noreplace(&tmp, &new) {
+    let renamed = match rename_noreplace(&tmp, &new) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => ensure_maildir(dir).and_then(|()| {
+            rename_noreplace(&tmp, &new).map_err(|e| io_error("rename into", &new, e))
+        }),
+        other => other.map_err(|e| io_error("rename into", &new, e)),
+    };
+    if let Err(e) = renamed {
         let _ = fs::remove_file(&tmp);
-        return Err(io_error("rename into", &new, e));
+        return Err(e);
     }
     // The file is in new/ now; if this sync fails the caller retries: a duplicate at worst.
     sync_dir(&new_dir).map_err(|e| io_error("sync", &new_dir, e))?;

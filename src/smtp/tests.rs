@@ -58,7 +58,8 @@ fn primary_policy() -> Arc<Policy> {
         table: crate::virtual_table::VirtualTable::parse(
             "info@inst.uc.pt alice\nold@inst.uc.pt error:5.7.0:550 Gone fishing\n",
         )
-        .unwrap(),
+        .unwrap()
+        .into(),
     });
     Arc::new(Policy::new(&c))
 }

@@ -14,19 +14,10 @@ use mxspool::envelope::{Body, Envelope, Recipient};
 use crate::dovecot::{Dovecot, FULL_USER, UNKNOWN_USER};
 
 fn config() -> ClientConfig {
-    let t = Duration::from_secs(30);
     ClientConfig {
         helo_name: "mx2.test".to_string(),
         connect_timeout: Duration::from_secs(10),
-        timeouts: Timeouts {
-            greeting: t,
-            mail: t,
-            rcpt: t,
-            data_init: t,
-            data_block: t,
-            data_term: t,
-            other: t,
-        },
+        timeouts: Timeouts::all(Duration::from_secs(30)),
         bind: None,
     }
 }
