@@ -27,4 +27,5 @@ mod queue_ops;
 mod cases;
 mod dovecot;
 mod lmtp;
+mod peers;
 mod primary;
