@@ -261,6 +261,9 @@ pub struct SmtpConfig {
     pub etrn_clients: Vec<IpNet>,
     /// Errors a client may make before it is disconnected with 421.
     pub max_errors: usize,
+    /// RCPTs past `max_recipients` that get `452 4.5.3` without counting as errors
+    /// (Postfix's `smtpd_recipient_overshoot_limit`); beyond them each one is an error.
+    pub recipient_overshoot: usize,
 }
 
 impl Default for SmtpConfig {
@@ -274,6 +277,7 @@ impl Default for SmtpConfig {
             command_timeout: secs(300),
             etrn_clients: Vec::new(),
             max_errors: 20,
+            recipient_overshoot: 1000,
         }
     }
 }

@@ -2,6 +2,7 @@
 //! [`data`]) and its tokio driver ([`server`]).
 
 pub mod data;
+pub mod path;
 pub mod server;
 pub mod session;
 

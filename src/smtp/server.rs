@@ -79,6 +79,7 @@ pub async fn run(
             max_message_size: config.smtp.max_message_size.0 as usize,
             max_recipients: config.smtp.max_recipients,
             max_errors: config.smtp.max_errors,
+            recipient_overshoot: config.smtp.recipient_overshoot,
             min_free_space: config.queue.min_free_space.0,
         }),
         policy: Arc::new(Policy::new(config)),
