@@ -313,6 +313,9 @@ impl Default for QueueConfig {
 pub struct DeliveryConfig {
     pub port: u16,
     pub connect_timeout: HumanDuration,
+    /// How long to wait for the next hop's 220 greeting (RFC 5321 4.5.3.2: 5 minutes; like
+    /// Postfix's `smtp_helo_timeout`).
+    pub helo_timeout: HumanDuration,
     pub nameservers: Vec<String>,
     /// The local address outbound connections come from (Postfix's `smtp_bind_address`);
     /// unset: the system chooses.
@@ -325,6 +328,7 @@ impl Default for DeliveryConfig {
         DeliveryConfig {
             port: 25,
             connect_timeout: secs(30),
+            helo_timeout: secs(300),
             nameservers: Vec::new(),
             bind_address: None,
         }
@@ -418,6 +422,9 @@ impl Config {
         }
         if self.smtp.command_timeout.0 < Duration::from_secs(1) {
             return Err(at("command_timeout", "must be at least 1s".into()));
+        }
+        if self.delivery.helo_timeout.0 < Duration::from_secs(1) {
+            return Err(at("helo_timeout", "must be at least 1s".into()));
         }
         if self.queue.retry_interval.0 < Duration::from_secs(1) {
             return Err(at("retry_interval", "must be at least 1s".into()));

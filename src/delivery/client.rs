@@ -361,8 +361,13 @@ impl Connection {
         let stream = dial(cfg, tcp_connect(addr, cfg.bind)).await?;
         // We batch our own writes; Nagle would only delay the last piece of each.
         let _ = stream.set_nodelay(true);
-        let c = Connection::new(Stream::Tcp(stream), Protocol::Smtp, cfg, transcript);
-        c.with_peer(addr, host_name).hello(cfg).await
+        let c = Connection::new(Stream::Tcp(stream), Protocol::Smtp, cfg, transcript)
+            .with_peer(addr, host_name);
+        c.trace(
+            "",
+            &format!("connected to {}, waiting for the greeting", c.relay()),
+        );
+        c.hello(cfg).await
     }
 
     /// Connects to an LMTP server (RFC 2033), reads the greeting and says LHLO (there is no

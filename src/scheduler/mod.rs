@@ -25,7 +25,7 @@ use tokio::sync::{watch, Notify, Semaphore};
 use tracing::{error, info};
 
 use crate::config::Config;
-use crate::delivery::client::ClientConfig;
+use crate::delivery::client::{ClientConfig, Timeouts};
 use crate::delivery::mx::Resolver;
 use crate::delivery::Transcript;
 use crate::spool::{DueCursor, Spool};
@@ -60,6 +60,15 @@ pub struct FlushReport {
     pub left: Vec<(String, String)>,
 }
 
+/// The sweep of a domain's queue after a successful delivery there.
+#[derive(Default)]
+struct Sweep {
+    /// The last id claimed (or passed over); the sweep goes on after it.
+    cursor: Option<String>,
+    /// A deferral was recorded for the domain during the sweep: mail still waits there.
+    dirty: bool,
+}
+
 /// The queue runner.
 pub struct Scheduler {
     config: Arc<Config>,
@@ -70,7 +79,9 @@ pub struct Scheduler {
     per_domain: Mutex<HashMap<String, usize>>,
     /// Domains with a fresh successful delivery while mail waited: their whole queue is
     /// due now (the primary is back: drain it).
-    recovered: Mutex<HashSet<String>>,
+    /// Each is swept once (every entry claimed once), so what the primary still defers is
+    /// not sent again and again.
+    recovered: Mutex<HashMap<String, Sweep>>,
     /// Domains known to have no mail waiting for a later retry (a drain found nothing), so
     /// a success there starts no drain. A deferral recorded for a domain takes it out.
     clean: Mutex<HashSet<String>>,
@@ -116,7 +127,10 @@ impl Scheduler {
         let client = ClientConfig {
             helo_name: config.hostname.clone(),
             connect_timeout: config.delivery.connect_timeout.0,
-            timeouts: Default::default(),
+            timeouts: Timeouts {
+                greeting: config.delivery.helo_timeout.0,
+                ..Timeouts::default()
+            },
             bind: config.delivery.bind_address,
         };
         Ok(Arc::new(Scheduler {
@@ -127,7 +141,7 @@ impl Scheduler {
             client,
             in_flight: Mutex::new(HashSet::new()),
             per_domain: Mutex::new(HashMap::new()),
-            recovered: Mutex::new(HashSet::new()),
+            recovered: Mutex::new(HashMap::new()),
             clean: Mutex::new(HashSet::new()),
             pause: Pause::default(),
             cursor: Mutex::new((None, std::time::Instant::now())),
@@ -165,7 +179,10 @@ impl Scheduler {
         if lock(&self.clean).contains(domain) {
             return;
         }
-        if lock(&self.recovered).insert(domain.to_string()) {
+        let mut recovered = lock(&self.recovered);
+        if !recovered.contains_key(domain) {
+            recovered.insert(domain.to_string(), Sweep::default());
+            drop(recovered);
             info!("{domain}: delivery works, sending the mail that waits for it now");
             self.wake();
         }
@@ -173,9 +190,14 @@ impl Scheduler {
 
     /// Mail of `domain` waits for a later retry.
     fn waiting_in(&self, domain: &str) {
-        let mut clean = lock(&self.clean);
-        if clean.contains(domain) {
-            clean.remove(domain);
+        {
+            let mut clean = lock(&self.clean);
+            if clean.contains(domain) {
+                clean.remove(domain);
+            }
+        }
+        if let Some(s) = lock(&self.recovered).get_mut(domain) {
+            s.dirty = true;
         }
     }
 
@@ -229,23 +251,43 @@ impl Scheduler {
                 }
             }
         }
-        // A domain whose primary is back: everything of it is due, whatever its schedule.
-        let recovered: Vec<String> = lock(&self.recovered).iter().cloned().collect();
-        for domain in recovered {
+        // A domain whose primary is back: everything of it is due, whatever its schedule,
+        // in one sweep of its queue (each entry claimed once).
+        let sweeps: Vec<(String, Option<String>)> = lock(&self.recovered)
+            .iter()
+            .map(|(d, s)| (d.clone(), s.cursor.clone()))
+            .collect();
+        for (domain, start) in sweeps {
             let free = self.free_connections(&domain);
             if free == 0 {
                 continue;
             }
-            let ids = self
-                .claim_some(&domain, false, free * MAX_PER_CONNECTION, None)
+            let (ids, next) = self
+                .claim_from(&domain, false, free * MAX_PER_CONNECTION, None, start)
                 .await;
-            if ids.is_empty() {
-                lock(&self.recovered).remove(&domain);
-                let mut clean = lock(&self.clean);
-                if clean.len() >= MAX_CLEAN {
-                    clean.clear();
+            {
+                let mut recovered = lock(&self.recovered);
+                match next {
+                    Some(cursor) => {
+                        if let Some(s) = recovered.get_mut(&domain) {
+                            s.cursor = Some(cursor);
+                        }
+                    }
+                    None => {
+                        // Swept to the end: nothing waits there unless a deferral was
+                        // recorded meanwhile (or is, later: `waiting_in`).
+                        let dirty = recovered.remove(&domain).is_some_and(|s| s.dirty);
+                        if !dirty {
+                            let mut clean = lock(&self.clean);
+                            if clean.len() >= MAX_CLEAN {
+                                clean.clear();
+                            }
+                            clean.insert(domain.clone());
+                        }
+                    }
                 }
-                clean.insert(domain);
+            }
+            if ids.is_empty() {
                 continue;
             }
             let per_task = ids.len().div_ceil(free).clamp(1, MAX_PER_CONNECTION);
@@ -468,11 +510,27 @@ impl Scheduler {
         domain: &str,
         include_held: bool,
         limit: usize,
-        mut others: Option<&mut Vec<String>>,
+        others: Option<&mut Vec<String>>,
     ) -> Vec<String> {
+        self.claim_from(domain, include_held, limit, others, None)
+            .await
+            .0
+    }
+
+    /// [`Scheduler::claim_some`] from after the id `start` in the domain's key order.
+    /// Returns the ids claimed and where to go on (`None`: the domain's range was read to
+    /// its end).
+    async fn claim_from(
+        &self,
+        domain: &str,
+        include_held: bool,
+        limit: usize,
+        mut others: Option<&mut Vec<String>>,
+        start: Option<String>,
+    ) -> (Vec<String>, Option<String>) {
         let mut out = Vec::new();
-        let mut after: Option<String> = None;
-        while out.len() < limit {
+        let mut after: Option<String> = start;
+        loop {
             let spool = self.spool.clone();
             let (d, a) = (domain.to_string(), after.clone());
             let chunk = match tokio::task::spawn_blocking(move || {
@@ -481,19 +539,19 @@ impl Scheduler {
             .await
             {
                 Ok(Ok(c)) => c,
-                _ => break,
+                _ => return (out, None),
             };
             if chunk.is_empty() {
-                break;
+                return (out, None);
             }
-            after = chunk.last().map(|(id, _)| id.clone());
             let mut flying = lock(&self.in_flight);
             for (id, entry) in chunk {
+                if out.len() >= limit {
+                    return (out, after);
+                }
+                after = Some(id.clone());
                 if (entry.held && !include_held) || !entry.has_pending() {
                     continue;
-                }
-                if out.len() >= limit {
-                    break;
                 }
                 if flying.insert((domain.to_string(), id.clone())) {
                     out.push(id);
@@ -502,6 +560,5 @@ impl Scheduler {
                 }
             }
         }
-        out
     }
 }

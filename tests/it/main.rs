@@ -15,6 +15,7 @@ mod delivery_crash;
 mod delivery_postfix;
 mod dns;
 mod doctor;
+mod drain;
 mod postfix;
 mod receiver;
 mod smtplib;
