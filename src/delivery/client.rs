@@ -1481,8 +1481,14 @@ mod tests {
         );
         assert_eq!(String::from_utf8(got).unwrap(), expected);
         let lines = lines.lock().unwrap();
-        assert_eq!(lines[0], "<<< 220 mx.test ESMTP");
-        assert_eq!(lines[1], ">>> EHLO mx2.test");
+        assert!(
+            lines[0].starts_with("connected to mx.test[127.0.0.1]:")
+                && lines[0].ends_with(", waiting for the greeting"),
+            "{}",
+            lines[0]
+        );
+        assert_eq!(lines[1], "<<< 220 mx.test ESMTP");
+        assert_eq!(lines[2], ">>> EHLO mx2.test");
         assert!(lines.contains(&">>> RCPT TO:<\"john doe\"@y.org>".to_string()));
         assert!(lines.contains(&">>> DATA".to_string()));
         assert!(lines.contains(&"<<< 354 go".to_string()));

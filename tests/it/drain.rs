@@ -220,11 +220,7 @@ fn flush_drains(b: &Backlog, primary: &dyn Primary, limit: Duration) {
 fn aiosmtpd_421_after_20_messages_and_100_recipients() {
     let port = free_port_at("127.0.0.51");
     let b = queue_backlog(&format!("127.0.0.51:{port}"), 500, "");
-    let limits = Limits {
-        messages_per_session: Some(20),
-        rcpts_per_message: Some(100),
-    };
-    let p = AioSmtpd::start("127.0.0.51", port, AioOptions::limits(limits));
+    let p = AioSmtpd::start("127.0.0.51", port, AioOptions::limits(CAPS));
     flush_drains(&b, &p, Duration::from_secs(60));
     assert!(p.sessions() >= 500 / 20, "sessions: {}", p.sessions());
 }
@@ -237,10 +233,7 @@ fn aiosmtpd_that_just_closes_at_its_cap_drains_after_a_fresh_success() {
         "127.0.0.52",
         port,
         AioOptions {
-            limits: Limits {
-                messages_per_session: Some(20),
-                rcpts_per_message: Some(100),
-            },
+            limits: CAPS,
             cap_action: CapAction::Close,
             ..AioOptions::default()
         },
@@ -297,40 +290,36 @@ fn aiosmtpd_452_at_its_cap_and_421_after_the_dot() {
     }
 }
 
-#[test]
-fn exim_caps_messages_per_connection_and_recipients() {
-    let port = free_port_at("127.0.0.54");
-    let b = queue_backlog(&format!("127.0.0.54:{port}"), 500, "");
-    let p = Exim::start(
-        "127.0.0.54",
-        port,
-        Limits {
-            messages_per_session: Some(20),
-            rcpts_per_message: Some(100),
-        },
-    );
+/// The session and recipient caps of the tests: 20 messages, 100 recipients (RFC 5321's
+/// minimum).
+const CAPS: Limits = Limits {
+    messages_per_session: Some(20),
+    rcpts_per_message: Some(100),
+};
+
+/// A 500-message backlog for a primary at `ip` that `start` brings up with [`CAPS`], drained
+/// by a flush.
+fn capped_primary_drains<P: Primary>(ip: &str, start: impl FnOnce(&str, u16, Limits) -> P) {
+    let port = free_port_at(ip);
+    let b = queue_backlog(&format!("{ip}:{port}"), 500, "");
+    let p = start(ip, port, CAPS);
     flush_drains(&b, &p, Duration::from_secs(120));
 }
 
 #[test]
+fn exim_caps_messages_per_connection_and_recipients() {
+    capped_primary_drains("127.0.0.54", Exim::start);
+}
+
+#[test]
 fn opensmtpd_caps_messages_per_session_and_recipients() {
-    let port = free_port_at("127.0.0.55");
-    let b = queue_backlog(&format!("127.0.0.55:{port}"), 500, "");
-    let p = OpenSmtpd::start(
-        "127.0.0.55",
-        port,
-        Limits {
-            messages_per_session: Some(20),
-            rcpts_per_message: Some(100),
-        },
-    );
-    flush_drains(&b, &p, Duration::from_secs(120));
+    capped_primary_drains("127.0.0.55", OpenSmtpd::start);
 }
 
 #[test]
 fn postfix_recipient_limit() {
     let port = free_port_at("127.0.0.56");
-    let b = queue_backlog(&format!("127.0.0.56:{port}"), 200, "");
+    let b = queue_backlog(&format!("127.0.0.56:{port}"), 500, "");
     let mailbase = public_tempdir("mxspool-drain-maildir.");
     check_ok(
         "chown nobody",

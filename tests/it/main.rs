@@ -1,10 +1,12 @@
 //! Integration tests: mxspool as a real server, driven by real SMTP peers (Python's smtplib,
-//! swaks, a private Postfix instance, a private Dovecot as the LMTP server) and killed
-//! mid-stream; the seed's deployments booted as several servers with their own DNS. One test
-//! binary, `it`.
+//! swaks, a private Postfix instance, a private Dovecot as the LMTP server; Exim, OpenSMTPD
+//! and aiosmtpd as primaries with their own limits) and killed mid-stream; the seed's
+//! deployments booted as several servers with their own DNS. One test binary, `it`.
 //!
-//! Needs python3, swaks, Postfix (`postfix`, `sendmail`) and Dovecot (`dovecot-lmtpd`), and
-//! root for Postfix; a missing tool fails its test. All traffic stays on loopback addresses
+//! Needs python3, swaks, Postfix (`postfix`, `sendmail`), Dovecot (`dovecot-lmtpd`) and what
+//! `.ci/peers` installs (python3-aiosmtpd; Exim and OpenSMTPD unpacked under
+//! /opt/mxspool-peers), and root for Postfix, Exim, OpenSMTPD and the tmpfs mounts; a missing
+//! tool fails its test. All traffic stays on loopback addresses
 //! (127.0.0.0/8).
 
 mod harness;
