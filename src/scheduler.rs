@@ -25,6 +25,7 @@ use crate::delivery::mx::{ResolveError, Resolver, Route};
 use crate::delivery::{Reply, Transcript};
 use crate::dsn::{self, Action, Dsn, DsnRecipient};
 use crate::envelope::{Body, Envelope, RcptState, Recipient};
+use crate::ops::live::Live;
 use crate::spool::{Batch, DueCursor, QueueEntry, Spool, StoredEnvelope};
 
 /// Entries handed to one delivery task at most (one connection, RSET between messages).
@@ -257,7 +258,8 @@ fn to_ms(t: SystemTime) -> u64 {
 
 /// The queue runner.
 pub struct Scheduler {
-    config: Arc<Config>,
+    /// The configuration in force: see [`Scheduler::config`].
+    live: Arc<Live>,
     spool: Spool,
     resolver: Resolver,
     client: ClientConfig,
@@ -300,7 +302,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Scheduler {
-    pub fn new(config: Arc<Config>, spool: Spool) -> anyhow::Result<Arc<Scheduler>> {
+    pub fn new(live: Arc<Live>, spool: Spool) -> anyhow::Result<Arc<Scheduler>> {
+        let config = live.config();
         let resolver = Resolver::new(&config)?;
         let client = ClientConfig {
             helo_name: config.hostname.clone(),
@@ -310,7 +313,7 @@ impl Scheduler {
         };
         Ok(Arc::new(Scheduler {
             deliveries: Arc::new(Semaphore::new(config.queue.max_deliveries)),
-            config,
+            live,
             spool,
             resolver,
             client,
@@ -320,6 +323,12 @@ impl Scheduler {
             cursor: Mutex::new((None, std::time::Instant::now())),
             wake: Notify::new(),
         }))
+    }
+
+    /// The configuration in force now (a reload swaps it; the resolver, the client settings
+    /// and the delivery limit are the start's).
+    fn config(&self) -> Arc<Config> {
+        self.live.config()
     }
 
     /// Look at the due index now rather than at the next tick.
@@ -444,7 +453,7 @@ impl Scheduler {
     /// ([`Config::domain_concurrency`]).
     fn free_connections(&self, domain: &str) -> usize {
         let active = lock(&self.per_domain).get(domain).copied().unwrap_or(0);
-        self.config
+        self.config()
             .domain_concurrency(domain)
             .saturating_sub(active)
     }
@@ -489,7 +498,7 @@ impl Scheduler {
         let conns = if transcript.is_some() {
             1
         } else {
-            self.config.domain_concurrency(domain)
+            self.config().domain_concurrency(domain)
         };
         let per = n.div_ceil(conns).max(1);
         let mut tasks = tokio::task::JoinSet::new();
@@ -729,11 +738,11 @@ impl Scheduler {
         domain: &str,
         transcript: Option<Transcript>,
     ) -> Result<Link, Outcome> {
-        match self.config.transport(domain) {
+        match self.config().transport(domain) {
             Transport::Local(local) => match (&local.maildir, &local.lmtp) {
                 (Some(template), _) => Ok(Link::Maildir(MaildirTarget {
                     template: template.clone(),
-                    hostname: self.config.hostname.clone(),
+                    hostname: self.config().hostname.clone(),
                 })),
                 (None, Some(lmtp)) => {
                     let target = LmtpTarget::parse(lmtp)
@@ -775,7 +784,7 @@ impl Scheduler {
             Ok(Route::SelfOnly { preference }) => {
                 error!(
                     "CONFIGURATION ERROR: mail for {domain} loops back to myself: {} is the best MX left (preference {preference}); mail stays queued",
-                    self.config.hostname
+                    self.config().hostname
                 );
                 return Err(deferred(
                     format!("mail for {domain} loops back to myself"),
@@ -876,7 +885,7 @@ impl Scheduler {
         outcomes: &[Outcome],
     ) -> (QueueEntry, Option<Batch>) {
         let (next, dsns) = settle(
-            &self.config,
+            &self.config(),
             entry,
             &stored.envelope,
             message,
@@ -902,7 +911,7 @@ impl Scheduler {
     }
 
     fn retry_delay(&self) -> Duration {
-        let base = self.config.queue.retry_interval.0.as_secs_f64();
+        let base = self.config().queue.retry_interval.0.as_secs_f64();
         let jitter = rand::rng().random_range(0.9..1.1);
         Duration::from_secs_f64(base * jitter)
     }
