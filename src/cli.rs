@@ -313,11 +313,6 @@ fn serve(
         .context("cannot start the runtime")?;
     let live = crate::ops::live::Live::from_file(config, path, spool_arg);
     runtime.block_on(async move {
-        let listeners = listeners
-            .into_iter()
-            .map(tokio::net::TcpListener::from_std)
-            .collect::<Result<Vec<_>, _>>()
-            .context("cannot use the listening sockets")?;
         let config = live.config();
         let scheduler = crate::scheduler::Scheduler::new(live.clone(), spool.clone())?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -328,8 +323,10 @@ fn serve(
         });
         let control = crate::control::bind(&config.spool)?;
         let control = tokio::spawn(crate::control::serve(control, ctx, stop_rx.clone()));
-        let runner = tokio::spawn(scheduler.clone().run(stop_rx.clone()));
         let signals = Signals::new()?;
+        // Clients are taken in only now: spool, control socket and signals are ready.
+        let listeners = crate::smtp::server::listen(listeners)?;
+        let runner = tokio::spawn(scheduler.clone().run(stop_rx.clone()));
         let reload_live = live.clone();
         tokio::spawn(async move {
             signals.wait_for_stop(&reload_live).await;

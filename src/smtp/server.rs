@@ -12,7 +12,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::Context;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -55,24 +54,41 @@ impl Drop for IpSlot {
     }
 }
 
-/// Bind every `[smtp] listen` address (before the privilege drop, outside the runtime:
-/// plain sockets, non-blocking, for [`TcpListener::from_std`]); fails with the address
-/// that could not be bound.
-pub fn bind(config: &Config) -> anyhow::Result<Vec<std::net::TcpListener>> {
-    use std::os::fd::AsRawFd;
-    let mut listeners = Vec::new();
+/// The `[smtp] listen` sockets, bound (before the privilege drop: port 25 needs root) but not
+/// yet listening, so no client is taken in before the server is ready ([`listen`]).
+pub struct Bound(Vec<(SocketAddr, socket2::Socket)>);
+
+/// Bind every `[smtp] listen` address; fails with the address that could not be bound.
+pub fn bind(config: &Config) -> anyhow::Result<Bound> {
+    use socket2::{Domain, Socket, Type};
+    let mut sockets = Vec::new();
     for addr in config.listen_addrs() {
-        let l = std::net::TcpListener::bind(addr).map_err(|e| {
+        let fail = |e: std::io::Error| {
             anyhow::anyhow!("cannot listen on {addr}: {}", crate::config::os_error(&e))
-        })?;
-        // std listens with a backlog of 128; a mail server wants Postfix's deeper queue.
-        // SAFETY: listen(2) again on our own listening socket only changes its backlog.
-        unsafe { libc::listen(l.as_raw_fd(), 1024) };
-        l.set_nonblocking(true)
-            .with_context(|| format!("cannot listen on {addr}"))?;
-        listeners.push(l);
+        };
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(fail)?;
+        s.set_reuse_address(true).map_err(fail)?;
+        s.bind(&addr.into()).map_err(fail)?;
+        sockets.push((addr, s));
     }
-    Ok(listeners)
+    Ok(Bound(sockets))
+}
+
+/// Start listening on the bound sockets (inside the runtime, once the spool and the control
+/// socket are there: a client that connects is served).
+pub fn listen(bound: Bound) -> anyhow::Result<Vec<TcpListener>> {
+    bound
+        .0
+        .into_iter()
+        .map(|(addr, s)| {
+            let fail = |e: std::io::Error| {
+                anyhow::anyhow!("cannot listen on {addr}: {}", crate::config::os_error(&e))
+            };
+            s.listen(1024).map_err(fail)?;
+            s.set_nonblocking(true).map_err(fail)?;
+            TcpListener::from_std(s.into()).map_err(fail)
+        })
+        .collect()
 }
 
 /// Serve SMTP on `listeners` until `shutdown` turns true, then wait (a bounded time) for the

@@ -382,7 +382,7 @@ fn doctor_refuses_a_malformed_domain() {
         ),
     )
     .unwrap();
-    for bad in ["bad..domain", "-x.example", "a b", "\u{1b}[31mred"] {
+    for bad in ["bad..domain", "x-.example", "a b", "\u{1b}[31mred"] {
         let out = harness::run(
             Command::new(BIN)
                 .arg("--config")

@@ -310,6 +310,11 @@ fn serve_drops_to_its_user_and_maildirs_belong_to_the_owner() {
     std::os::unix::fs::chown(&mail, Some(uid), Some(gid)).unwrap();
 
     let server = env.start();
+    assert!(
+        wait_log(&server, &format!("running as user {user}")),
+        "{}",
+        server.log()
+    );
     let (uids, gids, cap, groups) = proc_status(pid_of(&server));
     assert_eq!(uids, vec![uid; 4], "uids of the server");
     assert_eq!(gids, vec![gid; 4], "gids of the server");
@@ -318,7 +323,6 @@ fn serve_drops_to_its_user_and_maildirs_belong_to_the_owner() {
         groups.split_whitespace().all(|g| g != "0"),
         "root's group kept: {groups}"
     );
-    assert!(wait_log(&server, &format!("running as user {user}")));
 
     // It still works: mail is queued, the control socket answers root.
     let id = send(&env, "as the user");
