@@ -299,11 +299,12 @@ fn serve(
     }
     // Only now, as the final user: the spool, the threads, the control socket.
     let spool = Spool::open(&config.spool)?;
+    // Held domains are named at start (counting their mail would read their whole queue
+    // before serving: `hold --list` does that).
     for (domain, since) in spool.held_domains() {
         tracing::info!(
-            "{domain}: on hold since {} ({} message(s) held; mxspool release {domain} ends it)",
-            crate::report::time(since),
-            spool.held_count(&domain).unwrap_or(0)
+            "{domain}: on hold since {} (mxspool hold --list; mxspool release {domain} ends it)",
+            crate::report::time(since)
         );
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -17,7 +17,7 @@ fn main() -> ExitCode {
         Err(e) if mxspool::ops::output::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             // One readable line, never a stack trace, each cause said once.
-            eprintln!("mxspool: {}", mxspool::ops::output::error_line(&e));
+            say(&mxspool::ops::output::error_line(&e));
             ExitCode::FAILURE
         }
     }
@@ -51,6 +51,12 @@ fn usage_error(e: clap::Error) -> ExitCode {
     if let Some(u) = usage {
         line.push_str(&format!(" (usage: {u})"));
     }
-    eprintln!("mxspool: {}", spool_tools::terminal::escape_line(&line));
+    say(&spool_tools::terminal::escape_line(&line));
     ExitCode::from(2)
+}
+
+/// One line on standard error (a closed standard error is no reason to panic).
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "mxspool: {line}");
 }
