@@ -734,15 +734,20 @@ async fn flush(ctx: &Ctx, domain: Option<String>, verbose: bool, out: &Out) -> R
         if verbose {
             say(out, format!("Running queue for {d}"));
         }
-        let (tried, left) = ctx.scheduler.flush_domain(&d, transcript, true).await;
-        left_total += left;
-        match (tried, left) {
+        let report = ctx.scheduler.flush_domain(&d, transcript, true).await;
+        left_total += report.left.len();
+        match (report.tried, report.left.len()) {
             (0, _) => say(out, format!("{d}: nothing queued")),
             (n, 0) => say(
                 out,
                 format!("{d}: {n} message(s) delivered or returned, none left"),
             ),
-            (n, l) => say(out, format!("{d}: {n} message(s) tried, {l} still queued")),
+            (n, l) => {
+                say(out, format!("{d}: {n} message(s) tried, {l} still queued"));
+                for (id, why) in &report.left {
+                    say(out, format!("  {id}: {why}"));
+                }
+            }
         }
     }
     Ok(i32::from(left_total > 0))

@@ -269,6 +269,9 @@ pub struct SmtpConfig {
     pub etrn_clients: Vec<IpNet>,
     /// Errors a client may make before it is disconnected with 421.
     pub max_errors: usize,
+    /// RCPTs past `max_recipients` that get `452 4.5.3` without counting as errors
+    /// (Postfix's `smtpd_recipient_overshoot_limit`); beyond them each one is an error.
+    pub recipient_overshoot: usize,
 }
 
 impl Default for SmtpConfig {
@@ -282,6 +285,7 @@ impl Default for SmtpConfig {
             command_timeout: secs(300),
             etrn_clients: Vec::new(),
             max_errors: 20,
+            recipient_overshoot: 1000,
         }
     }
 }
@@ -317,6 +321,9 @@ impl Default for QueueConfig {
 pub struct DeliveryConfig {
     pub port: u16,
     pub connect_timeout: HumanDuration,
+    /// How long to wait for the next hop's 220 greeting (RFC 5321 4.5.3.2: 5 minutes; like
+    /// Postfix's `smtp_helo_timeout`).
+    pub helo_timeout: HumanDuration,
     pub nameservers: Vec<String>,
     /// The local address outbound connections come from (Postfix's `smtp_bind_address`);
     /// unset: the system chooses.
@@ -329,6 +336,7 @@ impl Default for DeliveryConfig {
         DeliveryConfig {
             port: 25,
             connect_timeout: secs(30),
+            helo_timeout: secs(300),
             nameservers: Vec::new(),
             bind_address: None,
         }
@@ -423,6 +431,9 @@ impl Config {
         }
         if self.smtp.command_timeout.0 < Duration::from_secs(1) {
             return Err(at("command_timeout", "must be at least 1s".into()));
+        }
+        if self.delivery.helo_timeout.0 < Duration::from_secs(1) {
+            return Err(at("helo_timeout", "must be at least 1s".into()));
         }
         if self.queue.retry_interval.0 < Duration::from_secs(1) {
             return Err(at("retry_interval", "must be at least 1s".into()));

@@ -190,12 +190,20 @@ pub enum RcptResult {
     Deferred(Reply),
     /// 5xx: bounce.
     Failed(Reply),
+    /// Not handed over, and nothing is known against sending it again at once: the session
+    /// ended before the final dot (a `421`, a lost connection, a timeout, the server's cap
+    /// of messages per session), or the server wants fewer recipients per transaction
+    /// (`452 4.5.3`). The reply says why. Not an attempt: the caller sends it again, on this
+    /// session if it is still usable, else on a new one.
+    Unsent(Reply),
 }
 
 impl RcptResult {
-    /// Sent for 2xx, Failed for 5xx, Deferred for anything else.
+    /// Sent for 2xx, Failed for 5xx, Unsent for a `421` (the server is closing the session
+    /// and has taken nothing), Deferred for anything else.
     fn from_reply(reply: Reply) -> RcptResult {
         match reply.code / 100 {
+            _ if reply.code == 421 => RcptResult::Unsent(reply),
             2 => RcptResult::Sent(reply),
             5 => RcptResult::Failed(reply),
             _ => RcptResult::Deferred(reply),
@@ -204,7 +212,10 @@ impl RcptResult {
 
     pub fn reply(&self) -> &Reply {
         match self {
-            RcptResult::Sent(r) | RcptResult::Deferred(r) | RcptResult::Failed(r) => r,
+            RcptResult::Sent(r)
+            | RcptResult::Deferred(r)
+            | RcptResult::Failed(r)
+            | RcptResult::Unsent(r) => r,
         }
     }
 }
@@ -321,6 +332,8 @@ pub struct Connection {
     in_transaction: bool,
     /// An I/O error, a timeout, a garbled reply or a 421: nothing more can be said.
     broken: bool,
+    /// Transactions this session brought to a reply after the final dot.
+    completed: u32,
 }
 
 /// A TCP connection to `addr`, from `bind` when given (any port).
@@ -348,8 +361,13 @@ impl Connection {
         let stream = dial(cfg, tcp_connect(addr, cfg.bind)).await?;
         // We batch our own writes; Nagle would only delay the last piece of each.
         let _ = stream.set_nodelay(true);
-        let c = Connection::new(Stream::Tcp(stream), Protocol::Smtp, cfg, transcript);
-        c.with_peer(addr, host_name).hello(cfg).await
+        let c = Connection::new(Stream::Tcp(stream), Protocol::Smtp, cfg, transcript)
+            .with_peer(addr, host_name);
+        c.trace(
+            "",
+            &format!("connected to {}, waiting for the greeting", c.relay()),
+        );
+        c.hello(cfg).await
     }
 
     /// Connects to an LMTP server (RFC 2033), reads the greeting and says LHLO (there is no
@@ -395,6 +413,7 @@ impl Connection {
             transcript,
             in_transaction: false,
             broken: false,
+            completed: 0,
         }
     }
 
@@ -483,31 +502,66 @@ impl Connection {
         !self.broken
     }
 
-    /// Sends one message. Returns one result per recipient of `msg`, in order; an error
-    /// means the connection broke before every recipient was settled.
-    pub async fn send(&mut self, msg: &Outgoing<'_>) -> Result<Vec<RcptResult>, ClientError> {
+    /// Sends one message. Returns one result per recipient of `msg`, in order.
+    ///
+    /// When the session ends before the final dot was written (a `421`, a lost connection,
+    /// a timeout, or the server's cap of messages per session), every recipient not yet
+    /// settled is [`RcptResult::Unsent`]: the server has nothing. When it ends while the
+    /// reply to the final dot is awaited, the outcome is unknown: those recipients are
+    /// `Deferred` (the server may have the message; the retry is a duplicate at worst,
+    /// never a loss).
+    pub async fn send(&mut self, msg: &Outgoing<'_>) -> Vec<RcptResult> {
+        let mut results: Vec<Option<RcptResult>> = vec![None; msg.recipients.len()];
+        let mut dot_written = false;
+        if let Err(e) = self.transaction(msg, &mut results, &mut dot_written).await {
+            let relay = self.relay();
+            let lost = if dot_written {
+                let text = format!(
+                    "lost connection with {relay} after end of data ({e}); the message may be delivered twice"
+                );
+                RcptResult::Deferred(synthetic(451, "4.4.2", &text))
+            } else {
+                let text = format!("lost connection with {relay}: {e}");
+                RcptResult::Unsent(synthetic(421, "4.4.2", &text))
+            };
+            for r in results.iter_mut().filter(|r| r.is_none()) {
+                *r = Some(lost.clone());
+            }
+        }
+        settled(results)
+    }
+
+    /// One transaction: fills `results`; an error means the connection broke before every
+    /// recipient was settled (`dot_written` says whether the server may have the message).
+    async fn transaction(
+        &mut self,
+        msg: &Outgoing<'_>,
+        results: &mut [Option<RcptResult>],
+        dot_written: &mut bool,
+    ) -> Result<(), ClientError> {
         self.check_usable()?;
         let n = msg.recipients.len();
         if n == 0 {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let utf8 = needs_smtputf8(msg);
         if let Some(refusal) = self.refuse_locally(msg, utf8) {
-            return Ok(vec![RcptResult::Failed(refusal); n]);
+            results.fill(Some(RcptResult::Failed(refusal)));
+            return Ok(());
         }
         // Recipients we cannot put on a command line fail here; the rest go out.
-        let mut results: Vec<Option<RcptResult>> = msg
-            .recipients
-            .iter()
-            .map(|r| {
-                has_control(&r.address).then(|| {
-                    RcptResult::Failed(synthetic(553, "5.1.3", "bad recipient address syntax"))
-                })
-            })
-            .collect();
+        for (r, rcpt) in results.iter_mut().zip(msg.recipients) {
+            if has_control(&rcpt.address) {
+                *r = Some(RcptResult::Failed(synthetic(
+                    553,
+                    "5.1.3",
+                    "bad recipient address syntax",
+                )));
+            }
+        }
         let wire: Vec<usize> = (0..n).filter(|&i| results[i].is_none()).collect();
         if wire.is_empty() {
-            return Ok(settled(results));
+            return Ok(());
         }
         if self.in_transaction {
             self.reset().await?;
@@ -537,18 +591,18 @@ impl Connection {
 
             let mail_reply = self.read_reply("MAIL", t.mail).await?;
             if mail_reply.code / 100 != 2 {
-                settle(&mut results, &mail_reply);
                 if mail_reply.code != 421 {
                     // Every recipient is settled: what follows only tidies up.
                     self.drain_after_refusal(rcpts.len()).await;
                 }
-                return Ok(settled(results));
+                self.mail_refused(results, &mail_reply).await;
+                return Ok(());
             }
             self.in_transaction = true;
             for &i in &wire {
                 let r = self.read_reply("RCPT", t.rcpt).await?;
-                if take_rcpt_reply(&mut results, &mut accepted, i, r) {
-                    return Ok(settled(results));
+                if take_rcpt_reply(results, &mut accepted, i, r) {
+                    return Ok(());
                 }
             }
             if accepted.is_empty() {
@@ -558,24 +612,24 @@ impl Connection {
                         self.end_empty_data().await;
                     }
                 }
-                return Ok(settled(results));
+                return Ok(());
             }
             data_reply = self.read_reply("DATA", t.data_init).await?;
         } else {
             let (mail_reply, _) = self.command(&mail, "MAIL", t.mail).await?;
             if mail_reply.code / 100 != 2 {
-                settle(&mut results, &mail_reply);
-                return Ok(settled(results));
+                self.mail_refused(results, &mail_reply).await;
+                return Ok(());
             }
             self.in_transaction = true;
             for (k, &i) in wire.iter().enumerate() {
                 let (r, _) = self.command(&rcpts[k], "RCPT", t.rcpt).await?;
-                if take_rcpt_reply(&mut results, &mut accepted, i, r) {
-                    return Ok(settled(results));
+                if take_rcpt_reply(results, &mut accepted, i, r) {
+                    return Ok(());
                 }
             }
             if accepted.is_empty() {
-                return Ok(settled(results));
+                return Ok(());
             }
             data_reply = self.command("DATA", "DATA", t.data_init).await?.0;
         }
@@ -584,19 +638,43 @@ impl Connection {
             for &i in &accepted {
                 results[i] = Some(RcptResult::from_reply(data_reply.clone()));
             }
-            return Ok(settled(results));
+            return Ok(());
         }
         self.write_body(msg.message).await?;
+        *dot_written = true;
         if self.protocol == Protocol::Lmtp {
-            self.lmtp_replies(&mut results, &accepted).await?;
-            return Ok(settled(results));
+            self.lmtp_replies(results, &accepted).await?;
+            self.completed += 1;
+            return Ok(());
         }
         let fin = self.read_reply("end of data", t.data_term).await?;
         self.in_transaction = false;
+        self.completed += 1;
         for &i in &accepted {
             results[i] = Some(RcptResult::from_reply(fin.clone()));
         }
-        Ok(settled(results))
+        Ok(())
+    }
+
+    /// MAIL was refused. A `421`, or a temporary refusal once this session has carried
+    /// messages (the server's cap of messages per session): nothing was sent, and the
+    /// session is over. Anything else is the message's verdict.
+    async fn mail_refused(&mut self, results: &mut [Option<RcptResult>], reply: &Reply) {
+        if reply.code != 421 && reply.is_transient() && self.completed > 0 {
+            self.trace(
+                "*** ",
+                &format!(
+                    "MAIL refused after {} message(s) on this session: a new session follows",
+                    self.completed
+                ),
+            );
+            for r in results.iter_mut().filter(|r| r.is_none()) {
+                *r = Some(RcptResult::Unsent(reply.clone()));
+            }
+            self.say_quit().await;
+            return;
+        }
+        settle(results, reply);
     }
 
     /// LMTP after the final dot (RFC 2033 4.2): one reply for each recipient accepted at
@@ -992,7 +1070,6 @@ fn synthetic(code: u16, status: &str, text: &str) -> Reply {
     }
 }
 
-/// Every unsettled recipient gets `reply`'s verdict.
 /// Settle recipient `i` by its RCPT reply: accepted (2xx) waits for DATA, a refusal is its
 /// result. A 421 settles every recipient not yet settled; returns true then (the
 /// connection is going away).
@@ -1008,12 +1085,25 @@ fn take_rcpt_reply(
     }
     if r.code / 100 == 2 {
         accepted.push(i);
+    } else if too_many_recipients(&r) {
+        results[i] = Some(RcptResult::Unsent(r));
     } else {
         results[i] = Some(RcptResult::from_reply(r));
     }
     false
 }
 
+/// A temporary refusal of one RCPT as too many: `452 4.5.3` (RFC 5321 4.5.3.1.10), or any
+/// 4xx with status 4.5.3 or saying "too many recipients" (Exim's plain `452 too many
+/// recipients`, OpenSMTPD's `451 4.5.3`). The rest go in a further transaction.
+fn too_many_recipients(r: &Reply) -> bool {
+    r.is_transient()
+        && r.code != 421
+        && (r.status.as_deref() == Some("4.5.3")
+            || r.text.to_ascii_lowercase().contains("too many recipients"))
+}
+
+/// Every unsettled recipient gets `reply`'s verdict.
 fn settle(results: &mut [Option<RcptResult>], reply: &Reply) {
     for r in results.iter_mut().filter(|r| r.is_none()) {
         *r = Some(RcptResult::from_reply(reply.clone()));
@@ -1305,7 +1395,7 @@ mod tests {
             recipients: &env.recipients,
             message,
         };
-        let results = c.send(&msg).await.unwrap();
+        let results = c.send(&msg).await;
         c.quit().await;
         let (log, got) = peer.finish().await;
         Outcome {
@@ -1370,7 +1460,7 @@ mod tests {
             recipients: &env.recipients,
             message,
         };
-        let results = c.send(&msg).await.unwrap();
+        let results = c.send(&msg).await;
         c.quit().await;
         let (_, got) = peer.finish().await;
 
@@ -1538,12 +1628,12 @@ mod tests {
             recipients: &env.recipients,
             message: b"hi\r\n",
         };
-        let first = c.send(&msg).await.unwrap();
+        let first = c.send(&msg).await;
         assert_eq!(
             first,
             [RcptResult::Deferred(reply(451, Some("4.3.0"), "try later"))]
         );
-        let second = c.send(&msg).await.unwrap();
+        let second = c.send(&msg).await;
         assert!(matches!(second[..], [RcptResult::Sent(_)]));
         c.quit().await;
         let (_, got) = peer.finish().await;
@@ -1735,7 +1825,7 @@ mod tests {
                 recipients: &env.recipients,
                 message: body,
             };
-            let r = c.send(&msg).await.unwrap();
+            let r = c.send(&msg).await;
             assert_eq!(
                 r,
                 [RcptResult::Sent(reply(
@@ -1785,8 +1875,12 @@ mod tests {
             message: b"hi\r\n",
         };
         let started = std::time::Instant::now();
-        let err = c.send(&msg).await.unwrap_err();
-        assert!(matches!(err, ClientError::Timeout("end of data")), "{err}");
+        // Waiting for the reply to the dot: sent, outcome unknown (a deferral, not Unsent).
+        let r = c.send(&msg).await;
+        assert!(
+            matches!(&r[..], [RcptResult::Deferred(d)] if d.text.contains("timeout waiting for end of data") && d.text.contains("delivered twice")),
+            "{r:?}"
+        );
         assert!(started.elapsed() < Duration::from_secs(3));
         assert!(!c.is_usable());
         assert!(c.reset().await.is_err());
@@ -1901,7 +1995,7 @@ mod tests {
         script: Vec<Step>,
         env: &Envelope,
         message: &[u8],
-    ) -> (Result<Vec<RcptResult>, ClientError>, bool, Outcome) {
+    ) -> (Vec<RcptResult>, bool, Outcome) {
         let peer = Peer::start(script).await;
         let cfg = cfg(Duration::from_secs(5));
         let target = LmtpTarget::Tcp(peer.addr);
@@ -1918,7 +2012,7 @@ mod tests {
         c.quit().await;
         let (log, got) = peer.finish().await;
         let out = Outcome {
-            results: results.as_ref().map(|r| r.clone()).unwrap_or_default(),
+            results: results.clone(),
             ext,
             log,
             got: String::from_utf8(got).unwrap(),
@@ -1948,7 +2042,7 @@ mod tests {
         let (results, usable, out) = deliver_lmtp(script, &env, b"hi\r\n.x\r\n").await;
         assert!(usable);
         assert_eq!(
-            results.unwrap(),
+            results,
             [
                 RcptResult::Sent(reply(250, Some("2.0.0"), "<b@y.org> Saved")),
                 RcptResult::Deferred(reply(452, Some("4.2.2"), "<c@y.org> Mailbox is full")),
@@ -1983,7 +2077,7 @@ mod tests {
         let (results, usable, _) = deliver_lmtp(script, &env, b"hi\r\n").await;
         assert!(usable);
         assert_eq!(
-            results.unwrap(),
+            results,
             [
                 RcptResult::Sent(reply(250, Some("2.0.0"), "<b@y.org> Saved")),
                 RcptResult::Failed(reply(550, Some("5.1.1"), "<c@y.org> unknown")),
@@ -2007,7 +2101,7 @@ mod tests {
         ];
         let (results, usable, _) = deliver_lmtp(script, &env, b"hi\r\n").await;
         assert!(!usable);
-        let results = results.unwrap();
+
         assert_eq!(
             results[0],
             RcptResult::Sent(reply(250, Some("2.0.0"), "<b@y.org> Saved"))
@@ -2020,7 +2114,7 @@ mod tests {
             assert!(r.text.starts_with("lost connection with 127.0.0.1["), "{r}");
         }
 
-        // Lost before the first reply: an error, as in SMTP (everyone is retried).
+        // Lost before the first reply: outcome unknown, as in SMTP (everyone is retried).
         let script = vec![
             Say(LMTP_GREET),
             Hear(1),
@@ -2033,9 +2127,14 @@ mod tests {
         let env = envelope("a@x.org", &["b@y.org", "c@y.org"]);
         let (results, usable, _) = deliver_lmtp(script, &env, b"hi\r\n").await;
         assert!(!usable);
-        assert!(matches!(results, Err(ClientError::Io(_))), "{results:?}");
+        assert!(
+            results.iter().all(
+                |r| matches!(r, RcptResult::Deferred(d) if d.text.contains("delivered twice"))
+            ),
+            "{results:?}"
+        );
 
-        // A 421 among the replies settles the rest with it.
+        // A 421 among the replies: the rest were not delivered (sent again on a new session).
         let script = vec![
             Say(LMTP_GREET),
             Hear(1),
@@ -2051,11 +2150,11 @@ mod tests {
         assert!(!usable);
         let bye = reply(421, Some("4.3.2"), "shutting down");
         assert_eq!(
-            results.unwrap(),
+            results,
             [
                 RcptResult::Sent(reply(250, Some("2.0.0"), "Saved")),
-                RcptResult::Deferred(bye.clone()),
-                RcptResult::Deferred(bye),
+                RcptResult::Unsent(bye.clone()),
+                RcptResult::Unsent(bye),
             ]
         );
     }
@@ -2089,9 +2188,9 @@ mod tests {
             recipients: &env.recipients,
             message: b"hi\r\n",
         };
-        let first = c.send(&msg).await.unwrap();
+        let first = c.send(&msg).await;
         assert!(first.iter().all(|r| matches!(r, RcptResult::Sent(_))));
-        let second = c.send(&msg).await.unwrap();
+        let second = c.send(&msg).await;
         let no = reply(554, Some("5.3.0"), "no");
         assert_eq!(
             second,
@@ -2160,7 +2259,7 @@ mod tests {
             recipients: &env.recipients,
             message: b"Subject: x\r\n\r\nbody\r\n",
         };
-        let r = c.send(&msg).await.unwrap();
+        let r = c.send(&msg).await;
         assert_eq!(
             r,
             [RcptResult::Sent(reply(
@@ -2337,5 +2436,130 @@ mod tests {
         );
         assert_eq!(n(false, false, false, true).as_deref(), Some("DELAY"));
         assert_eq!(n(false, false, false, false), None);
+    }
+
+    /// Connects to a peer playing `script` and sends `env` to all its recipients, `times`
+    /// times over the one session; the results of each send and whether the session is
+    /// still usable.
+    async fn sends(
+        script: Vec<Step>,
+        env: &Envelope,
+        times: usize,
+    ) -> (Vec<Vec<RcptResult>>, bool) {
+        let peer = Peer::start(script).await;
+        let cfg = cfg(Duration::from_secs(5));
+        let mut c = Connection::connect(peer.addr, "mx.test", &cfg, None)
+            .await
+            .unwrap();
+        let msg = Outgoing {
+            envelope: env,
+            recipients: &env.recipients,
+            message: b"hi\r\n",
+        };
+        let mut all = Vec::new();
+        for _ in 0..times {
+            all.push(c.send(&msg).await);
+        }
+        let usable = c.is_usable();
+        c.quit().await;
+        let _ = peer.finish().await;
+        (all, usable)
+    }
+
+    #[tokio::test]
+    async fn too_many_recipients_are_unsent_and_the_session_goes_on() {
+        let env = envelope("a@x.org", &["b@y.org", "c@y.org", "d@y.org"]);
+        let script = vec![
+            Say(GREET),
+            Hear(1),
+            Say(EHLO_ALL),
+            Hear(5),
+            Say("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n452 4.5.3 Error: too many recipients\r\n452 too many recipients\r\n354 go\r\n"),
+            HearDot,
+            Say("250 2.0.0 Ok: queued\r\n"),
+            Hear(1),
+            Say(BYE),
+        ];
+        let (r, usable) = sends(script, &env, 1).await;
+        assert!(usable);
+        assert!(
+            matches!(&r[0][..], [RcptResult::Sent(_), RcptResult::Unsent(a), RcptResult::Unsent(b)]
+            if a.code == 452 && b.code == 452),
+            "{r:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_421_at_mail_is_unsent_and_ends_the_session() {
+        let env = envelope("a@x.org", &["b@y.org", "c@y.org"]);
+        let script = vec![
+            Say(GREET),
+            Hear(1),
+            Say(EHLO_ALL),
+            Hear(4),
+            Say("421 4.7.0 mx.test Error: too many messages, closing\r\n"),
+            Close,
+        ];
+        let (r, usable) = sends(script, &env, 1).await;
+        assert!(!usable);
+        assert!(
+            r[0].iter()
+                .all(|x| matches!(x, RcptResult::Unsent(x) if x.code == 421)),
+            "{r:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_temporary_mail_refusal_after_messages_is_the_session_cap() {
+        let env = envelope("a@x.org", &["b@y.org"]);
+        let script = vec![
+            Say(GREET),
+            Hear(1),
+            Say(EHLO_ALL),
+            Hear(3),
+            Say("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n"),
+            HearDot,
+            Say("250 2.0.0 Ok\r\n"),
+            Hear(3),
+            Say("452 4.3.2 too many messages in this session\r\n503 5.5.1 no MAIL\r\n503 5.5.1 no MAIL\r\n"),
+            Hear(1),
+            Say(BYE),
+        ];
+        let (r, usable) = sends(script, &env, 2).await;
+        assert!(matches!(&r[0][..], [RcptResult::Sent(_)]), "{r:?}");
+        assert!(
+            matches!(&r[1][..], [RcptResult::Unsent(x)] if x.code == 452),
+            "{r:?}"
+        );
+        assert!(!usable, "the capped session is ended");
+
+        // On a fresh session the same refusal is the server's verdict for the message.
+        let script = vec![
+            Say(GREET),
+            Hear(1),
+            Say(EHLO_ALL),
+            Hear(3),
+            Say("452 4.3.1 Insufficient system storage\r\n503 5.5.1 no MAIL\r\n503 5.5.1 no MAIL\r\n"),
+            Hear(1),
+            Say(BYE),
+        ];
+        let (r, usable) = sends(script, &env, 1).await;
+        assert!(
+            matches!(&r[0][..], [RcptResult::Deferred(x)] if x.code == 452),
+            "{r:?}"
+        );
+        assert!(usable);
+    }
+
+    #[tokio::test]
+    async fn a_connection_lost_before_the_dot_is_unsent() {
+        let env = envelope("a@x.org", &["b@y.org"]);
+        let script = vec![Say(GREET), Hear(1), Say(EHLO_ALL), Hear(3), Close];
+        let (r, usable) = sends(script, &env, 1).await;
+        assert!(!usable);
+        assert!(
+            matches!(&r[0][..], [RcptResult::Unsent(x)] if x.text.contains("lost connection")),
+            "{r:?}"
+        );
     }
 }

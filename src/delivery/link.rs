@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::client::{ClientError, Connection, Outgoing, RcptResult};
+use super::client::{Connection, Outgoing, RcptResult};
 use super::maildir::{self, LocalError};
 use super::Reply;
 use crate::envelope::domain_of;
@@ -48,11 +48,12 @@ impl Link {
         }
     }
 
-    /// Deliver one message to its recipients (all of this link's domain).
-    pub async fn send(&mut self, msg: &Outgoing<'_>) -> Result<Vec<RcptResult>, ClientError> {
+    /// Deliver one message to its recipients (all of this link's domain): one result per
+    /// recipient (see [`Connection::send`] for `Unsent`).
+    pub async fn send(&mut self, msg: &Outgoing<'_>) -> Vec<RcptResult> {
         match self {
             Link::Remote(c) => c.send(msg).await,
-            Link::Maildir(target) => Ok(deliver_maildirs(target, msg).await),
+            Link::Maildir(target) => deliver_maildirs(target, msg).await,
         }
     }
 

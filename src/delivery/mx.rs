@@ -244,6 +244,18 @@ impl Resolver {
         if !route.is_empty() {
             return self.route_hops(route).await;
         }
+        if let Some(ip) = crate::smtp::path::literal_ip(domain.as_bytes()) {
+            // An address literal (`user@[192.0.2.1]`): that host, no DNS.
+            if self.local_addrs().contains(&ip) {
+                return Ok(Route::SelfOnly { preference: 0 });
+            }
+            return Ok(Route::Hops(vec![Hop {
+                name: domain.to_string(),
+                preference: 0,
+                addrs: vec![ip],
+                port: self.port,
+            }]));
+        }
         let domain = domain.trim_end_matches('.').to_ascii_lowercase();
         let mut records = match self.mx_lookup(&domain).await? {
             Some(records) => records,

@@ -31,6 +31,7 @@ impl Snapshot {
             max_message_size: config.smtp.max_message_size.0 as usize,
             max_recipients: config.smtp.max_recipients,
             max_errors: config.smtp.max_errors,
+            recipient_overshoot: config.smtp.recipient_overshoot,
             min_free_space: config.queue.min_free_space.0,
         };
         Snapshot {

@@ -3,6 +3,7 @@
 
 pub mod counts;
 pub mod data;
+pub mod path;
 pub mod server;
 pub mod session;
 

@@ -13,6 +13,8 @@ use std::time::SystemTime;
 
 use smtp_proto::{Error as ParseError, Request};
 
+use super::path;
+
 use super::data::{DataReader, Verdict};
 use crate::envelope::{Body, Envelope, Notify, Recipient, Ret};
 use crate::policy::{EtrnRefusal, Policy, Refusal};
@@ -32,6 +34,8 @@ pub struct SessionConfig {
     pub max_message_size: usize,
     pub max_recipients: usize,
     pub max_errors: usize,
+    /// RCPTs past `max_recipients` answered `452 4.5.3` before they count as errors.
+    pub recipient_overshoot: usize,
     /// Free bytes that must stay on the spool's file system.
     pub min_free_space: u64,
 }
@@ -94,6 +98,8 @@ struct Transaction {
     recipients: Vec<Recipient>,
     /// Each recipient as the client gave it (before the virtual table), for `Received:`.
     given: Vec<String>,
+    /// RCPTs refused so far because `max_recipients` was reached.
+    overshoot: usize,
 }
 
 #[derive(Debug)]
@@ -288,10 +294,37 @@ impl Session {
             owned.extend_from_slice(b"\r\n");
             &owned
         };
-        let request = match Request::parse(&mut line.iter()) {
+        // Address literals and source routes: our parser; the rest is smtp-proto's.
+        let is_mail = line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"MAIL");
+        let is_rcpt = line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"RCPT");
+        let rewritten = if is_mail || is_rcpt {
+            match path::rewrite(line) {
+                Ok(r) => r,
+                Err(path::PathError::Syntax) if is_mail => {
+                    return self.error("501 5.1.7 Bad sender address syntax")
+                }
+                Err(path::PathError::Syntax) => {
+                    return self.error("501 5.1.3 Bad recipient address syntax")
+                }
+            }
+        } else {
+            None
+        };
+        let parsed = match &rewritten {
+            Some(r) => Request::parse(&mut r.line.iter()),
+            None => Request::parse(&mut line.iter()),
+        };
+        let mut request = match parsed {
             Ok(r) => r,
             Err(e) => return self.parse_error(e),
         };
+        if let Some(r) = &rewritten {
+            match &mut request {
+                Request::Mail { from } => from.address = r.mailbox.clone().into(),
+                Request::Rcpt { to } => to.address = r.mailbox.clone().into(),
+                _ => {}
+            }
+        }
         match request {
             Request::Ehlo { host } => self.hello(host.into_owned(), true),
             Request::Helo { host } => self.hello(host.into_owned(), false),
@@ -494,6 +527,7 @@ impl Session {
             envid: from.env_id.map(|e| e.into_owned()),
             recipients: Vec::new(),
             given: Vec::new(),
+            overshoot: 0,
         });
         self.reply("250 2.1.0 Ok");
         None
@@ -534,7 +568,17 @@ impl Session {
             return self.error("553 5.6.7 Non-ASCII recipient address needs SMTPUTF8");
         }
         if tx.recipients.len() >= self.config.max_recipients {
-            return self.error("452 4.5.3 Error: too many recipients");
+            // The client sends the rest in another transaction (RFC 5321 4.5.3.1.10): only
+            // past `recipient_overshoot` of them is it an error.
+            let State::Mail(tx) = &mut self.state else {
+                unreachable!()
+            };
+            tx.overshoot += 1;
+            if tx.overshoot > self.config.recipient_overshoot {
+                return self.error("452 4.5.3 Error: too many recipients");
+            }
+            self.reply("452 4.5.3 Error: too many recipients");
+            return None;
         }
         use smtp_proto::*;
         if !self.esmtp && (to.flags != 0 || to.orcpt.is_some()) {

@@ -30,6 +30,7 @@ fn config(max_size: usize) -> Arc<SessionConfig> {
         max_message_size: max_size,
         max_recipients: 100,
         max_errors: 20,
+        recipient_overshoot: 1000,
         min_free_space: 1 << 20,
     })
 }
@@ -808,4 +809,116 @@ fn received_names_the_recipient_the_client_gave() {
     assert_eq!(stored.envelope.recipients[0].address, "alice@inst.uc.pt");
     let text = String::from_utf8_lossy(&stored.message).into_owned();
     assert!(text.contains("\r\n\tfor <info@inst.uc.pt>;\r\n"), "{text}");
+}
+
+#[test]
+fn address_literals_in_mail_and_rcpt() {
+    let c = check(&format!(
+        "{EHLO}
+        C: MAIL FROM:<antispam@[127.0.0.1]>
+        S: 250 2.1.0
+        C: RCPT TO:<bob@example.com>
+        S: 250 2.1.5
+        C: DATA
+        S: 354
+        C: hi
+        C: .
+        S: 250 2.0.0
+        C: MAIL FROM:<v6@[IPv6:2001:db8::1]> SIZE=10
+        S: 250 2.1.0
+        C: RSET
+        S: 250
+        C: MAIL FROM:<u@[300.0.0.1]>
+        S: 501 5.1.7
+        C: MAIL FROM:<u@[tag:x]>
+        S: 501 5.1.7
+        C: MAIL FROM:<x@example.net>
+        S: 250 2.1.0
+        C: RCPT TO:<u@[192.0.2.1]>
+        S: 550 5.7.1
+        C: RCPT TO:<u@[999.0.2.1]>
+        S: 501 5.1.3"
+    ));
+    assert_eq!(c.stored.len(), 1);
+    assert_eq!(c.stored[0].envelope.sender, "antispam@[127.0.0.1]");
+}
+
+#[test]
+fn source_routes_are_stripped_and_the_mailbox_judged() {
+    let mut c = check(&format!(
+        "{EHLO}
+        C: MAIL FROM:<@relay.example:a@b.test>
+        S: 250 2.1.0
+        C: RCPT TO:<@[127.0.0.1]:bob@example.com> NOTIFY=FAILURE
+        S: 250 2.1.5
+        C: RCPT TO:<@a.example,@b.example:carol@example.com>
+        S: 250 2.1.5
+        C: RCPT TO:<@example.com:victim@elsewhere.test>
+        S: 550 5.7.1
+        C: RCPT TO:<@example.com,:x@example.com>
+        S: 501 5.1.3
+        C: DATA
+        S: 354
+        C: hi
+        C: .
+        S: 250 2.0.0"
+    ));
+    let env = &c.stored[0].envelope;
+    assert_eq!(env.sender, "a@b.test");
+    let rcpts: Vec<&str> = env.recipients.iter().map(|r| r.address.as_str()).collect();
+    assert_eq!(rcpts, ["bob@example.com", "carol@example.com"]);
+    assert!(env.recipients[0].notify.as_ref().is_some_and(|n| n.failure));
+    c.pending.clear();
+}
+
+#[test]
+fn recipient_overshoot_is_not_an_error_until_its_limit() {
+    // 100 recipients allowed, 1,000 more answered 452 without counting as errors: a client
+    // that pipelines 1,025 RCPTs keeps its session and sends the first 100.
+    let mut c = Client::new();
+    c.send(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n");
+    c.pending.clear();
+    let mut burst = Vec::new();
+    for i in 0..1025 {
+        burst.extend_from_slice(format!("RCPT TO:<u{i}@example.com>\r\n").as_bytes());
+    }
+    burst.extend_from_slice(b"DATA\r\nhi\r\n.\r\n");
+    c.send(&burst);
+    assert_eq!(
+        c.pending
+            .iter()
+            .filter(|r| r.starts_with("250 2.1.5"))
+            .count(),
+        100
+    );
+    assert_eq!(
+        c.pending
+            .iter()
+            .filter(|r| r.starts_with("452 4.5.3"))
+            .count(),
+        925
+    );
+    assert!(
+        !c.pending.iter().any(|r| r.starts_with("421")),
+        "{:?}",
+        c.pending.last()
+    );
+    assert!(c.pending.iter().any(|r| r.starts_with("354")));
+    assert!(c.pending.last().unwrap().starts_with("250 2.0.0"));
+    assert_eq!(c.stored[0].envelope.recipients.len(), 100);
+
+    // Past the overshoot limit every extra RCPT is an error: the session ends.
+    let config = Arc::new(SessionConfig {
+        recipient_overshoot: 5,
+        ..(*config(1 << 20)).clone()
+    });
+    let mut c = Client::with(config);
+    c.send(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n");
+    let mut burst = Vec::new();
+    for i in 0..130 {
+        burst.extend_from_slice(format!("RCPT TO:<u{i}@example.com>\r\n").as_bytes());
+    }
+    c.send(&burst);
+    assert!(c.closed, "{:?}", c.pending.last());
+    assert!(c.pending.last().unwrap().starts_with("421 4.7.0"));
 }

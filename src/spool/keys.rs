@@ -37,6 +37,8 @@ impl Cf {
 
 /// Key of the format version in [`Cf::Meta`].
 pub const META_FORMAT: &[u8] = b"format";
+/// Rewritten by [`crate::spool::Spool::probe`] to see whether commits work again.
+pub const META_PROBE: &[u8] = b"probe";
 
 const SEP: u8 = 0x00;
 

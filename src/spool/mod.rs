@@ -703,6 +703,18 @@ impl Spool {
         rx.await.map_err(|_| SpoolError::Closed)?
     }
 
+    /// Whether commits work: one small synced write (the `probe` key of `meta`). The
+    /// scheduler asks this while delivery is paused because outcomes could not be recorded.
+    pub async fn probe(&self, now_ms: u64) -> Result<(), SpoolError> {
+        let mut b = Batch::new();
+        b.put(
+            Cf::Meta,
+            keys::META_PROBE.to_vec(),
+            now_ms.to_be_bytes().to_vec(),
+        );
+        self.commit(b).await
+    }
+
     /// [`Spool::commit`] for threads outside the async runtime.
     pub(crate) fn commit_blocking(&self, batch: Batch) -> Result<(), SpoolError> {
         let rx = self.writer()?.submit(batch);

@@ -178,7 +178,9 @@ fn the_primary_comes_back_and_its_queue_drains_at_once() {
         primary.messages().iter().map(|m| m.connection).collect();
     assert!(conns.len() <= 4, "{conns:?}");
     assert!(
-        server.log().contains("example.com: delivery works again"),
+        server
+            .log()
+            .contains("example.com: delivery works, sending the mail that waits"),
         "{}",
         server.log()
     );
