@@ -218,6 +218,9 @@ fn report(config: Config, req: Request) -> anyhow::Result<ExitCode> {
         Request::HoldList => crate::report::holds(&spool, &mut out)?,
         _ => anyhow::bail!("not a report"),
     }
+    std::io::Write::flush(&mut out)?;
+    drop(spool);
+    crate::ops::privilege::keep_owner(&config.spool).map_err(anyhow::Error::msg)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -234,6 +237,7 @@ fn admin(config: Config, req: Request) -> anyhow::Result<ExitCode> {
     }
     init_logging("warn");
     let spool = Spool::open(&config.spool)?;
+    let spool_dir = config.spool.clone();
     let live = crate::ops::live::Live::fixed(config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -258,6 +262,9 @@ fn admin(config: Config, req: Request) -> anyhow::Result<ExitCode> {
         let _ = printer.await;
         anyhow::Ok(code)
     })?;
+    // The spool is closed (the runtime's tasks are done): give back what root created.
+    drop(runtime);
+    crate::ops::privilege::keep_owner(&spool_dir).map_err(anyhow::Error::msg)?;
     Ok(exit(code))
 }
 

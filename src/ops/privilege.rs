@@ -190,3 +190,27 @@ pub fn check_access(dir: &Path) -> Result<(), String> {
         meta.mode() & 0o7777
     ))
 }
+
+/// After a command run by root worked on the spool itself (no server running): whatever it
+/// created there goes back to the spool's owner, so a server that runs as that user can
+/// still read it. Nothing to do for a root-owned spool or when not root.
+pub fn keep_owner(dir: &Path) -> Result<(), String> {
+    // SAFETY: plain getter.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    let Ok(meta) = std::fs::symlink_metadata(dir) else {
+        return Ok(());
+    };
+    if meta.uid() == 0 {
+        return Ok(());
+    }
+    give_spool(
+        dir,
+        &Account {
+            name: user_name(meta.uid()),
+            uid: meta.uid(),
+            gid: meta.gid(),
+        },
+    )
+}

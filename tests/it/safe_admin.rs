@@ -379,6 +379,24 @@ fn serve_drops_to_its_user_and_maildirs_belong_to_the_owner() {
         err.contains("private to mxspool-it") && err.contains("nobody"),
         "{err}"
     );
+
+    // Root works on the stopped spool itself; what it wrote stays the user's, so the
+    // server (as the user) starts on it again.
+    let mut server = server;
+    crate::harness::stop_server(&mut server);
+    check_ok("hold as root", &env.mxspool(&["hold", "example.com"]));
+    check_ok("queue as root", &env.mxspool(&["queue"]));
+    for e in fs::read_dir(&spool).unwrap() {
+        let p = e.unwrap().path();
+        assert_eq!(
+            fs::symlink_metadata(&p).unwrap().uid(),
+            uid,
+            "{} left to root",
+            p.display()
+        );
+    }
+    let server = env.start();
+    assert!(wait_log(&server, "example.com: on hold since"), "{}", server.log());
 }
 
 // ---------------------------------------------------------------------------------------
