@@ -396,7 +396,11 @@ fn serve_drops_to_its_user_and_maildirs_belong_to_the_owner() {
         );
     }
     let server = env.start();
-    assert!(wait_log(&server, "example.com: on hold since"), "{}", server.log());
+    assert!(
+        wait_log(&server, "example.com: on hold since"),
+        "{}",
+        server.log()
+    );
 }
 
 // ---------------------------------------------------------------------------------------
