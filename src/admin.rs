@@ -16,6 +16,7 @@ use spool_tools::ArchivedEnvelope;
 
 use crate::config::Config;
 use crate::envelope::{Body, Envelope, Notify, RcptState, Recipient, Ret};
+use crate::ops::live::Live;
 use crate::scheduler::{now_ms, Scheduler};
 use crate::spool::{QueueEntry, Spool};
 
@@ -29,7 +30,11 @@ pub enum Request {
     },
     Hold {
         domain: String,
+        #[serde(default)]
+        force: bool,
     },
+    HoldList,
+    Reload,
     Release {
         domain: String,
     },
@@ -44,6 +49,8 @@ pub enum Request {
         domain: String,
         output: PathBuf,
         remove: bool,
+        #[serde(default)]
+        force: bool,
     },
     Import {
         input: PathBuf,
@@ -138,7 +145,7 @@ where
     })
     .await
     .map_err(|e| e.to_string())?
-    .map_err(|e| format!("{e:#}"))?;
+    .map_err(|e| crate::ops::output::error_line(&e))?;
     Ok(0)
 }
 
@@ -242,9 +249,39 @@ fn complain(out: &Out, s: impl Into<String>) {
 
 /// What an operation works with.
 pub struct Ctx {
-    pub config: Arc<Config>,
+    pub live: Arc<Live>,
     pub spool: Spool,
     pub scheduler: Arc<Scheduler>,
+}
+
+impl Ctx {
+    /// The configuration in force now.
+    pub fn config(&self) -> Arc<Config> {
+        self.live.config()
+    }
+}
+
+/// Reload the configuration of the running server (`mxspool reload`, SIGHUP), logging the
+/// outcome; the reply line for the administrator, or the error (the old settings stay).
+pub fn reload(live: &Live, by: &str) -> Result<String, String> {
+    match live.reload() {
+        Ok(r) => {
+            let mut line = "configuration reloaded".to_string();
+            if !r.need_restart.is_empty() {
+                line.push_str(&format!(
+                    "; changed but in force only after a restart: {}",
+                    r.need_restart.join(", ")
+                ));
+            }
+            tracing::info!("{by}: {line}");
+            Ok(line)
+        }
+        Err(e) => {
+            let line = format!("configuration not reloaded, the old one stays in force: {e}");
+            tracing::error!("{by}: {line}");
+            Err(line)
+        }
+    }
 }
 
 /// A domain as the administrator typed it, or why it is not one.
@@ -271,15 +308,37 @@ pub async fn execute(ctx: &Ctx, req: Request, out: &Out) -> i32 {
 async fn run(ctx: &Ctx, req: Request, out: &Out) -> Result<i32, String> {
     match req {
         Request::Flush { domain, verbose } => flush(ctx, domain, verbose, out).await,
-        Request::Hold { domain } => {
+        Request::Hold { domain, force } => {
             let d = domain_arg(&domain)?;
-            let n = ctx
-                .spool
+            let policy = ctx.live.snapshot().policy.clone();
+            if !force && !policy.is_ours(&d) {
+                return Err(format!(
+                    "{d} is not one of our domains (partner, local, routed or virtual): not held (--force holds it all the same)"
+                ));
+            }
+            let already = ctx.spool.held_since(&d).is_some();
+            ctx.spool
                 .hold(&d, now_ms())
                 .await
                 .map_err(|e| e.to_string())?;
-            tracing::info!("{d}: put on hold by the administrator ({n} entries)");
-            say(out, format!("{d}: on hold ({n} message(s) held now)"));
+            let spool = ctx.spool.clone();
+            let dd = d.clone();
+            let n = tokio::task::spawn_blocking(move || spool.held_count(&dd))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            if already {
+                say(out, format!("{d}: already on hold ({n} message(s) held)"));
+            } else {
+                tracing::info!("{d}: put on hold by the administrator ({n} message(s) held)");
+                say(out, format!("{d}: on hold ({n} message(s) held)"));
+            }
+            Ok(0)
+        }
+        Request::HoldList => report(ctx, out, false, move |s, w| crate::report::holds(s, w)).await,
+        Request::Reload => {
+            let line = reload(&ctx.live, "mxspool reload")?;
+            say(out, line);
             Ok(0)
         }
         Request::Release { domain } => {
@@ -305,7 +364,8 @@ async fn run(ctx: &Ctx, req: Request, out: &Out) -> Result<i32, String> {
             domain,
             output,
             remove,
-        } => export(ctx, &domain, output, remove, out).await,
+            force,
+        } => export(ctx, &domain, output, remove, force, out).await,
         Request::Import { input } => import(ctx, input, out).await,
         Request::Queue { domain, json } => {
             report(ctx, out, false, move |s, w| {
@@ -436,18 +496,30 @@ async fn export(
     domain: &str,
     output: PathBuf,
     remove: bool,
+    force: bool,
     out: &Out,
 ) -> Result<i32, String> {
     let d = domain_arg(domain)?;
     let spool = ctx.spool.clone();
-    let host = ctx.config.hostname.clone();
+    let host = ctx.config().hostname.clone();
     let (dd, path) = (d.clone(), output.clone());
     let progress = out.clone();
     let ids = tokio::task::spawn_blocking(move || -> Result<Vec<String>, String> {
-        let e = |e: &dyn std::fmt::Display| format!("export of {dd} to {}: {e}", path.display());
-        let mut w =
-            spool_tools::create_file(&path, spool_tools::ArchiveMeta::new(host, Some(dd.clone())))
-                .map_err(|x| e(&x))?;
+        let e = |e: &dyn std::fmt::Display| {
+            let e = e.to_string();
+            // The archive's errors name the file already.
+            match e.strip_prefix(&format!("{}: ", path.display())) {
+                Some(rest) => format!("export of {dd} to {}: {rest}", path.display()),
+                None => format!("export of {dd} to {}: {e}", path.display()),
+            }
+        };
+        let meta = spool_tools::ArchiveMeta::new(host, Some(dd.clone()));
+        let mut w = if force {
+            spool_tools::create_file_replacing(&path, meta)
+        } else {
+            spool_tools::create_file(&path, meta)
+        }
+        .map_err(|x| e(&x))?;
         let mut ids = Vec::new();
         let mut after: Option<String> = None;
         loop {
@@ -509,8 +581,70 @@ async fn export(
     Ok(0)
 }
 
+/// Why an archived entry may not enter this spool, if it may not: only mail for one of our
+/// domains, to addresses of that domain, from a plausible sender, within
+/// `max_message_size`. An archive is data from elsewhere: a crafted one must not make the
+/// queue deliver anywhere else.
+fn refuse_import(
+    a: &ArchivedEnvelope,
+    domain: &str,
+    size: usize,
+    policy: &crate::policy::Policy,
+    max_size: u64,
+) -> Option<String> {
+    if !crate::config::is_domain(domain) {
+        return Some(format!("domain {:?} is not a domain name", a.domain));
+    }
+    if !policy.is_ours(domain) {
+        return Some(format!(
+            "domain {domain} is not one of ours (partner, local, routed or virtual)"
+        ));
+    }
+    if !a.sender.is_empty() && !safe_address(&a.sender) {
+        return Some(format!("sender {:?} is not a valid address", a.sender));
+    }
+    for r in &a.recipients {
+        let ok = safe_address(&r.address)
+            && r.address
+                .rsplit_once('@')
+                .is_some_and(|(_, d)| d.trim_end_matches('.').eq_ignore_ascii_case(domain));
+        if !ok {
+            return Some(format!(
+                "recipient {:?} is not a valid address of {domain}",
+                r.address
+            ));
+        }
+    }
+    if size as u64 > max_size {
+        return Some(format!(
+            "{size} bytes, more than max_message_size ({max_size})"
+        ));
+    }
+    None
+}
+
+/// `local@domain` as it may appear in an SMTP command: no spaces, controls or angle
+/// brackets; a domain name or an address literal after the last `@`.
+fn safe_address(a: &str) -> bool {
+    let Some((local, domain)) = a.rsplit_once('@') else {
+        return false;
+    };
+    a.len() <= 320
+        && !local.is_empty()
+        && !a
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace() || matches!(c, '<' | '>'))
+        && (crate::config::is_domain(&domain.trim_end_matches('.').to_ascii_lowercase())
+            || (domain.starts_with('[') && domain.ends_with(']') && domain.len() > 2))
+}
+
 async fn import(ctx: &Ctx, input: PathBuf, out: &Out) -> Result<i32, String> {
     let spool = ctx.spool.clone();
+    let snapshot = ctx.live.snapshot();
+    let (policy, max_size) = (
+        snapshot.policy.clone(),
+        snapshot.config.smtp.max_message_size.0,
+    );
     let o = out.clone();
     let (added, present, skipped, problems) =
         tokio::task::spawn_blocking(move || -> Result<(usize, usize, usize, usize), String> {
@@ -534,6 +668,13 @@ async fn import(ctx: &Ctx, input: PathBuf, out: &Out) -> Result<i32, String> {
                         let a = &entry.envelope;
                         let domain = a.domain.trim_end_matches('.').to_ascii_lowercase();
                         if a.pending().next().is_none() {
+                            skipped += 1;
+                            return Ok(());
+                        }
+                        if let Some(why) =
+                            refuse_import(a, &domain, entry.message.len(), &policy, max_size)
+                        {
+                            let _ = o.send(Line::Err(format!("{}: {why}: skipped", a.id)));
                             skipped += 1;
                             return Ok(());
                         }

@@ -1,8 +1,9 @@
-//! The command line: `serve`, `check-config` and `queue`.
+//! The command line: `serve`, `check-config`, the reports and the queue operations.
 //!
 //! Every command returns an error as one readable line (printed by `main`) and a non-zero
 //! exit status; nothing here panics on bad input.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -66,12 +67,22 @@ pub enum Command {
         #[arg(short)]
         v: bool,
     },
-    /// Park a domain: no retries, and held time does not count toward max_lifetime.
-    Hold { domain: String },
+    /// Park a domain: no retries, and held time does not count toward max_lifetime
+    /// (`--list`: the held domains).
+    Hold {
+        #[arg(required_unless_present = "list")]
+        domain: Option<String>,
+        /// List the held domains: since when, how many messages.
+        #[arg(long, conflicts_with_all = ["domain", "force"])]
+        list: bool,
+        /// Hold a domain that is not one of ours (not a partner, local, routed or virtual
+        /// domain) all the same.
+        #[arg(long)]
+        force: bool,
+    },
     /// Take a domain off hold; its mail is due at once.
     Release { domain: String },
     /// Remove messages without notice.
-    #[command(arg_required_else_help = true)]
     Delete {
         ids: Vec<String>,
         /// Every message queued for this domain.
@@ -92,9 +103,15 @@ pub enum Command {
         /// Remove the exported messages from the spool once the archive is written and synced.
         #[arg(long)]
         remove: bool,
+        /// Replace FILE if it exists (atomically, once the new archive is complete).
+        #[arg(long)]
+        force: bool,
     },
     /// Add an archive's messages to this spool (importing twice adds nothing).
     Import { file: PathBuf },
+    /// Re-read the configuration and every table it names, in the running server
+    /// (as SIGHUP does).
+    Reload,
     /// Check a domain's MX set-up from DNS (is this server in it, at which preference,
     /// do the more preferred hosts answer).
     Doctor {
@@ -104,14 +121,21 @@ pub enum Command {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let mut config = Config::load(&args.config)?;
-    if let Some(spool) = &args.spool {
-        config.spool = spool.clone();
-    }
+    let config = match crate::ops::live::load(&args.config, args.spool.as_deref()) {
+        Ok(c) => c,
+        // The server reads the same file: it would refuse it too and keep its settings.
+        Err(e) if matches!(args.command, Command::Reload) => anyhow::bail!(
+            "configuration not reloaded, the old one stays in force: {}",
+            crate::ops::output::error_line(&e)
+        ),
+        Err(e) => return Err(e),
+    };
     match args.command {
-        Command::Serve => serve(config),
+        Command::Serve => serve(config, &args.config, args.spool.as_deref()),
         Command::CheckConfig => {
-            print!("{}", config.to_toml());
+            let mut out = std::io::stdout().lock();
+            out.write_all(config.to_toml().as_bytes())?;
+            out.flush()?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Queue { domain, json } => report(config, Request::Queue { domain, json }),
@@ -119,14 +143,29 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Shape { json } => report(config, Request::Shape { json }),
         Command::Show { id, body } => report(config, Request::Show { id, body }),
         Command::Flush { domain, v } => admin(config, Request::Flush { domain, verbose: v }),
-        Command::Hold { domain } => admin(config, Request::Hold { domain }),
+        Command::Hold { list: true, .. } => report(config, Request::HoldList),
+        Command::Hold { domain, force, .. } => admin(
+            config,
+            Request::Hold {
+                domain: domain.unwrap_or_default(),
+                force,
+            },
+        ),
         Command::Release { domain } => admin(config, Request::Release { domain }),
-        Command::Delete { ids, domain } => admin(config, Request::Delete { ids, domain }),
+        Command::Delete { ids, domain } => {
+            if ids.is_empty() && domain.is_none() {
+                anyhow::bail!(
+                    "delete: no message given: name queue IDs (mxspool delete ID...) or a domain (mxspool delete --domain DOMAIN)"
+                );
+            }
+            admin(config, Request::Delete { ids, domain })
+        }
         Command::Bounce { ids } => admin(config, Request::Bounce { ids }),
         Command::Export {
             domain,
             output,
             remove,
+            force,
         } => {
             let output = absolute(&output)?;
             admin(
@@ -135,12 +174,23 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                     domain,
                     output,
                     remove,
+                    force,
                 },
             )
         }
         Command::Import { file } => {
             let input = absolute(&file)?;
             admin(config, Request::Import { input })
+        }
+        Command::Reload => {
+            crate::ops::privilege::check_access(&config.spool).map_err(anyhow::Error::msg)?;
+            match crate::control::request(&config.spool, &Request::Reload)? {
+                Some(code) => Ok(exit(code)),
+                None => anyhow::bail!(
+                    "no server is running on spool {} (nothing to reload; check-config validates the file)",
+                    config.spool.display()
+                ),
+            }
         }
     }
 }
@@ -153,26 +203,31 @@ fn absolute(p: &std::path::Path) -> anyhow::Result<PathBuf> {
 /// A read-only report: from the running server through its control socket (it has the
 /// spool open), or from a read-only view of the spool when no server runs.
 fn report(config: Config, req: Request) -> anyhow::Result<ExitCode> {
+    crate::ops::privilege::check_access(&config.spool).map_err(anyhow::Error::msg)?;
     if let Some(code) = crate::control::request(&config.spool, &req)? {
         return Ok(exit(code));
     }
     let spool = Spool::open_read_only(&config.spool)?;
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut out = crate::ops::output::stdout();
     match req {
         Request::Queue { domain, json } => {
             crate::report::queue(&spool, domain.as_deref(), json, &mut out)?
         }
         Request::Shape { json } => crate::report::shape(&spool, json, &mut out)?,
         Request::Show { id, body } => crate::report::show(&spool, &id, body, &mut out)?,
+        Request::HoldList => crate::report::holds(&spool, &mut out)?,
         _ => anyhow::bail!("not a report"),
     }
+    std::io::Write::flush(&mut out)?;
+    drop(spool);
+    crate::ops::privilege::keep_owner(&config.spool).map_err(anyhow::Error::msg)?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// A queue operation: through the running server's control socket, or here on the spool
 /// when no server runs.
 fn admin(config: Config, req: Request) -> anyhow::Result<ExitCode> {
+    crate::ops::privilege::check_access(&config.spool).map_err(anyhow::Error::msg)?;
     if let Some(code) = crate::control::request(&config.spool, &req)? {
         return Ok(exit(code));
     }
@@ -182,36 +237,24 @@ fn admin(config: Config, req: Request) -> anyhow::Result<ExitCode> {
     }
     init_logging("warn");
     let spool = Spool::open(&config.spool)?;
-    let config = std::sync::Arc::new(config);
+    let spool_dir = config.spool.clone();
+    let live = crate::ops::live::Live::fixed(config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
     let code = runtime.block_on(async move {
-        let scheduler = crate::scheduler::Scheduler::new(config.clone(), spool.clone())?;
+        let scheduler = crate::scheduler::Scheduler::new(live.clone(), spool.clone())?;
         let ctx = crate::admin::Ctx {
-            config,
+            live,
             spool,
             scheduler,
         };
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let printer = tokio::spawn(async move {
-            let mut view = crate::admin::ProgressView::default();
+            let mut printer = crate::ops::output::Printer::default();
             while let Some(line) = rx.recv().await {
-                if let crate::admin::Line::Progress { what, done, total } = &line {
-                    view.update(what, *done, *total);
-                    continue;
-                }
-                view.clear();
-                match line {
-                    crate::admin::Line::Progress { .. } => {}
-                    crate::admin::Line::Out(s) => println!("{s}"),
-                    crate::admin::Line::Err(s) => eprintln!("mxspool: {s}"),
-                    crate::admin::Line::Raw(s) => {
-                        use std::io::Write;
-                        let _ = std::io::stdout().write_all(&crate::admin::raw_bytes(&s));
-                    }
-                }
+                printer.print(line);
             }
         });
         let code = crate::admin::execute(&ctx, req, &tx).await;
@@ -219,6 +262,9 @@ fn admin(config: Config, req: Request) -> anyhow::Result<ExitCode> {
         let _ = printer.await;
         anyhow::Ok(code)
     })?;
+    // The spool is closed (the runtime's tasks are done): give back what root created.
+    drop(runtime);
+    crate::ops::privilege::keep_owner(&spool_dir).map_err(anyhow::Error::msg)?;
     Ok(exit(code))
 }
 
@@ -238,29 +284,60 @@ fn init_logging(default: &str) {
         .init();
 }
 
-fn serve(config: Config) -> anyhow::Result<ExitCode> {
+fn serve(
+    config: Config,
+    path: &std::path::Path,
+    spool_arg: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    use crate::ops::privilege;
     init_logging("info");
+    // As root: the account to drop to, the spool made its own, the listeners bound.
+    let account = match &config.user {
+        Some(name) => Some(privilege::lookup(name).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    if let Some(a) = &account {
+        privilege::give_spool(&config.spool, a).map_err(anyhow::Error::msg)?;
+    }
+    let listeners = crate::smtp::server::bind(&config)?;
+    if let Some(a) = &account {
+        privilege::drop_to(a).map_err(anyhow::Error::msg)?;
+        tracing::info!("running as user {} (uid {}, gid {})", a.name, a.uid, a.gid);
+    }
+    // Only now, as the final user: the spool, the threads, the control socket.
     let spool = Spool::open(&config.spool)?;
+    // Held domains are named at start (counting their mail would read their whole queue
+    // before serving: `hold --list` does that).
+    for (domain, since) in spool.held_domains() {
+        tracing::info!(
+            "{domain}: on hold since {} (mxspool hold --list; mxspool release {domain} ends it)",
+            crate::report::time(since)
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("mxspool")
         .build()
         .context("cannot start the runtime")?;
-    let config = std::sync::Arc::new(config);
+    let live = crate::ops::live::Live::from_file(config, path, spool_arg);
     runtime.block_on(async move {
-        let listeners = crate::smtp::server::bind(&config).await?;
-        let scheduler = crate::scheduler::Scheduler::new(config.clone(), spool.clone())?;
+        let config = live.config();
+        let scheduler = crate::scheduler::Scheduler::new(live.clone(), spool.clone())?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let ctx = std::sync::Arc::new(crate::admin::Ctx {
-            config: config.clone(),
+            live: live.clone(),
             spool: spool.clone(),
             scheduler: scheduler.clone(),
         });
         let control = crate::control::bind(&config.spool)?;
         let control = tokio::spawn(crate::control::serve(control, ctx, stop_rx.clone()));
+        let signals = Signals::new()?;
+        // Clients are taken in only now: spool, control socket and signals are ready.
+        let listeners = crate::smtp::server::listen(listeners)?;
         let runner = tokio::spawn(scheduler.clone().run(stop_rx.clone()));
+        let reload_live = live.clone();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            signals.wait_for_stop(&reload_live).await;
             let _ = stop_tx.send(true);
         });
         tracing::info!(
@@ -269,30 +346,80 @@ fn serve(config: Config) -> anyhow::Result<ExitCode> {
             config.hostname,
             config.spool.display()
         );
-        crate::smtp::server::run(&config, spool, scheduler, listeners, stop_rx).await?;
+        crate::smtp::server::run(live, spool, scheduler, listeners, stop_rx).await?;
         let _ = runner.await;
         if let Ok(Err(e)) = control.await {
-            tracing::error!("{e}");
+            tracing::error!("{}", crate::ops::output::error_line(&e));
         }
+        tracing::info!("stopped");
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).ok();
-    let term = async {
-        match term.as_mut() {
-            Some(t) => {
-                t.recv().await;
+/// The signals `serve` acts on. SIGTERM, SIGINT and SIGQUIT stop it (SPEC: stop accepting,
+/// `421` to idle sessions, DATA finishes); SIGHUP reloads; SIGUSR1, SIGUSR2 and SIGALRM,
+/// whose default would kill the server silently, are logged and ignored.
+struct Signals {
+    stop: Vec<(&'static str, tokio::signal::unix::Signal)>,
+    hup: tokio::signal::unix::Signal,
+    ignored: Vec<(&'static str, tokio::signal::unix::Signal)>,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let on = |kind: SignalKind, name: &str| {
+            signal(kind).with_context(|| format!("cannot handle {name}"))
+        };
+        Ok(Signals {
+            stop: vec![
+                ("SIGTERM", on(SignalKind::terminate(), "SIGTERM")?),
+                ("SIGINT", on(SignalKind::interrupt(), "SIGINT")?),
+                ("SIGQUIT", on(SignalKind::quit(), "SIGQUIT")?),
+            ],
+            hup: on(SignalKind::hangup(), "SIGHUP")?,
+            ignored: vec![
+                ("SIGUSR1", on(SignalKind::user_defined1(), "SIGUSR1")?),
+                ("SIGUSR2", on(SignalKind::user_defined2(), "SIGUSR2")?),
+                ("SIGALRM", on(SignalKind::alarm(), "SIGALRM")?),
+            ],
+        })
+    }
+
+    /// Handles SIGHUP and the ignored signals until a stop signal comes.
+    async fn wait_for_stop(mut self, live: &crate::ops::live::Live) {
+        use std::future::poll_fn;
+        loop {
+            let stop = poll_fn(|cx| {
+                for (name, s) in &mut self.stop {
+                    if s.poll_recv(cx).is_ready() {
+                        return std::task::Poll::Ready(*name);
+                    }
+                }
+                std::task::Poll::Pending
+            });
+            let ignored = poll_fn(|cx| {
+                for (name, s) in &mut self.ignored {
+                    if s.poll_recv(cx).is_ready() {
+                        return std::task::Poll::Ready(*name);
+                    }
+                }
+                std::task::Poll::Pending
+            });
+            tokio::select! {
+                name = stop => {
+                    tracing::info!("{name} received: stopping");
+                    return;
+                }
+                _ = self.hup.recv() => {
+                    let _ = crate::admin::reload(live, "SIGHUP");
+                }
+                name = ignored => {
+                    tracing::warn!("{name} received and ignored (SIGHUP reloads, SIGTERM stops)");
+                }
             }
-            None => std::future::pending().await,
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
     }
 }
 

@@ -19,10 +19,10 @@ pub const DEFAULT_PATH: &str = "/etc/mxspool/mxspool.toml";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {}: {}", path.display(), os_error(error))]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
@@ -140,8 +140,11 @@ fn secs(n: u64) -> HumanDuration {
 pub struct Config {
     /// Our name: banner, `Received:`, DSN Reporting-MTA, MX self-detection.
     pub hostname: String,
-    /// The RocksDB spool directory.
+    /// The RocksDB spool directory (relative: from the configuration file's directory).
     pub spool: PathBuf,
+    /// After binding the listeners, `serve` drops to this user and its groups for good.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     #[serde(default)]
     pub smtp: SmtpConfig,
     #[serde(default)]
@@ -185,6 +188,11 @@ pub struct LocalDomain {
     /// Postfix's `default_destination_concurrency_limit`.
     #[serde(default = "default_local_concurrency")]
     pub concurrency: usize,
+    /// The user Maildir files and directories belong to (Dovecot's mail user). mxspool
+    /// writes them as itself, so this is the user `serve` runs as: it must equal `user`, and
+    /// sets `user` when that is not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     /// The user list, loaded by [`Config::load`]: lower-cased mailbox names.
     #[serde(skip)]
     pub user_set: Option<HashSet<String>>,
@@ -357,17 +365,18 @@ pub struct Partner {
 impl Config {
     /// Read, parse and validate the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         let invalid = |message: String| ConfigError::Invalid {
             path: path.to_owned(),
             message,
         };
         let mut config = Config::parse(&text).map_err(invalid)?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        config.load_lists(base).map_err(invalid)?;
+        let base = config_dir(path);
+        config.spool = relative_to(&base, &config.spool);
+        config.load_lists(&base).map_err(invalid)?;
         Ok(config)
     }
 
@@ -503,6 +512,38 @@ impl Config {
                 m.domains.push(self.hostname.clone());
             }
         }
+        if let Some(u) = &self.user {
+            if !is_user_name(u) {
+                return Err(at("user", format!("{u:?} is not a user name")));
+            }
+        }
+        // Maildirs are written by the server itself: their owner is the user it runs as.
+        let mut owners: Vec<&String> = self.local.iter().filter_map(|l| l.owner.as_ref()).collect();
+        owners.dedup();
+        if let Some(first) = owners.first() {
+            if owners.iter().any(|o| o != first) {
+                return Err(at(
+                    "owner",
+                    "every [[local]] owner must be the same user (the one mxspool runs as)".into(),
+                ));
+            }
+            if !is_user_name(first) {
+                return Err(at("owner", format!("{first:?} is not a user name")));
+            }
+            match &self.user {
+                Some(u) if u != *first => {
+                    return Err(at(
+                        "owner",
+                        format!(
+                            "owner {first:?} differs from user {u:?}: mxspool writes Maildirs as \
+                             the user it runs as, so give the same user (or leave user out)"
+                        ),
+                    ))
+                }
+                Some(_) => {}
+                None => self.user = Some((*first).clone()),
+            }
+        }
         Ok(())
     }
 
@@ -512,12 +553,16 @@ impl Config {
                 let file = relative_to(base, file);
                 let text = std::fs::read_to_string(&file).map_err(|e| {
                     format!(
-                        "partner {}: cannot read recipients file {}: {e}",
+                        "partner {}: cannot read recipients file {}: {}",
                         p.domain,
-                        file.display()
+                        file.display(),
+                        os_error(&e)
                     )
                 })?;
-                p.users = Some(parse_user_list(&text, &p.domain));
+                p.users = Some(
+                    parse_user_list(&text, &p.domain)
+                        .map_err(|e| format!("partner {}: {}{e}", p.domain, file.display()))?,
+                );
             }
         }
         for l in &mut self.local {
@@ -525,12 +570,16 @@ impl Config {
                 let file = relative_to(base, file);
                 let text = std::fs::read_to_string(&file).map_err(|e| {
                     format!(
-                        "local domain {}: cannot read users file {}: {e}",
+                        "local domain {}: cannot read users file {}: {}",
                         l.domain,
-                        file.display()
+                        file.display(),
+                        os_error(&e)
                     )
                 })?;
-                l.user_set = Some(parse_user_list(&text, &l.domain));
+                l.user_set =
+                    Some(parse_user_list(&text, &l.domain).map_err(|e| {
+                        format!("local domain {}: {}{e}", l.domain, file.display())
+                    })?);
             }
         }
         if let Some(v) = &mut self.virtual_table {
@@ -603,26 +652,98 @@ impl Config {
 
 /// A recipients file: one local part or full address per line; `#` starts a comment.
 /// Full addresses of other domains are ignored. Entries are lower-cased local parts.
-pub fn parse_user_list(text: &str, domain: &str) -> HashSet<String> {
-    text.lines()
-        .map(|l| l.split('#').next().unwrap_or("").trim())
-        .filter(|l| !l.is_empty())
-        .filter_map(|l| match l.rsplit_once('@') {
-            Some((local, d)) => (d.trim_end_matches('.').eq_ignore_ascii_case(domain))
-                .then(|| local.to_ascii_lowercase()),
-            None => Some(l.to_ascii_lowercase()),
-        })
-        .collect()
+///
+/// A line that is neither a local part nor an address is an error (`line N: ...`, for the
+/// caller to put after the file name), and so is a file without a single entry: an empty
+/// list would refuse every recipient.
+pub fn parse_user_list(text: &str, domain: &str) -> Result<HashSet<String>, String> {
+    let mut users = HashSet::new();
+    let mut entries = 0;
+    for (n, line) in text.lines().enumerate() {
+        let l = line.split('#').next().unwrap_or("").trim();
+        if l.is_empty() {
+            continue;
+        }
+        let bad = |why: &str| {
+            format!(
+                " line {}: {:?} {why} (expected a local part such as alice, or alice@{domain})",
+                n + 1,
+                l
+            )
+        };
+        let (local, d) = match l.rsplit_once('@') {
+            Some((local, d)) => (local, Some(d.trim_end_matches('.'))),
+            None => (l, None),
+        };
+        if !is_local_part(local) {
+            return Err(bad("is not a valid local part"));
+        }
+        if let Some(d) = d {
+            if !is_domain(&d.to_ascii_lowercase()) {
+                return Err(bad("has no valid domain after the @"));
+            }
+        }
+        entries += 1;
+        if d.is_none_or(|d| d.eq_ignore_ascii_case(domain)) {
+            users.insert(local.to_ascii_lowercase());
+        }
+    }
+    if entries == 0 {
+        return Err(
+            ": no user listed (an empty list would refuse every recipient; remove the setting \
+             to accept any)"
+                .to_string(),
+        );
+    }
+    Ok(users)
 }
 
-/// A relative file name in the configuration is taken relative to the configuration's
-/// directory (unless it exists as given, relative to the working directory).
-fn relative_to(base: &Path, file: &Path) -> PathBuf {
-    if file.is_absolute() || file.exists() {
+/// A plausible Unix user name (what `useradd` takes).
+fn is_user_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 32
+        && !s.starts_with('-')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+}
+
+/// A dot-atom local part (RFC 5321 4.1.2): atext characters and single inner dots.
+pub fn is_local_part(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && !s.starts_with('.')
+        && !s.ends_with('.')
+        && !s.contains("..")
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-/=?^_`{|}~.".contains(&b) || b >= 0x80)
+}
+
+/// An I/O error's text without the "(os error N)" that the kind already says.
+pub fn os_error(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error ") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+/// A relative path in the configuration is taken from the configuration file's directory
+/// (never from the working directory: the server and the commands must agree).
+pub fn relative_to(base: &Path, file: &Path) -> PathBuf {
+    if file.is_absolute() {
         file.to_path_buf()
     } else {
         base.join(file)
     }
+}
+
+/// The absolute directory of the configuration file at `path`.
+fn config_dir(path: &Path) -> PathBuf {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::path::absolute(&dir).unwrap_or(dir)
 }
 
 /// A domain name lower-cased, without its trailing dot; `None` if it is not one.
@@ -830,10 +951,47 @@ mod tests {
         let u = parse_user_list(
             "# staff\nAlice\nbob@example.org # note\ncarol@other.org\n\n",
             "example.org",
-        );
+        )
+        .unwrap();
         assert!(u.contains("alice") && u.contains("bob"));
         assert!(!u.contains("carol"));
         assert_eq!(u.len(), 2);
+    }
+
+    #[test]
+    fn bad_user_lists_are_refused_with_their_line() {
+        for (text, line) in [
+            ("alice\nfoo bar\n", "line 2"),
+            ("@@@\n", "line 1"),
+            ("# c\n\nbob@\n", "line 3"),
+            ("a..b\n", "line 1"),
+            ("x@not a domain\n", "line 1"),
+        ] {
+            let err = parse_user_list(text, "example.org").unwrap_err();
+            assert!(err.contains(line), "{text:?}: {err}");
+        }
+        for empty in ["", "# only a comment\n\n"] {
+            let err = parse_user_list(empty, "example.org").unwrap_err();
+            assert!(err.contains("no user listed"), "{err}");
+        }
+    }
+
+    #[test]
+    fn relative_paths_follow_the_config_file_and_owner_sets_user() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mxspool.toml");
+        std::fs::write(
+            &path,
+            "hostname = \"mx.test\"\nspool = \"q/spool\"\n[[local]]\ndomain = \"a.test\"\nmaildir = \"/m/{user}\"\nowner = \"vmail\"\n",
+        )
+        .unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.spool, dir.path().join("q/spool"));
+        assert_eq!(c.user.as_deref(), Some("vmail"));
+        let other = format!(
+            "{MINIMAL}user = \"mxspool\"\n[[local]]\ndomain = \"a.test\"\nmaildir = \"/m/{{user}}\"\nowner = \"vmail\"\n"
+        );
+        check_err(&other, &["owner", "user"]);
     }
 
     #[test]

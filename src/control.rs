@@ -38,8 +38,13 @@ enum Answer {
 pub fn bind(spool: &Path) -> anyhow::Result<UnixListener> {
     let path = socket_path(spool);
     let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path)
-        .map_err(|e| anyhow::anyhow!("cannot create the control socket {}: {e}", path.display()))?;
+    let listener = UnixListener::bind(&path).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot create the control socket {}: {}",
+            path.display(),
+            crate::config::os_error(&e)
+        )
+    })?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
 }
@@ -50,7 +55,7 @@ pub async fn serve(
     ctx: Arc<Ctx>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let path = socket_path(&ctx.config.spool);
+    let path = socket_path(&ctx.config().spool);
     loop {
         tokio::select! {
             _ = shutdown.wait_for(|s| *s) => break,
@@ -124,33 +129,32 @@ pub fn request(spool: &Path, req: &Request) -> anyhow::Result<Option<i32>> {
         {
             return Ok(None)
         }
-        Err(e) => anyhow::bail!("cannot reach the server at {}: {e}", path.display()),
+        Err(e) => anyhow::bail!(
+            "cannot reach the server at {}: {}",
+            path.display(),
+            crate::config::os_error(&e)
+        ),
     };
     let mut w = stream.try_clone()?;
     w.write_all(format!("{}\n", serde_json::to_string(req)?).as_bytes())?;
-    let stdout = std::io::stdout();
-    let mut view = crate::admin::ProgressView::default();
+    let mut printer = crate::ops::output::Printer::default();
     for line in BufReader::new(stream).lines() {
         let line = line?;
         let answer = serde_json::from_str::<Answer>(&line);
-        if !matches!(answer, Ok(Answer::Progress { .. })) {
-            view.clear();
-        }
         match answer {
-            Ok(Answer::Progress { what, done, total }) => view.update(&what, done, total),
-            Ok(Answer::Out(s)) => {
-                let mut o = stdout.lock();
-                writeln!(o, "{s}")?;
-                o.flush()?;
+            Ok(Answer::Progress { what, done, total }) => {
+                printer.print(Line::Progress { what, done, total })
             }
-            Ok(Answer::Err(s)) => eprintln!("mxspool: {s}"),
-            Ok(Answer::Raw(s)) => {
-                let mut o = stdout.lock();
-                o.write_all(&crate::admin::raw_bytes(&s))?;
-                o.flush()?;
-            }
+            Ok(Answer::Out(s)) => printer.print(Line::Out(s)),
+            Ok(Answer::Err(s)) => printer.print(Line::Err(s)),
+            Ok(Answer::Raw(s)) => printer.print(Line::Raw(s)),
             Ok(Answer::Exit(code)) => return Ok(Some(code)),
             Err(_) => anyhow::bail!("garbled answer from the server: {line:?}"),
+        }
+        if printer.closed() {
+            // Standard output was closed (`mxspool queue | head`): end quietly. The
+            // server finishes what it started (a flush goes on).
+            return Ok(Some(0));
         }
     }
     anyhow::bail!("the server closed the control socket before finishing")

@@ -27,7 +27,10 @@ pub fn run(config: &Config, domain: &str) -> anyhow::Result<ExitCode> {
         .build()
         .context("cannot start the runtime")?;
     let report = runtime.block_on(check(config, domain))?;
-    print!("{}", report.text);
+    // What DNS and the probed servers said is shown, never obeyed.
+    let mut stdout = crate::ops::output::stdout();
+    std::io::Write::write_all(&mut stdout, report.text.as_bytes())?;
+    std::io::Write::flush(&mut stdout)?;
     Ok(if report.warnings.is_empty() {
         ExitCode::SUCCESS
     } else {
@@ -61,6 +64,12 @@ impl Host {
 /// Checks `domain`'s MX set-up. An error only when DNS gives no answer at all.
 pub async fn check(config: &Config, domain: &str) -> anyhow::Result<Report> {
     let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+    if !crate::config::is_domain(&domain) {
+        anyhow::bail!(
+            "{} is not a domain name",
+            spool_tools::terminal::escape_line(&format!("{domain:?}"))
+        );
+    }
     let resolver = Resolver::new(config)?;
     let mut out = String::new();
     let mut warnings = Vec::new();
@@ -228,42 +237,80 @@ pub async fn check(config: &Config, domain: &str) -> anyhow::Result<Report> {
         ));
     }
 
-    // The hosts this server hands mail to: those more preferred than us (all if we are not in
-    // the set).
-    let targets: Vec<(&Host, IpAddr)> = found
-        .iter()
-        .filter(|h| ours.is_none_or(|p| h.preference < p))
-        .flat_map(|h| h.addrs().iter().map(move |a| (h, *a)))
-        .collect();
-    if !targets.is_empty() {
-        let timeout = config.delivery.connect_timeout.0;
-        let _ = writeln!(
-            out,
-            "\nSMTP check of the {} (port {port}):",
-            if ours.is_some() {
-                "more preferred hosts"
-            } else {
-                "MX hosts"
+    // The hosts this server hands mail to: the configured route when there is one (with its
+    // ports), else the MX hosts more preferred than us (all if we are not in the set).
+    let timeout = config.delivery.connect_timeout.0;
+    let probes: Vec<(String, SocketAddr)> = match config.transport(&domain) {
+        crate::config::Transport::Hops(hops) => {
+            let _ = writeln!(out, "\nSMTP check of the route (what delivery uses):");
+            let mut probes = Vec::new();
+            for hop in hops {
+                let Ok((host, hop_port)) = crate::config::parse_hop(hop) else {
+                    continue;
+                };
+                let p = hop_port.unwrap_or(port);
+                let addrs = match host.parse::<IpAddr>() {
+                    Ok(ip) => vec![ip],
+                    Err(_) => match resolver.host_addrs(&host).await {
+                        Ok(a) if !a.is_empty() => a,
+                        Ok(_) => {
+                            let _ = writeln!(out, "  {hop}  FAIL  no A/AAAA records");
+                            warnings.push(format!("route host {host} has no A/AAAA records"));
+                            continue;
+                        }
+                        Err(e) => {
+                            let _ = writeln!(out, "  {hop}  FAIL  {e}");
+                            warnings.push(format!("route host {host}: {e}"));
+                            continue;
+                        }
+                    },
+                };
+                probes.extend(
+                    addrs
+                        .into_iter()
+                        .map(|a| (format!("route {host}"), SocketAddr::new(a, p))),
+                );
             }
-        );
-        let labels: Vec<String> = targets
-            .iter()
-            .map(|(h, a)| format!("{} {}", h.name, SocketAddr::new(*a, port)))
-            .collect();
-        let width = labels.iter().map(String::len).max().unwrap_or(0);
-        for ((host, addr), label) in targets.iter().zip(&labels) {
-            match smtp_probe(SocketAddr::new(*addr, port), timeout).await {
-                Ok(banner) => {
-                    let _ = writeln!(out, "  {label:<width$}  OK    {banner}");
-                }
-                Err(reason) => {
-                    let _ = writeln!(out, "  {label:<width$}  FAIL  {reason}");
-                    warnings.push(format!(
-                        "MX host {} at {} does not answer SMTP: {reason}",
-                        host.name,
-                        SocketAddr::new(*addr, port)
-                    ));
-                }
+            probes
+        }
+        crate::config::Transport::Local(_) => Vec::new(),
+        crate::config::Transport::Mx => {
+            let targets: Vec<(String, SocketAddr)> = found
+                .iter()
+                .filter(|h| ours.is_none_or(|p| h.preference < p))
+                .flat_map(|h| {
+                    h.addrs()
+                        .iter()
+                        .map(move |a| (format!("MX host {}", h.name), SocketAddr::new(*a, port)))
+                })
+                .collect();
+            if !targets.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "\nSMTP check of the {} (port {port}):",
+                    if ours.is_some() {
+                        "more preferred hosts"
+                    } else {
+                        "MX hosts"
+                    }
+                );
+            }
+            targets
+        }
+    };
+    let labels: Vec<String> = probes
+        .iter()
+        .map(|(what, addr)| format!("{what} {addr}"))
+        .collect();
+    let width = labels.iter().map(String::len).max().unwrap_or(0);
+    for ((what, addr), label) in probes.iter().zip(&labels) {
+        match smtp_probe(*addr, timeout).await {
+            Ok(banner) => {
+                let _ = writeln!(out, "  {label:<width$}  OK    {banner}");
+            }
+            Err(reason) => {
+                let _ = writeln!(out, "  {label:<width$}  FAIL  {reason}");
+                warnings.push(format!("{what} at {addr} does not answer SMTP: {reason}"));
             }
         }
     }

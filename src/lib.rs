@@ -13,7 +13,10 @@
 //! - [`scheduler`] and [`delivery`]: mail goes out, to next hops over SMTP or to local
 //!   Maildirs and LMTP servers.
 //! - [`envelope`] and [`queue_id`]: the plain data that travels between them.
-//! - [`cli`]: the administrator's commands (`serve`, `check-config`, `queue`).
+//! - [`cli`]: the administrator's commands; [`admin`], [`control`] and [`report`] are the
+//!   queue operations, the control socket and the reports behind them.
+//! - [`ops`]: the operator's surface around them: the live configuration snapshot and its
+//!   reload, the privilege drop and the private spool, what reaches a terminal.
 
 pub mod admin;
 pub mod cli;
@@ -24,6 +27,7 @@ pub mod doctor;
 pub mod dsn;
 pub mod envelope;
 pub mod masquerade;
+pub mod ops;
 pub mod policy;
 pub mod queue_id;
 pub mod report;

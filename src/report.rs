@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 
-use crate::envelope::RcptState;
+use crate::envelope::{Body, Notify, RcptState, Ret};
 use crate::scheduler::now_ms;
 use crate::spool::{QueuedMessage, Spool};
 
@@ -45,9 +45,50 @@ pub fn queue(
         } else {
             writeln!(out, "-- {n} message(s)")?;
         }
+        for (d, since) in spool.held_domains() {
+            if domain.as_deref().is_none_or(|x| x == d) {
+                writeln!(
+                    out,
+                    "-- {d} is on hold since {} (mxspool release {d})",
+                    time(since)
+                )?;
+            }
+        }
     }
     out.flush()?;
     Ok(())
+}
+
+/// `hold --list`: every held domain, since when, and how many messages are held.
+pub fn holds(spool: &Spool, out: &mut dyn Write) -> anyhow::Result<()> {
+    let held = spool.held_domains();
+    if held.is_empty() {
+        writeln!(out, "No domain is on hold")?;
+        out.flush()?;
+        return Ok(());
+    }
+    let width = held.iter().map(|(d, _)| d.len()).max().unwrap_or(0).max(6);
+    writeln!(out, "{:<width$}  {:<20}  Messages", "Domain", "Held since")?;
+    for (d, since) in &held {
+        let n = spool.held_count(d)?;
+        writeln!(out, "{d:<width$}  {:<20}  {n}", time_short(*since))?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// A time as `2026-12-01T20:30:00Z`.
+pub fn time(ms: u64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms as i64)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_default()
+}
+
+/// A time as `2026-12-01 20:30:00` (UTC), for tables.
+fn time_short(ms: u64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms as i64)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_default()
 }
 
 fn table_header(out: &mut dyn Write) -> std::io::Result<()> {
@@ -105,6 +146,8 @@ pub fn shape(spool: &Spool, json: bool, out: &mut dyn Write) -> anyhow::Result<(
         tb.cmp(&ta).then(a.0.cmp(&b.0))
     });
     ordered.insert(0, ("TOTAL".to_string(), total));
+    let held = spool.held_domains();
+    let is_held = |d: &str| d != "TOTAL" && held.iter().any(|(h, _)| h == d);
     if json {
         for (d, r) in &ordered {
             let mut buckets = serde_json::Map::new();
@@ -116,6 +159,7 @@ pub fn shape(spool: &Spool, json: bool, out: &mut dyn Write) -> anyhow::Result<(
                 "domain": d,
                 "total": r.iter().sum::<u64>(),
                 "buckets": buckets,
+                "held": is_held(d),
             });
             writeln!(out, "{line}")?;
         }
@@ -136,6 +180,9 @@ pub fn shape(spool: &Spool, json: bool, out: &mut dyn Write) -> anyhow::Result<(
             for v in r {
                 write!(out, " {v:>5}")?;
             }
+            if is_held(d) {
+                write!(out, "  (on hold)")?;
+            }
             writeln!(out)?;
         }
     }
@@ -151,35 +198,50 @@ pub fn show(spool: &Spool, id: &str, body: bool, out: &mut dyn Write) -> anyhow:
     let message = spool.message(id)?.unwrap_or_default();
     let e = &stored.envelope;
     writeln!(out, "*** ENVELOPE RECORDS {id} ***")?;
-    let time = |ms: u64| {
-        chrono::DateTime::from_timestamp_millis(ms as i64)
-            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-            .unwrap_or_default()
-    };
-    writeln!(out, "arrival: {}", time(e.arrival_ms))?;
-    writeln!(out, "size: {}", e.size)?;
-    writeln!(out, "sender: <{}>", e.sender)?;
+    writeln!(out, "message_size: {}", e.size)?;
+    writeln!(out, "message_arrival_time: {}", time(e.arrival_ms))?;
+    writeln!(
+        out,
+        "sender: {}",
+        if e.sender.is_empty() { "<>" } else { &e.sender }
+    )?;
     writeln!(out, "client: {} [{}]", e.helo, e.client_ip)?;
-    writeln!(out, "body: {:?}, smtputf8: {}", e.body, e.smtputf8)?;
+    writeln!(
+        out,
+        "body_type: {}",
+        match e.body {
+            Body::SevenBit => "7BIT",
+            Body::EightBitMime => "8BITMIME",
+        }
+    )?;
+    writeln!(out, "smtputf8: {}", if e.smtputf8 { "yes" } else { "no" })?;
     if let Some(ret) = e.ret {
-        writeln!(out, "ret: {ret:?}")?;
+        let ret = match ret {
+            Ret::Full => "FULL (the whole message)",
+            Ret::Hdrs => "HDRS (headers only)",
+        };
+        writeln!(out, "dsn_ret: {ret}")?;
     }
     if let Some(envid) = &e.envid {
-        writeln!(out, "envid: {envid}")?;
+        writeln!(out, "dsn_envid: {envid}")?;
     }
     for d in &stored.domains {
         let Some(q) = spool.queue_entry(d, id)? else {
             continue;
         };
+        let next = if q.held {
+            "none while held".to_string()
+        } else {
+            time(q.next_attempt_ms)
+        };
         writeln!(
             out,
-            "domain: {d}: attempts {}, next attempt {}{}",
+            "domain: {d} ({}, {} attempt(s), next attempt {next})",
+            if q.held { "on hold" } else { "queued" },
             q.attempts,
-            time(q.next_attempt_ms),
-            if q.held { ", held" } else { "" }
         )?;
         if let Some(err) = &q.last_error {
-            writeln!(out, "  last error: {err}")?;
+            writeln!(out, "last_error: {err}")?;
         }
         for r in &q.recipients {
             let state = match r.state {
@@ -187,12 +249,12 @@ pub fn show(spool: &Spool, id: &str, body: bool, out: &mut dyn Write) -> anyhow:
                 RcptState::Delivered => "delivered",
                 RcptState::Failed => "failed",
             };
-            write!(out, "  recipient: <{}> {state}", r.address)?;
+            write!(out, "recipient: <{}> {state}", r.address)?;
             if let Some(o) = &r.orcpt {
-                write!(out, ", orcpt {o}")?;
+                write!(out, ", original recipient {o}")?;
             }
             if let Some(n) = r.notify {
-                write!(out, ", notify {n:?}")?;
+                write!(out, ", notify {}", notify_words(n))?;
             }
             writeln!(out)?;
         }
@@ -212,4 +274,25 @@ pub fn show(spool: &Spool, id: &str, body: bool, out: &mut dyn Write) -> anyhow:
     writeln!(out, "*** END OF MESSAGE {id} ***")?;
     out.flush()?;
     Ok(())
+}
+
+/// DSN NOTIFY as RFC 3461 writes it: `NEVER`, or a list of `SUCCESS`, `FAILURE`, `DELAY`.
+fn notify_words(n: Notify) -> String {
+    if n.never {
+        return "NEVER".into();
+    }
+    let words: Vec<&str> = [
+        (n.success, "SUCCESS"),
+        (n.failure, "FAILURE"),
+        (n.delay, "DELAY"),
+    ]
+    .iter()
+    .filter(|(on, _)| *on)
+    .map(|(_, w)| *w)
+    .collect();
+    if words.is_empty() {
+        "NEVER".into()
+    } else {
+        words.join(",")
+    }
 }

@@ -16,6 +16,8 @@
 //!   are then read one at a time in a second pass ([`ArchiveReader::for_each_entry`]);
 //!   damaged ones are listed as [`Problem`]s and never given out.
 //!
+//! - `terminal`: bytes from mail or archives made safe to show on a terminal.
+//!
 //! The library does no network I/O and needs no async runtime.
 //!
 //! ```no_run
@@ -43,6 +45,7 @@ mod envelope;
 mod error;
 mod manifest;
 mod reader;
+pub mod terminal;
 mod writer;
 
 pub use envelope::{
@@ -52,7 +55,7 @@ pub use envelope::{
 pub use error::{Error, Result};
 pub use manifest::{ArchiveMeta, FORMAT_NAME};
 pub use reader::{ArchiveReader, Compression, Entry, Problem, ReadOptions};
-pub use writer::{create_file, ArchiveWriter, FileArchiveWriter};
+pub use writer::{create_file, create_file_replacing, ArchiveWriter, FileArchiveWriter};
 
 /// The archive format version this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;

@@ -181,20 +181,36 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 
 /// An archive being written to a file by [`create_file`].
 ///
-/// The data goes to a hidden temporary file beside the target; [`finish`](Self::finish)
-/// completes it, syncs it, renames it to the target name and syncs the directory. Dropped
-/// unfinished, it removes the temporary file: the target name never shows a partial
-/// archive.
+/// The data goes to a fresh hidden temporary file beside the target (created exclusively,
+/// never through an existing name or a symbolic link, with an unpredictable name and mode
+/// 0600); [`finish`](Self::finish) completes it, syncs it, moves it to the target name and
+/// syncs the directory. Dropped unfinished, it removes the temporary file: the target name
+/// never shows a partial archive.
 pub struct FileArchiveWriter {
     writer: Option<ArchiveWriter<Sink>>,
     path: PathBuf,
     tmp: PathBuf,
+    replace: bool,
 }
 
 /// Creates an archive file at `path`, gzip-compressed when the name ends in `.gz` or
-/// `.tgz`. An existing file at `path` is replaced when the archive is finished.
+/// `.tgz`. An existing `path` is never replaced: that is an error now, and again at
+/// [`FileArchiveWriter::finish`] if the name appeared meanwhile.
 pub fn create_file(path: impl AsRef<Path>, meta: ArchiveMeta) -> Result<FileArchiveWriter> {
-    let path = path.as_ref().to_path_buf();
+    create(path.as_ref(), meta, false)
+}
+
+/// Like [`create_file`], but an existing `path` is replaced, atomically, when the archive
+/// is finished (`mxspool export --force`).
+pub fn create_file_replacing(
+    path: impl AsRef<Path>,
+    meta: ArchiveMeta,
+) -> Result<FileArchiveWriter> {
+    create(path.as_ref(), meta, true)
+}
+
+fn create(path: &Path, meta: ArchiveMeta, replace: bool) -> Result<FileArchiveWriter> {
+    let path = path.to_path_buf();
     let name = path
         .file_name()
         .ok_or_else(|| Error::Io {
@@ -203,8 +219,10 @@ pub fn create_file(path: impl AsRef<Path>, meta: ArchiveMeta) -> Result<FileArch
         })?
         .to_string_lossy()
         .into_owned();
-    let tmp = path.with_file_name(format!(".{name}.partial-{}", std::process::id()));
-    let file = File::create(&tmp).map_err(io_err(tmp.display()))?;
+    if !replace && fs::symlink_metadata(&path).is_ok() {
+        return Err(exists(&path));
+    }
+    let (tmp, file) = create_temporary(&path, &name)?;
     let buffered = BufWriter::with_capacity(256 * 1024, file);
     let sink = if name.ends_with(".gz") || name.ends_with(".tgz") {
         Sink::Gzip(GzEncoder::new(buffered, flate2::Compression::default()))
@@ -215,9 +233,62 @@ pub fn create_file(path: impl AsRef<Path>, meta: ArchiveMeta) -> Result<FileArch
         writer: None,
         path,
         tmp,
+        replace,
     };
     w.writer = Some(ArchiveWriter::new(sink, meta).map_err(|e| w.with_path(e))?);
     Ok(w)
+}
+
+fn exists(path: &Path) -> Error {
+    Error::Io {
+        context: path.display().to_string(),
+        source: io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "already exists (it is never overwritten; --force replaces it)",
+        ),
+    }
+}
+
+/// A new file `.NAME.RANDOM.partial` beside `path`: `O_CREAT|O_EXCL` (so an existing name or
+/// a planted symbolic link is never opened), mode 0600 whatever the umask.
+fn create_temporary(path: &Path, name: &str) -> Result<(PathBuf, File)> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut last = None;
+    for _ in 0..16 {
+        let tmp = path.with_file_name(format!(".{name}.{:016x}.partial", random_u64()));
+        match fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+        {
+            Ok(file) => {
+                // The umask can only take bits away; make sure of 0600 all the same.
+                file.set_permissions(fs::Permissions::from_mode(0o600))
+                    .map_err(io_err(tmp.display()))?;
+                return Ok((tmp, file));
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some((tmp, e)),
+            Err(e) => return Err(io_err(tmp.display())(e)),
+        }
+    }
+    let (tmp, e) = last.expect("tried at least once");
+    Err(io_err(tmp.display())(e))
+}
+
+/// 64 unpredictable bits: the standard library's hasher keys come from the OS's random
+/// source.
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
 }
 
 impl FileArchiveWriter {
@@ -252,7 +323,20 @@ impl FileArchiveWriter {
         let file = sink.into_file().map_err(io_err(tmp.display()))?;
         file.sync_all().map_err(io_err(tmp.display()))?;
         drop(file);
-        fs::rename(&self.tmp, &self.path).map_err(io_err(self.path.display()))?;
+        if self.replace {
+            fs::rename(&self.tmp, &self.path).map_err(io_err(self.path.display()))?;
+        } else {
+            // A hard link fails if the name exists (even as a dangling symbolic link), so a
+            // file that appeared meanwhile is never replaced.
+            fs::hard_link(&self.tmp, &self.path).map_err(|e| {
+                if e.kind() == io::ErrorKind::AlreadyExists {
+                    exists(&self.path)
+                } else {
+                    io_err(self.path.display())(e)
+                }
+            })?;
+            fs::remove_file(&self.tmp).map_err(io_err(self.tmp.display()))?;
+        }
         let dir = match self.path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),

@@ -28,6 +28,7 @@ use crate::config::Config;
 use crate::delivery::client::{ClientConfig, Timeouts};
 use crate::delivery::mx::Resolver;
 use crate::delivery::Transcript;
+use crate::ops::live::Live;
 use crate::spool::{DueCursor, Spool};
 use pause::Pause;
 use settle::failed;
@@ -71,7 +72,8 @@ struct Sweep {
 
 /// The queue runner.
 pub struct Scheduler {
-    config: Arc<Config>,
+    /// The configuration in force: see [`Scheduler::config`].
+    live: Arc<Live>,
     spool: Spool,
     resolver: Resolver,
     client: ClientConfig,
@@ -122,7 +124,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Scheduler {
-    pub fn new(config: Arc<Config>, spool: Spool) -> anyhow::Result<Arc<Scheduler>> {
+    pub fn new(live: Arc<Live>, spool: Spool) -> anyhow::Result<Arc<Scheduler>> {
+        let config = live.config();
         let resolver = Resolver::new(&config)?;
         let client = ClientConfig {
             helo_name: config.hostname.clone(),
@@ -135,7 +138,7 @@ impl Scheduler {
         };
         Ok(Arc::new(Scheduler {
             deliveries: Arc::new(Semaphore::new(config.queue.max_deliveries)),
-            config,
+            live,
             spool,
             resolver,
             client,
@@ -147,6 +150,12 @@ impl Scheduler {
             cursor: Mutex::new((None, std::time::Instant::now())),
             wake: Notify::new(),
         }))
+    }
+
+    /// The configuration in force now (a reload swaps it; the resolver, the client settings
+    /// and the delivery limit are the start's).
+    fn config(&self) -> Arc<Config> {
+        self.live.config()
     }
 
     /// Look at the due index now rather than at the next tick.
@@ -334,7 +343,7 @@ impl Scheduler {
     /// ([`Config::domain_concurrency`]).
     fn free_connections(&self, domain: &str) -> usize {
         let active = lock(&self.per_domain).get(domain).copied().unwrap_or(0);
-        self.config
+        self.config()
             .domain_concurrency(domain)
             .saturating_sub(active)
     }
@@ -380,7 +389,7 @@ impl Scheduler {
         let conns = if transcript.is_some() {
             1
         } else {
-            self.config.domain_concurrency(domain)
+            self.config().domain_concurrency(domain)
         };
         let per = n.div_ceil(conns).max(1);
         let mut tasks = tokio::task::JoinSet::new();

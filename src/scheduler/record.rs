@@ -202,7 +202,7 @@ impl Scheduler {
         outcomes: &[Outcome],
     ) -> (QueueEntry, Option<Batch>) {
         let (next, dsns) = settle(
-            &self.config,
+            &self.config(),
             entry,
             &stored.envelope,
             message,
@@ -228,7 +228,7 @@ impl Scheduler {
     }
 
     fn retry_delay(&self) -> Duration {
-        let base = self.config.queue.retry_interval.0.as_secs_f64();
+        let base = self.config().queue.retry_interval.0.as_secs_f64();
         let jitter = rand::rng().random_range(0.9..1.1);
         Duration::from_secs_f64(base * jitter)
     }

@@ -334,11 +334,11 @@ impl Scheduler {
         transcript: Option<Transcript>,
         prefer: Option<SocketAddr>,
     ) -> Result<Link, Outcome> {
-        match self.config.transport(domain) {
+        match self.config().transport(domain) {
             Transport::Local(local) => match (&local.maildir, &local.lmtp) {
                 (Some(template), _) => Ok(Link::Maildir(MaildirTarget {
                     template: template.clone(),
-                    hostname: self.config.hostname.clone(),
+                    hostname: self.config().hostname.clone(),
                 })),
                 (None, Some(lmtp)) => {
                     let target = LmtpTarget::parse(lmtp)
@@ -386,7 +386,7 @@ impl Scheduler {
             Ok(Route::SelfOnly { preference }) => {
                 error!(
                     "CONFIGURATION ERROR: mail for {domain} loops back to myself: {} is the best MX left (preference {preference}); mail stays queued",
-                    self.config.hostname
+                    self.config().hostname
                 );
                 return Err(deferred(
                     format!("mail for {domain} loops back to myself"),

@@ -1,36 +1,39 @@
 //! The tokio driver of the inbound SMTP [`Session`]: accepts connections, enforces the
 //! connection limits, moves bytes between the socket and the session, and stores finished
 //! messages in the spool before the session may acknowledge them.
+//!
+//! Each session takes the configuration snapshot in force when it connects and keeps it to
+//! its end (a reload affects the sessions that start after it). On shutdown, sessions
+//! waiting for a command get `421 4.3.2` at once; a message in DATA may finish, within
+//! `command_timeout`.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::Context;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, error, info, warn};
 
-use super::session::{Session, SessionConfig, SpoolGauge, Step, StoreFailure};
+use super::counts::CommandCounts;
+use super::session::{Session, SpoolGauge, Step, StoreFailure};
 use crate::config::Config;
-use crate::policy::Policy;
+use crate::ops::live::Live;
 use crate::scheduler::Scheduler;
 use crate::spool::Spool;
 
 /// Shared by every connection.
 struct Shared {
-    config: Arc<SessionConfig>,
-    policy: Arc<Policy>,
+    live: Arc<Live>,
     gauge: Arc<SpoolGauge>,
     spool: Spool,
     scheduler: Arc<Scheduler>,
-    idle_timeout: Duration,
     connections: Arc<Semaphore>,
     max_connections: usize,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
-    max_per_ip: usize,
+    shutdown: watch::Receiver<bool>,
 }
 
 /// Releases a client's per-IP slot when its connection ends.
@@ -51,46 +54,64 @@ impl Drop for IpSlot {
     }
 }
 
+/// The `[smtp] listen` sockets, bound (before the privilege drop: port 25 needs root) but not
+/// yet listening, so no client is taken in before the server is ready ([`listen`]).
+pub struct Bound(Vec<(SocketAddr, socket2::Socket)>);
+
 /// Bind every `[smtp] listen` address; fails with the address that could not be bound.
-pub async fn bind(config: &Config) -> anyhow::Result<Vec<TcpListener>> {
-    let mut listeners = Vec::new();
+pub fn bind(config: &Config) -> anyhow::Result<Bound> {
+    use socket2::{Domain, Socket, Type};
+    let mut sockets = Vec::new();
     for addr in config.listen_addrs() {
-        let l = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr}"))?;
-        listeners.push(l);
+        let fail = |e: std::io::Error| {
+            anyhow::anyhow!("cannot listen on {addr}: {}", crate::config::os_error(&e))
+        };
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(fail)?;
+        s.set_reuse_address(true).map_err(fail)?;
+        s.bind(&addr.into()).map_err(fail)?;
+        sockets.push((addr, s));
     }
-    Ok(listeners)
+    Ok(Bound(sockets))
+}
+
+/// Start listening on the bound sockets (inside the runtime, once the spool and the control
+/// socket are there: a client that connects is served).
+pub fn listen(bound: Bound) -> anyhow::Result<Vec<TcpListener>> {
+    bound
+        .0
+        .into_iter()
+        .map(|(addr, s)| {
+            let fail = |e: std::io::Error| {
+                anyhow::anyhow!("cannot listen on {addr}: {}", crate::config::os_error(&e))
+            };
+            s.listen(1024).map_err(fail)?;
+            s.set_nonblocking(true).map_err(fail)?;
+            TcpListener::from_std(s.into()).map_err(fail)
+        })
+        .collect()
 }
 
 /// Serve SMTP on `listeners` until `shutdown` turns true, then wait (a bounded time) for the
 /// open sessions to end.
 pub async fn run(
-    config: &Config,
+    live: Arc<Live>,
     spool: Spool,
     scheduler: Arc<Scheduler>,
     listeners: Vec<TcpListener>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let gauge = Arc::new(SpoolGauge::new(spool.free_bytes().unwrap_or(u64::MAX)));
+    // max_connections sizes the semaphore: it takes effect at start only.
+    let max_connections = live.config().smtp.max_connections;
     let shared = Arc::new(Shared {
-        config: Arc::new(SessionConfig {
-            hostname: config.hostname.clone(),
-            max_message_size: config.smtp.max_message_size.0 as usize,
-            max_recipients: config.smtp.max_recipients,
-            max_errors: config.smtp.max_errors,
-            recipient_overshoot: config.smtp.recipient_overshoot,
-            min_free_space: config.queue.min_free_space.0,
-        }),
-        policy: Arc::new(Policy::new(config)),
+        live,
         gauge: gauge.clone(),
         spool: spool.clone(),
         scheduler,
-        idle_timeout: config.smtp.command_timeout.0,
-        connections: Arc::new(Semaphore::new(config.smtp.max_connections)),
-        max_connections: config.smtp.max_connections,
+        connections: Arc::new(Semaphore::new(max_connections)),
+        max_connections,
         per_ip: Mutex::new(HashMap::new()),
-        max_per_ip: config.smtp.max_connections_per_ip,
+        shutdown: shutdown.clone(),
     });
 
     // Free space is read once a second, off the sessions' path.
@@ -135,12 +156,17 @@ pub async fn run(
         t.abort();
     }
     gauge_task.abort();
-    // Give open sessions a moment to finish their transaction.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // Idle sessions got 421 at once; a message in DATA may finish within command_timeout.
+    let grace = shared.live.config().smtp.command_timeout.0;
+    let deadline = Instant::now() + grace + Duration::from_secs(1);
     while shared.connections.available_permits() < shared.max_connections
         && Instant::now() < deadline
     {
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let open = shared.max_connections - shared.connections.available_permits();
+    if open > 0 {
+        warn!("{open} session(s) still open after {grace:?}: closed");
     }
     let (commits, batches) = shared.spool.stats();
     info!("spool: {batches} writes in {commits} synced commits");
@@ -152,10 +178,11 @@ fn admit(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
     let permit = shared.connections.clone().try_acquire_owned().ok();
     let ip = peer.ip();
+    let snapshot = shared.live.snapshot();
     let slot = {
         let mut map = shared.per_ip.lock().unwrap_or_else(|p| p.into_inner());
         let n = map.entry(ip).or_insert(0);
-        if *n < shared.max_per_ip {
+        if *n < snapshot.config.smtp.max_connections_per_ip {
             *n += 1;
             Some(IpSlot {
                 shared: shared.clone(),
@@ -168,9 +195,18 @@ fn admit(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     tokio::spawn(async move {
         match (permit, slot) {
             (Some(permit), Some(slot)) => {
-                if let Err(e) = session(shared, stream, peer, permit, slot).await {
+                info!("connect from unknown[{}]", peer.ip());
+                let mut counts = CommandCounts::default();
+                if let Err(e) =
+                    session(shared, snapshot, stream, peer, permit, slot, &mut counts).await
+                {
                     debug!("connection from {peer}: {e}");
                 }
+                info!(
+                    "disconnect from unknown[{}] {}",
+                    peer.ip(),
+                    counts.summary()
+                );
             }
             (permit, _) => {
                 let why = if permit.is_none() {
@@ -179,7 +215,7 @@ fn admit(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                     "too many connections from your address"
                 };
                 warn!("refused connection from {peer}: {why}");
-                let msg = format!("421 4.7.0 {} Error: {why}\r\n", shared.config.hostname);
+                let msg = format!("421 4.7.0 {} Error: {why}\r\n", snapshot.session.hostname);
                 let mut stream = stream;
                 let _ = tokio::time::timeout(Duration::from_secs(5), async {
                     stream.write_all(msg.as_bytes()).await?;
@@ -191,19 +227,27 @@ fn admit(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     });
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn session(
     shared: Arc<Shared>,
+    snapshot: Arc<crate::ops::live::Snapshot>,
     mut stream: TcpStream,
     peer: SocketAddr,
     _permit: OwnedSemaphorePermit,
     _slot: IpSlot,
+    counts: &mut CommandCounts,
 ) -> std::io::Result<()> {
-    debug!("connect from [{}]:{}", peer.ip(), peer.port());
     let mut s = Session::new(
-        shared.config.clone(),
-        shared.policy.clone(),
+        snapshot.session.clone(),
+        snapshot.policy.clone(),
         shared.gauge.clone(),
         peer.ip(),
+    );
+    let idle_timeout = snapshot.config.smtp.command_timeout.0;
+    let mut stop = shared.shutdown.clone();
+    let shutting_down = format!(
+        "421 4.3.2 {} Service shutting down, closing transmission channel\r\n",
+        snapshot.session.hostname
     );
     let mut buf = vec![0u8; 16 * 1024];
     let mut step = Step::Read;
@@ -214,10 +258,40 @@ async fn session(
                 if !out.is_empty() {
                     stream.write_all(&out).await?;
                 }
-                match tokio::time::timeout(shared.idle_timeout, stream.read(&mut buf)).await {
+                let in_data = s.in_data();
+                let stopping = *stop.borrow();
+                if in_data {
+                    counts.reset_line();
+                }
+                let read = tokio::time::timeout(idle_timeout, stream.read(&mut buf));
+                let got = if in_data {
+                    Some(read.await)
+                } else if stopping {
+                    None
+                } else {
+                    let stopped = async {
+                        let _ = stop.wait_for(|s| *s).await;
+                    };
+                    tokio::select! {
+                        r = read => Some(r),
+                        () = stopped => None,
+                    }
+                };
+                let Some(got) = got else {
+                    // Waiting for a command while the server stops: say so now.
+                    stream.write_all(shutting_down.as_bytes()).await?;
+                    let _ = stream.shutdown().await;
+                    return Ok(());
+                };
+                match got {
                     Err(_) => s.timeout(),
                     Ok(Ok(0)) => s.eof(),
-                    Ok(Ok(n)) => s.receive(&buf[..n], SystemTime::now()),
+                    Ok(Ok(n)) => {
+                        if !in_data {
+                            counts.commands(&buf[..n]);
+                        }
+                        s.receive(&buf[..n], SystemTime::now())
+                    }
                     Ok(Err(e)) => return Err(e),
                 }
             }
@@ -266,7 +340,6 @@ async fn session(
                     stream.write_all(&out).await?;
                 }
                 let _ = stream.shutdown().await;
-                debug!("disconnect from [{}]:{}", peer.ip(), peer.port());
                 return Ok(());
             }
         };

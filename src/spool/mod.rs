@@ -377,11 +377,53 @@ fn check_format(db: &DB, path: &Path, create: bool) -> Result<(), SpoolError> {
     }
 }
 
+/// Creates the spool directory `dir` (and missing parents) if it is not there; the spool
+/// directory itself gets mode 0700 whatever the umask.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if !dir.is_dir() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    set_mode(dir, 0o700)
+}
+
+/// The spool is private, whatever the umask it was made under: the directory 0700, every
+/// file in it 0600 (RocksDB creates its files with the process's umask; `serve` also sets
+/// a umask of 077). Symbolic links are left alone.
+pub fn make_private(dir: &Path) -> std::io::Result<()> {
+    set_mode(dir, 0o700)?;
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.is_file() {
+            set_mode(&path, 0o600)?;
+        } else if meta.is_dir() {
+            set_mode(&path, 0o700)?;
+        }
+    }
+    Ok(())
+}
+
+fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::symlink_metadata(path)?;
+    if meta.permissions().mode() & 0o7777 != mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    }
+    Ok(())
+}
+
 impl Spool {
     /// Open the spool at `dir` for reading and writing, creating it if missing. Holds
     /// RocksDB's `LOCK` while open: a second opener gets [`SpoolError::Locked`].
     pub fn open(dir: &Path) -> Result<Spool, SpoolError> {
-        std::fs::create_dir_all(dir)?;
+        create_private_dir(dir)?;
+        make_private(dir)?;
         let db = DB::open_cf_descriptors(&db_options(true), dir, cf_descriptors())
             .map_err(|e| map_db_error(e, dir))?;
         check_format(&db, dir, true)?;
@@ -464,8 +506,27 @@ impl Spool {
         v
     }
 
+    /// How many of `domain`'s queue entries are held and still have recipients to deliver
+    /// (in proportion to the domain's queue, not the whole spool).
+    pub fn held_count(&self, domain: &str) -> Result<usize, SpoolError> {
+        let mut n = 0;
+        let mut after: Option<String> = None;
+        loop {
+            let chunk = self.domain_entries(domain, after.as_deref(), 1000)?;
+            let Some((last, _)) = chunk.last() else {
+                break;
+            };
+            after = Some(last.clone());
+            n += chunk
+                .iter()
+                .filter(|(_, e)| e.held && e.has_pending())
+                .count();
+        }
+        Ok(n)
+    }
+
     /// Put `domain` on hold: no retries until [`Spool::release`]; mail that arrives for it
-    /// meanwhile is held too. Returns the number of entries held now. Idempotent.
+    /// meanwhile is held too. Returns the number of entries newly held. Idempotent.
     pub async fn hold(&self, domain: &str, now_ms: u64) -> Result<usize, SpoolError> {
         let since = {
             let mut holds = self.inner.holds.write().unwrap_or_else(|p| p.into_inner());

@@ -335,3 +335,65 @@ fn doctor_warns_when_a_partner_does_not_list_this_server() {
     assert_eq!(code, 0);
     assert!(out.contains("SMTP check of the MX hosts"), "{out}");
 }
+
+#[test]
+fn doctor_probes_the_route_that_delivery_uses() {
+    // The partner's MX hosts do not answer on [delivery] port, but its route (another
+    // address and port) does: that is where the mail goes, so that is what is checked.
+    let s = Setup::new();
+    let (_route, route_port) = Peer::start("127.0.1.9", 0, "220 route.example.com.br ESMTP");
+    let partner = format!(
+        "[[partner]]\ndomain = \"down.example.com.br\"\nroute = [\"127.0.1.9:{route_port}\"]"
+    );
+    let (code, out, warnings) = s.doctor(&partner, "down.example.com.br");
+    check_warnings(&out, &warnings, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("SMTP check of the route"), "{out}");
+    assert!(
+        out.contains(&format!("route 127.0.1.9 127.0.1.9:{route_port}"))
+            && out.contains("OK    220 route.example.com.br"),
+        "{out}"
+    );
+    assert!(!out.contains("gone.example.com.br 127.0.1.7:"), "{out}");
+
+    // A route that does not answer is the warning, with its own port.
+    let closed = harness::closed_port_at("127.0.1.9");
+    let partner =
+        format!("[[partner]]\ndomain = \"down.example.com.br\"\nroute = [\"127.0.1.9:{closed}\"]");
+    let (_, out, warnings) = s.doctor(&partner, "down.example.com.br");
+    check_warnings(
+        &out,
+        &warnings,
+        &[&format!(
+            "route 127.0.1.9 at 127.0.1.9:{closed} does not answer SMTP"
+        )],
+    );
+}
+
+#[test]
+fn doctor_refuses_a_malformed_domain() {
+    let s = Setup::new();
+    let config = s.dir.path().join("mxspool.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "hostname = \"smtp.example.net\"\nspool = \"spool\"\n[delivery]\nnameservers = [\"{}\"]\n",
+            s.dns.addr
+        ),
+    )
+    .unwrap();
+    for bad in ["bad..domain", "x-.example", "a b", "\u{1b}[31mred"] {
+        let out = harness::run(
+            Command::new(BIN)
+                .arg("--config")
+                .arg(&config)
+                .args(["doctor", bad]),
+            30,
+        );
+        let err = harness::assert_clean_failure(&format!("doctor {bad:?}"), &out);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("is not a domain name"), "{err}");
+        assert!(!err.contains('\u{1b}'), "raw escape on stderr: {err:?}");
+        assert!(!harness::text(&out.stdout).contains("bounces"));
+    }
+}

@@ -400,6 +400,11 @@ impl Smtp {
         self.reply()
     }
 
+    /// Sends `bytes` as they are, without waiting for a reply (part of a message in DATA).
+    pub fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.w.write_all(bytes)
+    }
+
     /// Sends DATA, the dot-stuffed `message` (CRLF lines) and the final dot; returns the
     /// reply to the final dot. `Ok(Err(reply))` if DATA itself was refused.
     pub fn data(&mut self, message: &[u8]) -> std::io::Result<Result<Reply, Reply>> {

@@ -26,6 +26,7 @@ mod swaks;
 mod archive;
 mod etrn;
 mod queue_ops;
+mod safe_admin;
 
 mod cases;
 mod dovecot;

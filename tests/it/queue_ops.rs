@@ -734,7 +734,7 @@ fn bad_input(mode: Mode) {
         single_line(&what, &err);
         assert!(err.starts_with("mxspool: "), "{what}: {err}");
     }
-    // Usage errors (clap): non-zero, an `error:` line, no panic.
+    // Usage errors: non-zero (2), one line naming what is wrong and the usage, no panic.
     let usage: &[&[&str]] = &[
         &["hold"],
         &["release"],
@@ -751,14 +751,27 @@ fn bad_input(mode: Mode) {
         let what = format!("mxspool {}", args.join(" "));
         let err = assert_clean_failure(&what, &out);
         assert_eq!(out.status.code(), Some(2), "{what}: {err}");
+        single_line(&what, &err);
         assert!(
-            err.lines().next().unwrap_or("").starts_with("error:"),
+            err.starts_with("mxspool: ") && err.contains("usage: mxspool"),
             "{what}: {err}"
         );
     }
-    // `delete` alone prints its help (arg_required_else_help) and fails.
+    // Missing arguments are named.
+    let out = s.env.mxspool(&["hold"]);
+    assert!(
+        text(&out.stderr).contains("<DOMAIN>"),
+        "{}",
+        text(&out.stderr)
+    );
+    // `delete` alone says what it needs.
     let out = s.env.mxspool(&["delete"]);
-    assert_clean_failure("mxspool delete", &out);
+    let err = assert_clean_failure("mxspool delete", &out);
+    single_line("mxspool delete", &err);
+    assert!(
+        err.contains("queue IDs") && err.contains("--domain"),
+        "{err}"
+    );
     assert!(!std::path::Path::new(archive).exists());
     assert_eq!(
         ids_of(&s.env.queue(None)),

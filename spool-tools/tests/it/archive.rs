@@ -4,7 +4,8 @@ use std::fs;
 use std::process::Command;
 
 use spool_tools::{
-    create_file, ArchiveReader, ArchiveWriter, Compression, Error, ReadOptions, RecipientState,
+    create_file, create_file_replacing, ArchiveReader, ArchiveWriter, Compression, Error,
+    ReadOptions, RecipientState,
 };
 
 use crate::support::*;
@@ -359,9 +360,57 @@ fn file_changed_after_open_is_noticed() {
     let (mut env, mut msg) = eight_bit();
     env.recipients[0].state = RecipientState::Failed;
     msg.extend_from_slice(b"more\r\n");
-    write_archive(dir.path(), "q.tar", &[(env, msg), with_from_lines()]);
+    let mut w = create_file_replacing(&path, meta()).unwrap();
+    w.add(&env, &msg).unwrap();
+    let (env2, msg2) = with_from_lines();
+    w.add(&env2, &msg2).unwrap();
+    w.finish().unwrap();
     let e = r.for_each_entry(|_| Ok::<(), Error>(())).unwrap_err();
     assert!(matches!(e, Error::Changed(_)), "{e}");
+}
+
+#[test]
+fn an_existing_name_is_never_replaced_unless_asked() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = sample_archive(dir.path(), "a.tar");
+    assert_eq!(
+        fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let before = fs::read(&path).unwrap();
+    let e = create_file(&path, meta()).err().expect("refused");
+    assert!(e.to_string().contains("already exists"), "{e}");
+    // A name that appears while the archive is written is not replaced either.
+    let late = dir.path().join("late.tar");
+    let w = create_file(&late, meta()).unwrap();
+    fs::write(&late, b"someone else's").unwrap();
+    let e = w.finish().unwrap_err();
+    assert!(e.to_string().contains("already exists"), "{e}");
+    assert_eq!(fs::read(&late).unwrap(), b"someone else's");
+    // A symbolic link at the name is a name: refused, its target untouched.
+    let victim = dir.path().join("victim");
+    fs::write(&victim, b"keep").unwrap();
+    let link = dir.path().join("link.tar");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    assert!(create_file(&link, meta()).is_err());
+    let mut w = create_file_replacing(&link, meta()).unwrap();
+    w.add(&eight_bit().0, &eight_bit().1).unwrap();
+    w.finish().unwrap();
+    assert_eq!(fs::read(&victim).unwrap(), b"keep");
+    assert!(fs::symlink_metadata(&link).unwrap().is_file());
+    // --force replaces atomically; nothing temporary is left.
+    create_file_replacing(&path, meta())
+        .unwrap()
+        .finish()
+        .unwrap();
+    assert_ne!(fs::read(&path).unwrap(), before);
+    let names: Vec<String> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.contains("partial"))
+        .collect();
+    assert!(names.is_empty(), "{names:?}");
 }
 
 #[test]

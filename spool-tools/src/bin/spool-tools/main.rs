@@ -10,6 +10,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{ArgGroup, Parser, Subcommand};
+use spool_tools::terminal::Safe;
 use spool_tools::{format_time, ArchiveReader, ArchivedEnvelope, Compression, ReadOptions};
 
 use crate::replay::Target;
@@ -62,7 +63,8 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("spool-tools: {e:#}");
+            let line = spool_tools::terminal::error_line(e.chain().map(|c| c.to_string()));
+            eprintln!("spool-tools: {line}");
             ExitCode::FAILURE
         }
     }
@@ -81,7 +83,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     let reader = ArchiveReader::open_with(&cli.archive, options)?;
     let stdout = io::stdout();
-    let mut out = BufWriter::new(stdout.lock());
+    // Message bytes and envelope fields come from whoever sent the mail: shown on a
+    // terminal, their control characters are escaped, never obeyed.
+    let tty = io::IsTerminal::is_terminal(&stdout);
+    let mut out = Safe::new(BufWriter::new(stdout.lock()), tty);
     let ok = match cli.command {
         Cmd::List => list(&reader, &mut out)?,
         Cmd::Verify => verify(&reader, &mut out)?,
@@ -221,7 +226,10 @@ fn verify(reader: &ArchiveReader, out: &mut impl Write) -> anyhow::Result<bool> 
 /// Damaged messages go to stderr; true when there are none.
 fn warn_problems(reader: &ArchiveReader) -> bool {
     for p in reader.problems() {
-        eprintln!("spool-tools: skipped {p}");
+        eprintln!(
+            "spool-tools: skipped {}",
+            spool_tools::terminal::escape_line(&p.to_string())
+        );
     }
     reader.problems().is_empty()
 }
