@@ -32,4 +32,5 @@ mod cases;
 mod dovecot;
 mod lmtp;
 mod peers;
+mod pop3;
 mod primary;
