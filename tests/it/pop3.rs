@@ -102,8 +102,10 @@ impl PopServer {
                 "mail_location = maildir:/var/mail/%d/%n",
                 format!("mail_location = maildir:{}/%d/%n", mail.display()),
             ),
-            ("mail_uid = vmail", format!("mail_uid = {user}")),
-            ("mail_gid = vmail", format!("mail_gid = {group}")),
+            (
+                "default_fields = uid=vmail gid=vmail",
+                format!("default_fields = uid={user} gid={group}"),
+            ),
             ("first_valid_uid = 100", format!("first_valid_uid = {uid}")),
             ("first_valid_gid = 100", format!("first_valid_gid = {gid}")),
             (
@@ -391,7 +393,7 @@ fn dovecot_serves_over_pop3_and_imap_the_maildir_mxspool_delivered() {
     let pop = PopServer::start(
         &mail,
         "inst.test",
-        &format!("ana@inst.test:{{PLAIN}}{PASSWORD}\nbruno@inst.test:{{PLAIN}}other\n"),
+        &format!("ana@inst.test:{{PLAIN}}{PASSWORD}::::::\nbruno@inst.test:{{PLAIN}}other::::::\n"),
     );
 
     // POP3: USER/PASS, STAT, LIST, RETR 1 is exactly the file mxspool wrote.
