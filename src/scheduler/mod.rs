@@ -199,12 +199,7 @@ impl Scheduler {
 
     /// Mail of `domain` waits for a later retry.
     fn waiting_in(&self, domain: &str) {
-        {
-            let mut clean = lock(&self.clean);
-            if clean.contains(domain) {
-                clean.remove(domain);
-            }
-        }
+        lock(&self.clean).remove(domain);
         if let Some(s) = lock(&self.recovered).get_mut(domain) {
             s.dirty = true;
         }

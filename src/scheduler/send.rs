@@ -321,7 +321,7 @@ impl Scheduler {
                 Err(())
             }
             Err(e) => {
-                error!("{id}: cannot read from the spool: {e}");
+                error!("{id}: cannot read from the spool: the read task failed: {e}");
                 Err(())
             }
         }

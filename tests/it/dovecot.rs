@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use crate::harness::{closed_port_at, maildir_files, public_tempdir, tool, wait_for};
+use crate::harness::{
+    closed_port_at, group_name, maildir_files, public_tempdir, tool, user_name, wait_for,
+};
 
 /// The address the LMTP TCP listener is bound to.
 pub const LMTP_IP: &str = "127.0.20.1";
@@ -256,30 +258,4 @@ fn greets<S: std::io::Read + Write>(mut s: S) -> bool {
     }
     let _ = s.write_all(b"QUIT\r\n");
     line.starts_with("220")
-}
-
-fn user_name(uid: u32) -> String {
-    // SAFETY: getpwuid returns a pointer into static storage or null; read at once.
-    unsafe {
-        let pw = libc::getpwuid(uid);
-        if pw.is_null() {
-            return uid.to_string();
-        }
-        std::ffi::CStr::from_ptr((*pw).pw_name)
-            .to_string_lossy()
-            .into_owned()
-    }
-}
-
-fn group_name(gid: u32) -> String {
-    // SAFETY: getgrgid returns a pointer into static storage or null; read at once.
-    unsafe {
-        let gr = libc::getgrgid(gid);
-        if gr.is_null() {
-            return gid.to_string();
-        }
-        std::ffi::CStr::from_ptr((*gr).gr_name)
-            .to_string_lossy()
-            .into_owned()
-    }
 }

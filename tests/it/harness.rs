@@ -970,3 +970,31 @@ pub fn maildir_messages(dir: &Path) -> Vec<String> {
         .map(|(_, bytes)| String::from_utf8_lossy(&bytes).into_owned())
         .collect()
 }
+
+/// The name of user `uid` (the number itself if it has none).
+pub fn user_name(uid: u32) -> String {
+    // SAFETY: getpwuid returns a pointer into static storage or null; read at once.
+    unsafe {
+        let pw = libc::getpwuid(uid);
+        if pw.is_null() {
+            return uid.to_string();
+        }
+        std::ffi::CStr::from_ptr((*pw).pw_name)
+            .to_string_lossy()
+            .into_owned()
+    }
+}
+
+/// The name of group `gid` (the number itself if it has none).
+pub fn group_name(gid: u32) -> String {
+    // SAFETY: getgrgid returns a pointer into static storage or null; read at once.
+    unsafe {
+        let gr = libc::getgrgid(gid);
+        if gr.is_null() {
+            return gid.to_string();
+        }
+        std::ffi::CStr::from_ptr((*gr).gr_name)
+            .to_string_lossy()
+            .into_owned()
+    }
+}

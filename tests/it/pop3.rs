@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 use crate::harness::{
-    closed_port_at, maildir_files, public_tempdir, smtp_send, tool, wait_for, MxEnv,
+    closed_port_at, group_name, maildir_files, public_tempdir, smtp_send, tool, user_name,
+    wait_for, MxEnv,
 };
 
 const MX_IP: &str = "127.0.21.1";
@@ -38,7 +39,7 @@ fn mail_user() -> (String, u32, String, u32) {
     if euid == 0 {
         ("nobody".into(), 65534, "nogroup".into(), 65534)
     } else {
-        (name_of_uid(euid), euid, name_of_gid(egid), egid)
+        (user_name(euid), euid, group_name(egid), egid)
     }
 }
 
@@ -158,7 +159,7 @@ impl PopServer {
             root = root.display()
         );
         if euid != 0 {
-            let me = name_of_uid(euid);
+            let me = user_name(euid);
             head.push_str(&format!(
                 "default_login_user = {me}\ndefault_internal_user = {me}\ndefault_internal_group = {group}\n"
             ));
@@ -471,30 +472,4 @@ fn dovecot_serves_over_pop3_and_imap_the_maildir_mxspool_delivered() {
     assert!(stat.starts_with("+OK 2 "), "{stat}");
     c.pop_ok("QUIT");
     drop(server);
-}
-
-fn name_of_uid(uid: u32) -> String {
-    // SAFETY: getpwuid returns a pointer into static storage or null; read at once.
-    unsafe {
-        let pw = libc::getpwuid(uid);
-        if pw.is_null() {
-            return uid.to_string();
-        }
-        std::ffi::CStr::from_ptr((*pw).pw_name)
-            .to_string_lossy()
-            .into_owned()
-    }
-}
-
-fn name_of_gid(gid: u32) -> String {
-    // SAFETY: getgrgid returns a pointer into static storage or null; read at once.
-    unsafe {
-        let gr = libc::getgrgid(gid);
-        if gr.is_null() {
-            return gid.to_string();
-        }
-        std::ffi::CStr::from_ptr((*gr).gr_name)
-            .to_string_lossy()
-            .into_owned()
-    }
 }
