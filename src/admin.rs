@@ -264,7 +264,11 @@ impl Ctx {
 /// Reload the configuration of the running server (`mxspool reload`, SIGHUP), logging the
 /// outcome; the reply line for the administrator, or the error (the old settings stay).
 pub fn reload(live: &Live, by: &str) -> Result<String, String> {
-    match live.reload() {
+    crate::ops::systemd::reloading();
+    let result = live.reload();
+    // Serving again, with the new settings or the old ones.
+    crate::ops::systemd::ready();
+    match result {
         Ok(r) => {
             let mut line = "configuration reloaded".to_string();
             if !r.need_restart.is_empty() {

@@ -338,6 +338,7 @@ fn serve(
         let reload_live = live.clone();
         tokio::spawn(async move {
             signals.wait_for_stop(&reload_live).await;
+            crate::ops::systemd::stopping();
             let _ = stop_tx.send(true);
         });
         tracing::info!(
@@ -346,6 +347,8 @@ fn serve(
             config.hostname,
             config.spool.display()
         );
+        // Listening, spool open, control socket bound: systemd may start what depends on us.
+        crate::ops::systemd::ready();
         crate::smtp::server::run(live, spool, scheduler, listeners, stop_rx).await?;
         let _ = runner.await;
         if let Ok(Err(e)) = control.await {

@@ -27,6 +27,7 @@ mod archive;
 mod etrn;
 mod queue_ops;
 mod safe_admin;
+mod systemd;
 
 mod cases;
 mod dovecot;
