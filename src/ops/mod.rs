@@ -1,7 +1,9 @@
 //! The operator's surface that is not a queue operation: the live configuration and its
 //! reload ([`live`]), running as an unprivileged user and keeping the spool private
-//! ([`privilege`]), and what reaches the administrator's terminal ([`output`]).
+//! ([`privilege`]), what reaches the administrator's terminal ([`output`]), and the Prometheus metric
+//! families ([`metrics`], not yet served).
 
 pub mod live;
+pub mod metrics;
 pub mod output;
 pub mod privilege;
