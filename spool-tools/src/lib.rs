@@ -17,6 +17,7 @@
 //!   damaged ones are listed as [`Problem`]s and never given out.
 //!
 //! - `terminal`: bytes from mail or archives made safe to show on a terminal.
+//! - `cli`: the `spool-tools` command line (clap), shared with the packaging tool.
 //!
 //! The library does no network I/O and needs no async runtime.
 //!
@@ -41,6 +42,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod cli;
 mod envelope;
 mod error;
 mod manifest;

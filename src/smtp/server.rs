@@ -68,6 +68,11 @@ pub fn bind(config: &Config) -> anyhow::Result<Bound> {
         };
         let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(fail)?;
         s.set_reuse_address(true).map_err(fail)?;
+        // `[::]:25` is IPv6 only, so it can be listed beside `0.0.0.0:25` (as Postfix binds
+        // each protocol on its own socket) instead of failing with "address in use".
+        if addr.is_ipv6() {
+            s.set_only_v6(true).map_err(fail)?;
+        }
         s.bind(&addr.into()).map_err(fail)?;
         sockets.push((addr, s));
     }

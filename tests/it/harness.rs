@@ -838,46 +838,60 @@ pub fn smtp_send_with(
     r.to_string().rsplit(' ').next().unwrap().to_string()
 }
 
-/// The `spool-tools` binary, next to `mxspool` in the same target directory. Built once
-/// per test run with `cargo build --release -p spool-tools` (quick when up to date; the
-/// `it` tests alone do not build the other workspace member). Panics when there is none.
+/// The `spool-tools` binary, next to `mxspool` in the same target directory (see
+/// [`workspace_bin`]). Panics when there is none.
 pub fn spool_tools() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let bin = Path::new(BIN);
-        let path = bin.with_file_name("spool-tools");
-        // BIN is TARGET/PROFILE/mxspool.
-        let profile_dir = bin.parent().expect("mxspool has a directory");
-        let target = profile_dir.parent().expect("target directory");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.arg("build")
-            .arg("-p")
-            .arg("spool-tools")
-            .arg("--bin")
-            .arg("spool-tools")
-            .env("CARGO_TARGET_DIR", target)
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if profile_dir.file_name().and_then(|n| n.to_str()) == Some("release") {
-            cmd.arg("--release");
-        }
-        let out = run(&mut cmd, 1800);
-        if !out.status.success() {
-            eprintln!(
-                "note: cargo build -p spool-tools failed ({}); using {} if present:\n{}",
-                out.status,
-                path.display(),
-                text(&out.stderr)
-            );
-        }
-        assert!(
-            path.is_file(),
-            "no spool-tools binary at {} (cargo build --release -p spool-tools)",
-            path.display()
+    PATH.get_or_init(|| workspace_bin("spool-tools", "spool-tools"))
+        .clone()
+}
+
+/// A binary of another workspace member, next to `mxspool` in the same target directory:
+/// built with `cargo build [--release] -p PACKAGE --bin BIN` (quick when up to date; the `it`
+/// tests alone do not build the other workspace members). Panics when there is none.
+pub fn workspace_bin(package: &str, bin_name: &str) -> PathBuf {
+    let bin = Path::new(BIN);
+    let path = bin.with_file_name(bin_name);
+    // BIN is TARGET/PROFILE/mxspool.
+    let profile_dir = bin.parent().expect("mxspool has a directory");
+    let target = profile_dir.parent().expect("target directory");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.arg("build")
+        .arg("-p")
+        .arg(package)
+        .arg("--bin")
+        .arg(bin_name)
+        .env("CARGO_TARGET_DIR", target)
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if profile_dir.file_name().and_then(|n| n.to_str()) == Some("release") {
+        cmd.arg("--release");
+    }
+    let out = run(&mut cmd, 1800);
+    if !out.status.success() {
+        eprintln!(
+            "note: cargo build -p {package} failed ({}); using {} if present:\n{}",
+            out.status,
+            path.display(),
+            text(&out.stderr)
         );
-        path
-    })
-    .clone()
+    }
+    assert!(
+        path.is_file(),
+        "no {bin_name} binary at {} (cargo build --release -p {package})",
+        path.display()
+    );
+    path
+}
+
+/// The target directory the binaries under test were built in (`TARGET` of
+/// `TARGET/PROFILE/mxspool`).
+pub fn target_dir() -> PathBuf {
+    Path::new(BIN)
+        .parent()
+        .and_then(Path::parent)
+        .expect("TARGET/PROFILE/mxspool")
+        .to_path_buf()
 }
 
 /// `spool-tools ARCHIVE ARGS...`, bounded to 120 s.

@@ -6,7 +6,8 @@
 //! Needs python3, swaks, Postfix (`postfix`, `sendmail`), Dovecot (`dovecot-lmtpd`) and what
 //! `.ci/peers` installs (python3-aiosmtpd; Exim and OpenSMTPD unpacked under
 //! /opt/mxspool-peers), and root for Postfix, Exim, OpenSMTPD and the tmpfs mounts; a missing
-//! tool fails its test. All traffic stays on loopback addresses
+//! tool fails its test. The package test needs cargo-deb, binutils and man-db, and under CI
+//! installs the package for real. All traffic stays on loopback addresses
 //! (127.0.0.0/8).
 
 mod harness;
@@ -18,6 +19,7 @@ mod delivery_postfix;
 mod dns;
 mod doctor;
 mod drain;
+mod package;
 mod postfix;
 mod receiver;
 mod smtplib;

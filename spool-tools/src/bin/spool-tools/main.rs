@@ -5,57 +5,15 @@ mod replay;
 mod smtp;
 
 use std::io::{self, BufWriter, Write};
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{ArgGroup, Parser, Subcommand};
+use clap::Parser;
+use spool_tools::cli::{Cli, Cmd};
 use spool_tools::terminal::Safe;
 use spool_tools::{format_time, ArchiveReader, ArchivedEnvelope, Compression, ReadOptions};
 
 use crate::replay::Target;
-
-/// Look into, check and replay a portable mxspool spool archive (see FORMAT.md).
-#[derive(Parser, Debug)]
-#[command(name = "spool-tools", version)]
-struct Cli {
-    /// The archive: a tar file, plain or gzip-compressed, made by `mxspool export`.
-    archive: PathBuf,
-    /// Use what can be read of a truncated archive, whose manifest is lost: the messages
-    /// read whole before the cut, unverified (exit status 1 all the same).
-    #[arg(long, global = true)]
-    salvage: bool,
-    #[command(subcommand)]
-    command: Cmd,
-}
-
-#[derive(Subcommand, Debug)]
-enum Cmd {
-    /// One line per message: id, arrival, size, sender, pending recipients.
-    List,
-    /// Check format version, checksums and completeness; exit 1 on any problem.
-    Verify,
-    /// Write the raw bytes of message ID to standard output.
-    Cat {
-        /// The message id.
-        id: String,
-    },
-    /// Re-inject every message, to its pending recipients only, with its original envelope.
-    #[command(group(ArgGroup::new("target").required(true).args(["smtp", "sendmail"])))]
-    Replay {
-        /// Send over SMTP to HOST:PORT (e.g. `localhost:25`).
-        #[arg(long, value_name = "HOST:PORT")]
-        smtp: Option<String>,
-        /// The name to give in EHLO (default: this host's name).
-        #[arg(long, value_name = "NAME", requires = "smtp")]
-        helo: Option<String>,
-        /// Pipe each message to `PATH -i -f SENDER -- RECIPIENTS...`.
-        #[arg(long, value_name = "PATH")]
-        sendmail: Option<PathBuf>,
-    },
-    /// Write all messages as an mboxrd mailbox to standard output.
-    Mbox,
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
