@@ -112,6 +112,9 @@ pub enum Command {
     /// Re-read the configuration and every table it names, in the running server
     /// (as SIGHUP does).
     Reload,
+    /// Make a damaged spool servable again (the server must be stopped): keep every entry
+    /// that can be read, remove the others, and say what was lost.
+    Recover,
     /// Check a domain's MX set-up from DNS (is this server in it, at which preference,
     /// do the more preferred hosts answer).
     Doctor {
@@ -140,6 +143,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         Command::Queue { domain, json } => report(config, Request::Queue { domain, json }),
         Command::Doctor { domain } => crate::doctor::run(&config, &domain),
+        Command::Recover => recover(&config),
         Command::Shape { json } => report(config, Request::Shape { json }),
         Command::Show { id, body } => report(config, Request::Show { id, body }),
         Command::Flush { domain, v } => admin(config, Request::Flush { domain, verbose: v }),
@@ -221,6 +225,57 @@ fn report(config: Config, req: Request) -> anyhow::Result<ExitCode> {
     std::io::Write::flush(&mut out)?;
     drop(spool);
     crate::ops::privilege::keep_owner(&config.spool).map_err(anyhow::Error::msg)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `mxspool recover`: on a stopped server's spool only (RocksDB's lock refuses it otherwise).
+fn recover(config: &Config) -> anyhow::Result<ExitCode> {
+    crate::ops::privilege::check_access(&config.spool).map_err(anyhow::Error::msg)?;
+    init_logging("warn");
+    let dir = &config.spool;
+    let r = crate::spool::recover(dir)?;
+    let mut out = crate::ops::output::stdout();
+    writeln!(out, "spool {}:", dir.display())?;
+    if let Some(why) = &r.repaired {
+        writeln!(
+            out,
+            "  rebuilt from its files (it would not open: {why}); damaged files are in {}",
+            dir.join("lost").display()
+        )?;
+    }
+    if let Some(what) = &r.bad_log_records {
+        writeln!(
+            out,
+            "  LOST: the write-ahead log has damaged records ({what}); they were skipped, and the acknowledged mail they held is gone without a trace in the spool"
+        )?;
+    }
+    if r.commits_lost > 0 {
+        writeln!(
+            out,
+            "  LOST: {} acknowledged commit(s) are not in the spool (their mail got 250 and is gone; the senders' logs have it)",
+            r.commits_lost
+        )?;
+    }
+    for (domain, id, why) in &r.entries_lost {
+        writeln!(out, "  LOST: {id} for {domain}: {why}")?;
+    }
+    if r.orphans_removed > 0 {
+        writeln!(
+            out,
+            "  removed {} envelope/message record(s) no queue entry needed",
+            r.orphans_removed
+        )?;
+    }
+    writeln!(
+        out,
+        "  kept {} message(s), {} queue entr{} in {} domain(s); the spool can be served again",
+        r.messages,
+        r.entries,
+        if r.entries == 1 { "y" } else { "ies" },
+        r.domains
+    )?;
+    std::io::Write::flush(&mut out)?;
+    crate::ops::privilege::keep_owner(dir).map_err(anyhow::Error::msg)?;
     Ok(ExitCode::SUCCESS)
 }
 

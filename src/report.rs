@@ -18,24 +18,29 @@ pub fn queue(
     let domain = domain.map(|d| d.trim_end_matches('.').to_ascii_lowercase());
     let mut n = 0usize;
     let mut failed: Option<std::io::Error> = None;
-    spool.for_each(domain.as_deref(), |m| {
-        let r = if json {
-            writeln!(out, "{}", m.to_json())
-        } else {
-            if n == 0 {
-                let _ = table_header(out);
+    let mut unreadable = Vec::new();
+    spool.for_each_readable(
+        domain.as_deref(),
+        |m| {
+            let r = if json {
+                writeln!(out, "{}", m.to_json())
+            } else {
+                if n == 0 {
+                    let _ = table_header(out);
+                }
+                table_row(out, &m)
+            };
+            n += 1;
+            match r {
+                Ok(()) => true,
+                Err(e) => {
+                    failed = Some(e);
+                    false
+                }
             }
-            table_row(out, &m)
-        };
-        n += 1;
-        match r {
-            Ok(()) => true,
-            Err(e) => {
-                failed = Some(e);
-                false
-            }
-        }
-    })?;
+        },
+        |u| unreadable.push(u),
+    )?;
     if let Some(e) = failed {
         return Err(e.into());
     }
@@ -54,9 +59,25 @@ pub fn queue(
                 )?;
             }
         }
+        for u in &unreadable {
+            writeln!(out, "-- {u}")?;
+        }
     }
     out.flush()?;
-    Ok(())
+    damaged(&unreadable)
+}
+
+/// After a listing that skipped entries it could not read: one error line naming them (so
+/// the exit status says the queue is damaged), once everything else is printed.
+fn damaged(unreadable: &[crate::spool::Unreadable]) -> anyhow::Result<()> {
+    match unreadable {
+        [] => Ok(()),
+        [u] => anyhow::bail!("{u}"),
+        [u, rest @ ..] => anyhow::bail!(
+            "{} queue entries cannot be read and were skipped, the first: {u}",
+            rest.len() + 1
+        ),
+    }
 }
 
 /// `hold --list`: every held domain, since when, and how many messages are held.
@@ -128,12 +149,17 @@ const BUCKETS: [u64; 9] = [5, 10, 20, 40, 80, 160, 320, 640, 1280];
 pub fn shape(spool: &Spool, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     let now = now_ms();
     let mut rows: BTreeMap<String, [u64; 10]> = BTreeMap::new();
-    spool.for_each(None, |m| {
-        let age_min = now.saturating_sub(m.arrival_ms) / 60_000;
-        let b = BUCKETS.iter().position(|&lim| age_min < lim).unwrap_or(9);
-        rows.entry(m.domain).or_insert([0; 10])[b] += 1;
-        true
-    })?;
+    let mut unreadable = Vec::new();
+    spool.for_each_readable(
+        None,
+        |m| {
+            let age_min = now.saturating_sub(m.arrival_ms) / 60_000;
+            let b = BUCKETS.iter().position(|&lim| age_min < lim).unwrap_or(9);
+            rows.entry(m.domain).or_insert([0; 10])[b] += 1;
+            true
+        },
+        |u| unreadable.push(u),
+    )?;
     let mut total = [0u64; 10];
     for r in rows.values() {
         for (t, v) in total.iter_mut().zip(r) {
@@ -187,7 +213,7 @@ pub fn shape(spool: &Spool, json: bool, out: &mut dyn Write) -> anyhow::Result<(
         }
     }
     out.flush()?;
-    Ok(())
+    damaged(&unreadable)
 }
 
 /// A message's envelope, its queue entries, and its headers (or the whole message).

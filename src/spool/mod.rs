@@ -15,6 +15,8 @@
 
 mod batch;
 mod keys;
+mod mark;
+mod recover;
 #[cfg(test)]
 mod tests;
 mod writer;
@@ -32,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 pub use batch::{Batch, Op};
 pub use keys::Cf;
+pub use recover::{recover, Recovery};
 
 use crate::envelope::{Envelope, RcptState, Recipient};
 use writer::Writer;
@@ -61,6 +64,11 @@ pub enum SpoolError {
     Closed,
     #[error("spool {} does not exist", path.display())]
     Missing { path: PathBuf },
+    #[error(
+        "spool {} is damaged: {what}; `mxspool recover` keeps what can be read and makes it servable",
+        path.display()
+    )]
+    Damaged { path: PathBuf, what: String },
     #[error("spool is open read-only")]
     ReadOnly,
     #[error("cannot spool: {0}")]
@@ -94,6 +102,10 @@ impl SpoolError {
             SpoolError::Corrupt(s) => SpoolError::Corrupt(s.clone()),
             SpoolError::Closed => SpoolError::Closed,
             SpoolError::Missing { path } => SpoolError::Missing { path: path.clone() },
+            SpoolError::Damaged { path, what } => SpoolError::Damaged {
+                path: path.clone(),
+                what: what.clone(),
+            },
             SpoolError::ReadOnly => SpoolError::ReadOnly,
             SpoolError::Invalid(s) => SpoolError::Invalid(s.clone()),
         }
@@ -121,6 +133,35 @@ fn map_db_message(msg: String, path: &Path) -> SpoolError {
         SpoolError::Corrupt(msg)
     } else {
         SpoolError::Db(msg)
+    }
+}
+
+/// A queue entry that cannot be read: skipped by listings and by delivery, removed by
+/// `mxspool recover`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unreadable {
+    pub domain: String,
+    pub id: String,
+    pub what: String,
+}
+
+impl Unreadable {
+    fn new(domain: &str, id: &str, what: &str) -> Unreadable {
+        Unreadable {
+            domain: domain.to_string(),
+            id: id.to_string(),
+            what: what.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for Unreadable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: the {} queue entry cannot be read, skipped ({}; `mxspool recover` removes it)",
+            self.id, self.domain, self.what
+        )
     }
 }
 
@@ -261,6 +302,8 @@ struct Inner {
     locks: Vec<tokio::sync::Mutex<()>>,
     /// Held domains → held since (ms); mirrors the `hold` keys of `meta`.
     holds: std::sync::RwLock<std::collections::HashMap<String, u64>>,
+    /// Unreadable entries already logged: `(domain, id)`.
+    unreadable: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
     db: Arc<DB>,
     path: PathBuf,
 }
@@ -332,7 +375,64 @@ fn db_options(create: bool) -> Options {
     o.set_db_write_buffer_size(128 << 20);
     o.set_max_total_wal_size(256 << 20);
     o.set_keep_log_file_num(4);
+    // Every commit is synced before it is acknowledged, so the only damage a crash or a
+    // power cut leaves in the write-ahead log is an incomplete last record, of a commit
+    // nobody was told about: tolerated. A bad record anywhere else is real damage, and
+    // RocksDB's default (point-in-time recovery) would silently drop it and everything
+    // after it, acknowledged mail included: this mode refuses to open instead, and
+    // `mxspool recover` decides what to keep. (The commit mark, `mark.rs`, catches what no
+    // mode can see: a log cut at a record boundary, or gone.)
+    o.set_wal_recovery_mode(rocksdb::DBRecoveryMode::TolerateCorruptedTailRecords);
     o
+}
+
+/// Whether an error opening a spool means damage (a bad record or block, a file the
+/// database needs that is gone), not a plain I/O or permission problem.
+fn is_damage(e: &SpoolError) -> Option<String> {
+    match e {
+        SpoolError::Corrupt(what) => Some(what.clone()),
+        SpoolError::Db(what) if what.contains("No such file or directory") => Some(what.clone()),
+        _ => None,
+    }
+}
+
+/// Open errors of a spool that exists, with damage named as such.
+fn open_error(e: rocksdb::Error, dir: &Path) -> SpoolError {
+    let e = map_db_error(e, dir);
+    match is_damage(&e) {
+        Some(what) => SpoolError::Damaged {
+            path: dir.to_path_buf(),
+            what,
+        },
+        None => e,
+    }
+}
+
+/// Refuses a spool that has lost acknowledged commits: the sequence number the database
+/// recovered (`have`) is below the commit mark (`want`, read before the database was
+/// opened).
+fn check_mark(dir: &Path, want: Option<u64>, have: u64) -> Result<(), SpoolError> {
+    match want {
+        Some(want) if have < want => Err(SpoolError::Damaged {
+            path: dir.to_path_buf(),
+            what: format!(
+                "its database ends at commit {have} but commit {want} was acknowledged: \
+                 {} commit(s) of its write-ahead log are gone (a log file cut or removed)",
+                want - have
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Before a spool that exists is opened for writing (which may delete files RocksDB
+/// thinks obsolete): open it read-only, which changes nothing, and check that it opens and
+/// holds every acknowledged commit.
+fn check_damage(dir: &Path) -> Result<(), SpoolError> {
+    let want = mark::read(dir)?;
+    let db = DB::open_cf_descriptors_read_only(&db_options(false), dir, cf_descriptors(), false)
+        .map_err(|e| open_error(e, dir))?;
+    check_mark(dir, want, db.latest_sequence_number())
 }
 
 fn cf(db: &DB, cf: Cf) -> Result<&ColumnFamily, SpoolError> {
@@ -421,19 +521,27 @@ fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
 impl Spool {
     /// Open the spool at `dir` for reading and writing, creating it if missing. Holds
     /// RocksDB's `LOCK` while open: a second opener gets [`SpoolError::Locked`].
+    ///
+    /// A spool that exists is first checked ([`check_damage`]): one that is damaged, or has
+    /// lost acknowledged commits, gives [`SpoolError::Damaged`] and is left as it is.
     pub fn open(dir: &Path) -> Result<Spool, SpoolError> {
         create_private_dir(dir)?;
         make_private(dir)?;
+        if dir.join("CURRENT").is_file() {
+            check_damage(dir)?;
+        }
         let db = DB::open_cf_descriptors(&db_options(true), dir, cf_descriptors())
-            .map_err(|e| map_db_error(e, dir))?;
+            .map_err(|e| open_error(e, dir))?;
         check_format(&db, dir, true)?;
+        let mark = mark::Mark::open(dir, db.latest_sequence_number())?;
         let db = Arc::new(db);
-        let writer = Writer::start(db.clone(), dir.to_path_buf())?;
+        let writer = Writer::start(db.clone(), dir.to_path_buf(), mark)?;
         Ok(Spool {
             inner: Arc::new(Inner {
                 writer: Some(writer),
                 locks: stripes(),
                 holds: std::sync::RwLock::new(load_holds(&db, dir)?),
+                unreadable: Default::default(),
                 db,
                 path: dir.to_path_buf(),
             }),
@@ -449,13 +557,18 @@ impl Spool {
                 path: dir.to_path_buf(),
             });
         }
+        // The mark first: a server may commit meanwhile, and the view opened after it
+        // holds at least every commit the mark names.
+        let want = mark::read(dir)?;
         let db =
             DB::open_cf_descriptors_read_only(&db_options(false), dir, cf_descriptors(), false)
-                .map_err(|e| map_db_error(e, dir))?;
+                .map_err(|e| open_error(e, dir))?;
+        check_mark(dir, want, db.latest_sequence_number())?;
         check_format(&db, dir, false)?;
         Ok(Spool {
             inner: Arc::new(Inner {
                 holds: std::sync::RwLock::new(load_holds(&db, dir)?),
+                unreadable: Default::default(),
                 writer: None,
                 locks: stripes(),
                 db: Arc::new(db),
@@ -474,6 +587,18 @@ impl Spool {
 
     fn err(&self, e: rocksdb::Error) -> SpoolError {
         map_db_error(e, &self.inner.path)
+    }
+
+    /// Logs `u` the first time it is seen by this process (delivery meets it every pass).
+    fn report_unreadable(&self, u: Unreadable) {
+        let mut seen = self
+            .inner
+            .unreadable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if seen.len() < 10_000 && seen.insert((u.domain.clone(), u.id.clone())) {
+            tracing::error!("{u}");
+        }
     }
 
     fn writer(&self) -> Result<&Writer, SpoolError> {
@@ -740,10 +865,23 @@ impl Spool {
 
     /// [`Spool::list`] without collecting: `f` sees each entry in order and returns `false`
     /// to stop. Reads one consistent snapshot; memory stays flat however long the queue.
+    /// An entry that cannot be read is logged and skipped ([`Spool::for_each_readable`]).
     pub fn for_each(
         &self,
         domain: Option<&str>,
+        f: impl FnMut(QueuedMessage) -> bool,
+    ) -> Result<(), SpoolError> {
+        self.for_each_readable(domain, f, |u| tracing::warn!("{u}"))
+    }
+
+    /// [`Spool::for_each`], with each entry that cannot be read (its record, or its
+    /// envelope: damage) given to `damaged` instead of failing the whole listing. An
+    /// unreadable stretch of the index itself ends the listing with the error.
+    pub fn for_each_readable(
+        &self,
+        domain: Option<&str>,
         mut f: impl FnMut(QueuedMessage) -> bool,
+        mut damaged: impl FnMut(Unreadable),
     ) -> Result<(), SpoolError> {
         let db = self.db();
         let (queue, envelopes) = (cf(db, Cf::Queue)?, cf(db, Cf::Envelopes)?);
@@ -759,16 +897,34 @@ impl Spool {
         let iter = snap.iterator_cf_opt(queue, ro, IteratorMode::From(&start, Direction::Forward));
         for item in iter {
             let (key, value) = item.map_err(|e| self.err(e))?;
-            let (d, id) = keys::parse_queue(&key)
-                .ok_or_else(|| SpoolError::Corrupt(format!("bad queue key {key:?}")))?;
-            let entry = QueueEntry::from_bytes(&value)?;
-            let raw = snap
-                .get_cf(envelopes, keys::message(id))
-                .map_err(|e| self.err(e))?
-                .ok_or_else(|| {
-                    SpoolError::Corrupt(format!("queue entry {d}/{id} has no envelope"))
-                })?;
-            let env = StoredEnvelope::from_bytes(&raw)?.envelope;
+            let Some((d, id)) = keys::parse_queue(&key) else {
+                damaged(Unreadable::new("?", &format!("{key:?}"), "not a queue key"));
+                continue;
+            };
+            let entry = match QueueEntry::from_bytes(&value) {
+                Ok(e) => e,
+                Err(e) => {
+                    damaged(Unreadable::new(d, id, &e.to_string()));
+                    continue;
+                }
+            };
+            let env = match snap.get_cf(envelopes, keys::message(id)) {
+                Ok(Some(raw)) => match StoredEnvelope::from_bytes(&raw) {
+                    Ok(s) => s.envelope,
+                    Err(e) => {
+                        damaged(Unreadable::new(d, id, &e.to_string()));
+                        continue;
+                    }
+                },
+                Ok(None) => {
+                    damaged(Unreadable::new(d, id, "its envelope is missing"));
+                    continue;
+                }
+                Err(e) => {
+                    damaged(Unreadable::new(d, id, &self.err(e).to_string()));
+                    continue;
+                }
+            };
             let m = QueuedMessage {
                 id: id.to_string(),
                 domain: d.to_string(),
@@ -897,7 +1053,12 @@ impl Spool {
             let (key, value) = item.map_err(|e| self.err(e))?;
             let (_, id) = keys::parse_queue(&key)
                 .ok_or_else(|| SpoolError::Corrupt(format!("bad queue key {key:?}")))?;
-            out.push((id.to_string(), QueueEntry::from_bytes(&value)?));
+            match QueueEntry::from_bytes(&value) {
+                Ok(entry) => out.push((id.to_string(), entry)),
+                // One damaged entry must not stop the domain's queue: it is skipped, and
+                // said once (`mxspool recover` removes it).
+                Err(e) => self.report_unreadable(Unreadable::new(domain, id, &e.to_string())),
+            }
         }
         Ok(out)
     }

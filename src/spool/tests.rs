@@ -470,3 +470,105 @@ async fn a_due_scan_continues_after_its_cursor() {
     let (rest, _) = spool.due_after(35, c1.as_ref(), 10).unwrap();
     assert_eq!(rest.len(), 2);
 }
+
+#[tokio::test]
+async fn an_unreadable_entry_is_skipped_by_listings_and_delivery_and_removed_by_recover() {
+    let (dir, spool) = open_tmp();
+    for (i, id) in ["0000000000001", "0000000000002", "0000000000003"]
+        .iter()
+        .enumerate()
+    {
+        let e = env(id, 1_700_000_000_000 + i as u64, &["bob@example.com"]);
+        spool
+            .enqueue(e, b"Subject: x\r\n\r\nhi\r\n".to_vec())
+            .await
+            .unwrap();
+    }
+    // Damage: the second entry's record is not JSON any more.
+    {
+        let db = spool.db();
+        let mut o = WriteOptions::default();
+        o.set_sync(true);
+        db.put_cf_opt(
+            cf(db, Cf::Queue).unwrap(),
+            keys::queue("example.com", "0000000000002"),
+            b"{not json",
+            &o,
+        )
+        .unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut bad = Vec::new();
+    spool
+        .for_each_readable(
+            Some("example.com"),
+            |m| {
+                seen.push(m.id);
+                true
+            },
+            |u| bad.push(u),
+        )
+        .unwrap();
+    assert_eq!(seen, s(&["0000000000001", "0000000000003"]));
+    assert_eq!(bad.len(), 1);
+    assert_eq!(bad[0].id, "0000000000002");
+    assert!(bad[0].to_string().contains("mxspool recover"), "{}", bad[0]);
+    // Delivery's reader skips it too, instead of failing the domain's whole queue.
+    let ids: Vec<String> = spool
+        .domain_entries("example.com", None, 10)
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(ids, s(&["0000000000001", "0000000000003"]));
+    drop(spool);
+
+    let r = recover(dir.path()).unwrap();
+    assert_eq!(r.repaired, None);
+    assert_eq!(r.commits_lost, 0);
+    assert_eq!(r.entries_lost.len(), 1, "{r:?}");
+    assert_eq!(r.entries_lost[0].1, "0000000000002");
+    assert_eq!((r.messages, r.entries, r.domains), (2, 2, 1));
+    // Its envelope and message went with it; the due index holds the two kept.
+    assert_eq!(r.orphans_removed, 2);
+    let spool = Spool::open(dir.path()).unwrap();
+    assert_eq!(
+        listing(&spool, None)
+            .into_iter()
+            .map(|(_, id, _)| id)
+            .collect::<Vec<_>>(),
+        s(&["0000000000001", "0000000000003"])
+    );
+    assert_eq!(keys_in(&spool, Cf::Due), 2);
+    assert_eq!(keys_in(&spool, Cf::Envelopes), 2);
+    assert_eq!(keys_in(&spool, Cf::Messages), 2);
+}
+
+#[tokio::test]
+async fn a_spool_behind_its_commit_mark_is_refused_until_recovered() {
+    let (dir, spool) = open_tmp();
+    spool
+        .enqueue(
+            env("0000000000001", 1_700_000_000_000, &["bob@example.com"]),
+            b"x".to_vec(),
+        )
+        .await
+        .unwrap();
+    let acknowledged = spool.db().latest_sequence_number();
+    drop(spool);
+    assert_eq!(mark::read(dir.path()).unwrap(), Some(acknowledged));
+    // As if the log's last commits had been cut off: the mark is ahead of the database.
+    drop(mark::Mark::open(dir.path(), acknowledged + 5).unwrap());
+    let e = Spool::open(dir.path()).err().expect("refused");
+    assert!(
+        matches!(&e, SpoolError::Damaged { what, .. } if what.contains("5 commit(s)")),
+        "{e}"
+    );
+    let e = Spool::open_read_only(dir.path()).err().expect("refused");
+    assert!(matches!(e, SpoolError::Damaged { .. }), "{e}");
+    let r = recover(dir.path()).unwrap();
+    assert_eq!(r.commits_lost, 5);
+    assert_eq!(r.entries, 1);
+    let spool = Spool::open(dir.path()).unwrap();
+    assert_eq!(listing(&spool, None).len(), 1);
+}

@@ -17,6 +17,7 @@ use rocksdb::{WriteBatch, WriteOptions, DB};
 use tokio::sync::oneshot;
 
 use super::batch::{Batch, Op};
+use super::mark::Mark;
 use super::{map_db_error, SpoolError};
 
 /// Stop adding requests to one commit once it holds this many bytes of keys and values.
@@ -42,13 +43,15 @@ pub struct Writer {
 }
 
 impl Writer {
-    pub fn start(db: Arc<DB>, path: PathBuf) -> std::io::Result<Writer> {
+    /// Starts the writer thread; after each commit that works it records the database's
+    /// sequence number in `mark` (before anyone is answered), and syncs it when it stops.
+    pub fn start(db: Arc<DB>, path: PathBuf, mark: Mark) -> std::io::Result<Writer> {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(Stats::default());
         let thread_stats = stats.clone();
         let thread = std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || run(&db, &path, rx, &thread_stats))?;
+            .spawn(move || run(&db, &path, rx, &thread_stats, &mark))?;
         Ok(Writer {
             tx: Some(tx),
             thread: Some(thread),
@@ -89,7 +92,7 @@ impl Drop for Writer {
     }
 }
 
-fn run(db: &DB, path: &std::path::Path, rx: mpsc::Receiver<Request>, stats: &Stats) {
+fn run(db: &DB, path: &std::path::Path, rx: mpsc::Receiver<Request>, stats: &Stats, mark: &Mark) {
     let mut opts = WriteOptions::default();
     opts.set_sync(true);
     while let Ok(first) = rx.recv() {
@@ -106,6 +109,9 @@ fn run(db: &DB, path: &std::path::Path, rx: mpsc::Receiver<Request>, stats: &Sta
         }
 
         let result = commit(db, path, &group, &opts);
+        if result.is_ok() {
+            mark.record(db.latest_sequence_number());
+        }
         stats.commits.fetch_add(1, Ordering::Relaxed);
         stats
             .batches
@@ -125,6 +131,7 @@ fn run(db: &DB, path: &std::path::Path, rx: mpsc::Receiver<Request>, stats: &Sta
                 .send(result.as_ref().map(|_| ()).map_err(|e| e.duplicate()));
         }
     }
+    mark.sync();
 }
 
 fn commit(

@@ -13,6 +13,7 @@
 mod harness;
 
 mod crash;
+mod damage;
 mod delivery;
 mod delivery_crash;
 mod delivery_postfix;
