@@ -239,8 +239,15 @@ fn recover(config: &Config) -> anyhow::Result<ExitCode> {
     if let Some(why) = &r.repaired {
         writeln!(
             out,
-            "  rebuilt from its files (it would not open: {why}); damaged files are in {}",
+            "  rebuilt from its files by RocksDB's repairer (it would not open: {why}); damaged files are in {}",
             dir.join("lost").display()
+        )?;
+    }
+    if let Some(kept) = &r.preserved {
+        writeln!(
+            out,
+            "  every file as it was before the repair is kept (linked) in {}",
+            kept.display()
         )?;
     }
     if let Some(what) = &r.bad_log_records {

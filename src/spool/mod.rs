@@ -383,6 +383,10 @@ fn db_options(create: bool) -> Options {
     // `mxspool recover` decides what to keep. (The commit mark, `mark.rs`, catches what no
     // mode can see: a log cut at a record boundary, or gone.)
     o.set_wal_recovery_mode(rocksdb::DBRecoveryMode::TolerateCorruptedTailRecords);
+    // The MANIFEST records every synced log file: one that is missing at open (removed, or
+    // named again by a MANIFEST cut back to an older state, whose newer table files RocksDB
+    // would otherwise delete as obsolete) refuses the open.
+    o.set_track_and_verify_wals_in_manifest(true);
     o
 }
 

@@ -30,6 +30,9 @@ pub struct Recovery {
     /// The database would not open even skipping bad log records: it was rebuilt from its
     /// files by RocksDB's repairer; why it would not open.
     pub repaired: Option<String>,
+    /// Before the repairer rewrote anything: where every file of the spool was linked, as
+    /// it was (the repairer cannot put blob files back, so mail may still be in there).
+    pub preserved: Option<std::path::PathBuf>,
     /// Acknowledged commits that are not in the database (from the commit mark).
     pub commits_lost: u64,
     /// The log had bad records in it (not only an incomplete last one): they were
@@ -74,6 +77,7 @@ pub fn recover(dir: &Path) -> Result<Recovery, SpoolError> {
                 return Err(e);
             }
             report.repaired = Some(e.to_string());
+            report.preserved = Some(preserve(dir)?);
             let mut repair = db_options(false);
             repair.set_wal_recovery_mode(rocksdb::DBRecoveryMode::SkipAnyCorruptedRecord);
             DB::repair(&repair, dir).map_err(|e| map_db_error(e, dir))?;
@@ -100,6 +104,25 @@ pub fn recover(dir: &Path) -> Result<Recovery, SpoolError> {
     drop(mark);
     super::make_private(dir)?;
     Ok(report)
+}
+
+/// Hard-links every file of the spool into `lost/damaged-SECONDS/` (no copy, no rewrite):
+/// whatever the repairer does, the files as they were stay there for an expert.
+fn preserve(dir: &Path) -> Result<std::path::PathBuf, SpoolError> {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let to = dir.join("lost").join(format!("damaged-{secs}"));
+    super::create_private_dir(&to)?;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if !entry.file_type()?.is_file() || name == "LOCK" {
+            continue;
+        }
+        std::fs::hard_link(entry.path(), to.join(&name))?;
+    }
+    Ok(to)
 }
 
 fn check_entries(db: &DB, dir: &Path, report: &mut Recovery) -> Result<(), SpoolError> {

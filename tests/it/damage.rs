@@ -190,3 +190,87 @@ fn a_crash_is_not_damage() {
     assert_eq!(queued.len(), ids.len());
     assert!(stop_server(&mut server));
 }
+
+/// Messages big enough that RocksDB flushes them to table and blob files; then the MANIFEST
+/// (the list of those files) is cut. RocksDB alone would open the older state it still
+/// describes and delete the newer files as obsolete.
+#[test]
+fn a_cut_manifest_is_refused_and_recovered_naming_every_loss() {
+    let mut env = MxEnv::new();
+    let mut server = env.start();
+    // 1 MiB in lines of 1,000 characters.
+    let big = format!("{}\r\n", "x".repeat(998)).repeat(1 << 10);
+    let mut ids = Vec::new();
+    for i in 0..48 {
+        let msg = format!("Subject: big{i}\r\n\r\n{big}\r\n");
+        ids.push(smtp_send(
+            &env.addr(),
+            "alice@sender.test",
+            &[&format!("u{i}@example.com")],
+            msg.as_bytes(),
+        ));
+    }
+    server.kill9();
+    let spool = spool_dir(&env);
+    let names: Vec<String> = fs::read_dir(&spool)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names
+            .iter()
+            .any(|n| n.ends_with(".sst") || n.ends_with(".blob")),
+        "nothing was flushed: {names:?}"
+    );
+    let manifest = names
+        .iter()
+        .find(|n| n.starts_with("MANIFEST-"))
+        .expect("a MANIFEST");
+    let path = spool.join(manifest);
+    let len = fs::metadata(&path).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+
+    // Refused: RocksDB alone would open the older state the cut MANIFEST describes and
+    // delete the newer files as obsolete.
+    let err = assert_serve_refuses(&env);
+    eprintln!("serve says: {err}");
+    let r = env.mxspool(&["recover"]);
+    let said = text(&r.stdout);
+    eprintln!("recover says:\n{said}\n{}", text(&r.stderr));
+    check_ok("mxspool recover", &r);
+    assert!(
+        said.contains("every file as it was before the repair is kept"),
+        "{said}"
+    );
+    let kept_dir = fs::read_dir(spool.join("lost"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("damaged-")
+        })
+        .expect("the files as they were");
+    assert!(kept_dir.join(manifest).is_file());
+    let mut server = env.start();
+    // Every acknowledged message is either kept whole or named as lost: none goes silently.
+    let queued = env.queue(None);
+    for e in &queued {
+        let show = env.mxspool(&["show", "--body", &e.id]);
+        check_ok("show --body", &show);
+        assert!(text(&show.stdout).contains(&big[..2000]));
+    }
+    for id in &ids {
+        assert!(
+            queued.iter().any(|e| e.id == *id) || said.contains(&format!("LOST: {id} ")),
+            "{id} is neither kept nor said to be lost:\n{said}"
+        );
+    }
+    assert!(stop_server(&mut server));
+}
