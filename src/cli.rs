@@ -353,6 +353,11 @@ fn serve(
 ) -> anyhow::Result<ExitCode> {
     use crate::ops::privilege;
     init_logging("info");
+    // Before anything opens files (RocksDB sizes its share from the limit).
+    let (before, after) = crate::ops::descriptors::raise();
+    if after > before {
+        tracing::info!("descriptor limit raised from {before} to {after} (the hard limit)");
+    }
     // As root: the account to drop to, the spool made its own, the listeners bound.
     let account = match &config.user {
         Some(name) => Some(privilege::lookup(name).map_err(anyhow::Error::msg)?),

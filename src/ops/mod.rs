@@ -1,8 +1,10 @@
 //! The operator's surface that is not a queue operation: the live configuration and its
 //! reload ([`live`]), running as an unprivileged user and keeping the spool private
 //! ([`privilege`]), what reaches the administrator's terminal ([`output`]), the systemd
-//! notifications ([`systemd`]) and the Prometheus metrics ([`metrics`]).
+//! notifications ([`systemd`]), the Prometheus metrics ([`metrics`]) and the file
+//! descriptors' shares ([`descriptors`]).
 
+pub mod descriptors;
 pub mod live;
 pub mod metrics;
 pub mod output;

@@ -106,8 +106,28 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let gauge = Arc::new(SpoolGauge::new(spool.free_bytes().unwrap_or(u64::MAX)));
-    // max_connections sizes the semaphore: it takes effect at start only.
-    let max_connections = live.config().smtp.max_connections;
+    // max_connections sizes the semaphore: it takes effect at start only, and never beyond
+    // what the descriptors allow once the spool and the deliveries have their share.
+    let max_connections = {
+        use crate::ops::descriptors;
+        let config = live.config();
+        let limit = descriptors::limit();
+        let budget = descriptors::session_budget(
+            limit,
+            Spool::descriptor_reserve(),
+            config.queue.max_deliveries,
+        );
+        if config.smtp.max_connections > budget {
+            warn!(
+                "max_connections {} is more than the descriptor limit allows ({limit}, of which the spool keeps {} and {} deliveries {}): at most {budget} sessions, the others get 421 4.7.0 (raise LimitNOFILE)",
+                config.smtp.max_connections,
+                Spool::descriptor_reserve(),
+                config.queue.max_deliveries,
+                descriptors::PER_DELIVERY * config.queue.max_deliveries as u64,
+            );
+        }
+        config.smtp.max_connections.min(budget)
+    };
     let shared = Arc::new(Shared {
         live,
         gauge: gauge.clone(),
@@ -132,18 +152,28 @@ pub async fn run(
         }
     });
 
+    // Every accepted socket holds one of these until it is closed: the sessions, and a few
+    // connections being told 421.
+    let sockets = Arc::new(Semaphore::new(max_connections + REFUSING));
     let mut accept_tasks = Vec::new();
     for listener in listeners {
         let addr = listener.local_addr()?;
         info!("listening on {addr}");
         let shared = shared.clone();
         let mut stop = shutdown.clone();
+        let sockets = sockets.clone();
         accept_tasks.push(tokio::spawn(async move {
             loop {
+                // A descriptor for the next socket first: beyond the sessions and the
+                // refusals being written, connections wait in the listen queue, and the
+                // spool's and the deliveries' descriptors are never touched.
+                let Ok(socket) = sockets.clone().acquire_owned().await else {
+                    break;
+                };
                 tokio::select! {
                     _ = stop.changed() => break,
                     accepted = listener.accept() => match accepted {
-                        Ok((stream, peer)) => admit(shared.clone(), stream, peer),
+                        Ok((stream, peer)) => admit(shared.clone(), stream, peer, socket),
                         Err(e) => {
                             // Out of file descriptors and the like: back off, do not spin.
                             warn!("accept on {addr}: {e}");
@@ -178,8 +208,13 @@ pub async fn run(
     Ok(())
 }
 
-/// Apply the connection limits, then run the session in its own task.
-fn admit(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+/// Connections being refused (`421 4.7.0`) at once, beyond the sessions: their descriptors
+/// come out of [`crate::ops::descriptors::MARGIN`].
+const REFUSING: usize = 32;
+
+/// Apply the connection limits, then run the session in its own task (which holds
+/// `socket`, the socket's share of the descriptors, until it ends).
+fn admit(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, socket: OwnedSemaphorePermit) {
     let _ = stream.set_nodelay(true);
     let permit = shared.connections.clone().try_acquire_owned().ok();
     let ip = peer.ip();
@@ -198,6 +233,7 @@ fn admit(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
         }
     };
     tokio::spawn(async move {
+        let _socket = socket;
         match (permit, slot) {
             (Some(permit), Some(slot)) => {
                 info!("connect from unknown[{}]", peer.ip());

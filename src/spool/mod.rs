@@ -365,8 +365,16 @@ fn cf_descriptors() -> Vec<ColumnFamilyDescriptor> {
         .collect()
 }
 
+/// Table and blob files RocksDB may keep open: an eighth of the descriptor limit (at
+/// least 64, at most 4096). It reopens others as needed; what matters is that a flood of
+/// SMTP sessions can never leave it without a descriptor for a flush.
+fn max_open_files() -> u64 {
+    (crate::ops::descriptors::limit() / 8).clamp(64, 4096)
+}
+
 fn db_options(create: bool) -> Options {
     let mut o = Options::default();
+    o.set_max_open_files(max_open_files() as i32);
     o.create_if_missing(create);
     o.create_missing_column_families(create);
     // One batch spans several families: flush them together so none runs ahead.
@@ -583,6 +591,12 @@ impl Spool {
 
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// Descriptors the spool may need at once: its table and blob files, the logs, the
+    /// MANIFEST, a flush's and a compaction's new files, the commit mark.
+    pub fn descriptor_reserve() -> u64 {
+        max_open_files() + 64
     }
 
     fn db(&self) -> &DB {

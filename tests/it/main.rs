@@ -17,6 +17,7 @@ mod damage;
 mod delivery;
 mod delivery_crash;
 mod delivery_postfix;
+mod descriptors;
 mod dns;
 mod doctor;
 mod drain;
