@@ -226,4 +226,89 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
         }
     }
+
+    fn envelope(id: &str, arrival_ms: u64, size: u64, rcpts: &[&str]) -> crate::envelope::Envelope {
+        crate::envelope::Envelope {
+            id: id.into(),
+            sender: "alice@sender.test".into(),
+            recipients: rcpts
+                .iter()
+                .map(|r| crate::envelope::Recipient::new(*r))
+                .collect(),
+            arrival_ms,
+            size,
+            body: Default::default(),
+            smtputf8: false,
+            ret: None,
+            envid: None,
+            client_ip: "192.0.2.1".into(),
+            helo: "client.test".into(),
+        }
+    }
+
+    fn value(text: &str, sample: &str) -> Option<String> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+            .map(str::to_string)
+    }
+
+    #[test]
+    fn a_scrape_reads_the_queue_per_domain_and_forgets_drained_domains() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("spool")).unwrap();
+        let now = 1_000_000_000;
+        spool
+            .enqueue_blocking(
+                envelope(
+                    "0000000000001",
+                    now - 90_000,
+                    100,
+                    &["u@a.test", "v@b.test"],
+                ),
+                vec![b'x'; 100],
+            )
+            .unwrap();
+        spool
+            .enqueue_blocking(
+                envelope("0000000000002", now - 5_000, 50, &["w@a.test"]),
+                vec![b'y'; 50],
+            )
+            .unwrap();
+        let m = Metrics::new();
+        let text = m.scrape(&spool, now).unwrap();
+        for (sample, want) in [
+            ("mxspool_queue_messages{domain=\"a.test\"}", "2"),
+            ("mxspool_queue_bytes{domain=\"a.test\"}", "150"),
+            ("mxspool_queue_oldest_age_seconds{domain=\"a.test\"}", "90"),
+            ("mxspool_queue_messages{domain=\"b.test\"}", "1"),
+            ("mxspool_queue_bytes{domain=\"b.test\"}", "100"),
+            ("mxspool_held_domains", "0"),
+        ] {
+            assert_eq!(
+                value(&text, sample).as_deref(),
+                Some(want),
+                "{sample} in\n{text}"
+            );
+        }
+        assert!(value(&text, "mxspool_spool_free_bytes").is_some_and(|v| v != "0"));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert!(rt
+            .block_on(spool.remove("b.test", "0000000000001"))
+            .unwrap());
+        rt.block_on(spool.hold("a.test", now)).unwrap();
+        let text = m.scrape(&spool, now).unwrap();
+        assert_eq!(
+            value(&text, "mxspool_queue_messages{domain=\"b.test\"}"),
+            None,
+            "{text}"
+        );
+        assert_eq!(value(&text, "mxspool_queue_bytes{domain=\"b.test\"}"), None);
+        assert_eq!(
+            value(&text, "mxspool_queue_messages{domain=\"a.test\"}").as_deref(),
+            Some("2")
+        );
+        assert_eq!(value(&text, "mxspool_held_domains").as_deref(), Some("1"));
+    }
 }

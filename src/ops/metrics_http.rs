@@ -199,9 +199,10 @@ async fn respond(
                 }
             }
         }
-        Answer::NotFound => error_answer("404 Not Found", false),
+        // No body in the answer to a HEAD, whatever its status (RFC 9110 9.3.2).
+        Answer::NotFound => error_answer("404 Not Found", buf.starts_with(b"HEAD ")),
         Answer::MethodNotAllowed => error_answer("405 Method Not Allowed", false),
-        Answer::BadRequest => error_answer("400 Bad Request", false),
+        Answer::BadRequest => error_answer("400 Bad Request", buf.starts_with(b"HEAD ")),
     };
     let allow = if answer == Answer::MethodNotAllowed {
         "Allow: GET, HEAD\r\n"
