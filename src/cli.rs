@@ -306,7 +306,9 @@ fn admin(config: Config, req: Request) -> anyhow::Result<ExitCode> {
         .build()
         .context("cannot start the runtime")?;
     let code = runtime.block_on(async move {
-        let scheduler = crate::scheduler::Scheduler::new(live.clone(), spool.clone())?;
+        // Outcomes counted here are not served: no metrics listener in a command.
+        let metrics = std::sync::Arc::new(crate::ops::metrics::Metrics::new());
+        let scheduler = crate::scheduler::Scheduler::new(live.clone(), spool.clone(), metrics)?;
         let ctx = crate::admin::Ctx {
             live,
             spool,
@@ -358,7 +360,8 @@ fn serve(
     if after > before {
         tracing::info!("descriptor limit raised from {before} to {after} (the hard limit)");
     }
-    // As root: the account to drop to, the spool made its own, the listeners bound.
+    // As root: the account to drop to, the spool made its own, the listeners (SMTP and
+    // metrics) bound.
     let account = match &config.user {
         Some(name) => Some(privilege::lookup(name).map_err(anyhow::Error::msg)?),
         None => None,
@@ -367,12 +370,19 @@ fn serve(
         privilege::give_spool(&config.spool, a).map_err(anyhow::Error::msg)?;
     }
     let listeners = crate::smtp::server::bind(&config)?;
+    let metrics_listener = match config.metrics_addr() {
+        Some(addr) => Some(crate::ops::metrics_http::bind(addr)?),
+        None => None,
+    };
     if let Some(a) = &account {
         privilege::drop_to(a).map_err(anyhow::Error::msg)?;
         tracing::info!("running as user {} (uid {}, gid {})", a.name, a.uid, a.gid);
     }
     // Only now, as the final user: the spool, the threads, the control socket.
     let spool = Spool::open(&config.spool)?;
+    // One set of metrics, counted by the SMTP driver, the scheduler and the spool writer.
+    let metrics = std::sync::Arc::new(crate::ops::metrics::Metrics::new());
+    spool.observe_commits(metrics.clone());
     // Held domains are named at start (counting their mail would read their whole queue
     // before serving: `hold --list` does that).
     for (domain, since) in spool.held_domains() {
@@ -389,7 +399,8 @@ fn serve(
     let live = crate::ops::live::Live::from_file(config, path, spool_arg);
     runtime.block_on(async move {
         let config = live.config();
-        let scheduler = crate::scheduler::Scheduler::new(live.clone(), spool.clone())?;
+        let scheduler =
+            crate::scheduler::Scheduler::new(live.clone(), spool.clone(), metrics.clone())?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let ctx = std::sync::Arc::new(crate::admin::Ctx {
             live: live.clone(),
@@ -401,6 +412,15 @@ fn serve(
         let signals = Signals::new()?;
         // Clients are taken in only now: spool, control socket and signals are ready.
         let listeners = crate::smtp::server::listen(listeners)?;
+        if let Some(bound) = metrics_listener {
+            let listener = crate::ops::metrics_http::listen(bound)?;
+            tokio::spawn(crate::ops::metrics_http::serve(
+                listener,
+                metrics.clone(),
+                spool.clone(),
+                stop_rx.clone(),
+            ));
+        }
         let runner = tokio::spawn(scheduler.clone().run(stop_rx.clone()));
         let reload_live = live.clone();
         tokio::spawn(async move {
@@ -416,7 +436,7 @@ fn serve(
         );
         // Listening, spool open, control socket bound: systemd may start what depends on us.
         crate::ops::systemd::ready();
-        crate::smtp::server::run(live, spool, scheduler, listeners, stop_rx).await?;
+        crate::smtp::server::run(live, spool, scheduler, listeners, metrics, stop_rx).await?;
         let _ = runner.await;
         if let Ok(Err(e)) = control.await {
             tracing::error!("{}", crate::ops::output::error_line(&e));

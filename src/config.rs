@@ -168,6 +168,24 @@ pub struct Config {
     /// Primary-server mode: sender masquerading for mail from the relay networks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub masquerade: Option<MasqueradeConfig>,
+    /// `[metrics]`: the Prometheus endpoint.
+    #[serde(default, skip_serializing_if = "MetricsConfig::is_off")]
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: where `GET /metrics` is served (OpenMetrics text); no `listen`, no listener.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `address:port`, e.g. `"127.0.0.1:9125"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+}
+
+impl MetricsConfig {
+    fn is_off(&self) -> bool {
+        self.listen.is_none()
+    }
 }
 
 /// A domain whose mail ends here: in a Maildir per user, or handed to an LMTP server.
@@ -392,6 +410,11 @@ impl Config {
             Some(line) => format!("line {line}: {key}: {msg}"),
             None => format!("{key}: {msg}"),
         };
+        // A key that other tables have too: its line within `[table]`.
+        let at_in = |table: &str, key: &str, msg: String| match line_in_table(text, table, key) {
+            Some(line) => format!("line {line}: [{table}] {key}: {msg}"),
+            None => format!("[{table}] {key}: {msg}"),
+        };
         let host = self.hostname.trim_end_matches('.').to_ascii_lowercase();
         if !is_domain(&host) {
             return Err(at(
@@ -402,6 +425,9 @@ impl Config {
         self.hostname = host;
         for l in &self.smtp.listen {
             parse_listen(l).map_err(|e| at("listen", e))?;
+        }
+        if let Some(l) = &self.metrics.listen {
+            parse_listen(l).map_err(|e| at_in("metrics", "listen", e))?;
         }
         if self.smtp.max_recipients < 100 {
             return Err(at(
@@ -634,6 +660,14 @@ impl Config {
             .collect()
     }
 
+    /// The `[metrics] listen` address (validated at load).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics
+            .listen
+            .as_deref()
+            .and_then(|l| parse_listen(l).ok())
+    }
+
     /// The effective settings as TOML, for `check-config`.
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
@@ -810,6 +844,18 @@ fn line_of(text: &str, key: &str) -> Option<usize> {
                 .is_some_and(|rest| rest.trim_start().starts_with('='))
         })
         .map(|i| i + 1)
+}
+
+/// The 1-based line on which `key` is assigned inside `[table]`.
+fn line_in_table(text: &str, table: &str, key: &str) -> Option<usize> {
+    let header = format!("[{table}]");
+    let start = text.lines().position(|l| l.trim() == header)?;
+    let rest: Vec<&str> = text.lines().skip(start + 1).collect();
+    let end = rest
+        .iter()
+        .position(|l| l.trim_start().starts_with('['))
+        .unwrap_or(rest.len());
+    line_of(&rest[..end].join("\n"), key).map(|n| n + start + 1)
 }
 
 /// toml's errors span several lines with a source excerpt; keep one readable line.
@@ -1000,6 +1046,38 @@ mod tests {
         let printed = c.to_toml();
         assert!(printed.contains("retry_interval = \"1h\""), "{printed}");
         Config::parse(&printed).unwrap();
+    }
+
+    #[test]
+    fn metrics_listen_is_an_address_checked_with_its_line() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.metrics_addr(), None);
+        assert!(!c.to_toml().contains("[metrics]"), "{}", c.to_toml());
+        let c = Config::parse(&format!(
+            "{MINIMAL}[smtp]\nlisten = [\"127.0.0.1:25\"]\n[metrics]\nlisten = \"127.0.0.1:9125\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.metrics_addr(), Some("127.0.0.1:9125".parse().unwrap()));
+        let printed = c.to_toml();
+        assert!(printed.contains("[metrics]"), "{printed}");
+        assert_eq!(
+            Config::parse(&printed).unwrap().metrics_addr(),
+            c.metrics_addr()
+        );
+        check_err(
+            &format!(
+                "{MINIMAL}[smtp]\nlisten = [\"127.0.0.1:25\"]\n[metrics]\nlisten = \"localhost\"\n"
+            ),
+            &["line 6", "[metrics] listen", "localhost"],
+        );
+        check_err(
+            &format!("{MINIMAL}[metrics]\nport = 9125\n"),
+            &["line 4", "port"],
+        );
+        check_err(
+            &format!("{MINIMAL}[metrics]\nlisten = 9125\n"),
+            &["line 4", "expected a string"],
+        );
     }
 
     #[test]

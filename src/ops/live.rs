@@ -143,6 +143,7 @@ fn keep_running_values(old: &Config, new: &mut Config) -> Vec<&'static str> {
     keep!("[smtp] max_connections", smtp.max_connections);
     keep!("[queue] max_deliveries", queue.max_deliveries);
     keep!("[delivery]", delivery);
+    keep!("[metrics] listen", metrics.listen);
     named
 }
 

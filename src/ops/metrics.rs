@@ -1,9 +1,14 @@
-//! The Prometheus metrics (issue 14, item 3), first part: the metric families and their
-//! encoding in the OpenMetrics text format, through `prometheus-client`.
+//! The Prometheus metrics: the metric families and their encoding in the OpenMetrics text
+//! format, through `prometheus-client`.
 //!
-//! Not yet wired: the `[metrics] listen` responder, the counting at the SMTP driver and in
-//! the scheduler, the commit-latency observation in the spool writer and the scrape-time
-//! queue summary still have to be built; nothing in the server uses this module yet.
+//! `serve` makes one [`Metrics`] and shares it: the SMTP driver counts connections,
+//! accepted messages and refusals (the session names each refusal's reason from a fixed
+//! set, [`crate::smtp::session::Event`]), the scheduler counts delivery outcomes where it
+//! logs them, the spool writer times each group commit. Counters and gauges are atomics.
+//! The queue figures are not kept up to date as mail comes and goes: [`Metrics::scrape`]
+//! reads them from the spool at each scrape (what `shape` reads), in a blocking task; the
+//! per-domain gauges are cleared first, so a drained domain disappears from the exposition.
+//! `[metrics] listen` serves the text over HTTP ([`super::metrics_http`]).
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -11,6 +16,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+
+use crate::spool::{Spool, SpoolError};
 
 /// A metric's labels: `(name, value)` pairs.
 pub type Labels = Vec<(&'static str, String)>;
@@ -26,7 +33,7 @@ pub struct Metrics {
     pub refused_messages: Family<Labels, Counter>,
     /// Delivery outcomes per recipient, by `domain` and `status` (sent, deferred, bounced).
     pub deliveries: Family<Labels, Counter>,
-    /// SMTP sessions open now.
+    /// SMTP connections open now (a drop guard per accepted connection).
     pub connections: Gauge,
     /// Seconds each group commit of the spool writer took (write and fsync).
     pub commit_seconds: Histogram,
@@ -38,6 +45,8 @@ pub struct Metrics {
     pub held_domains: Gauge,
     /// Bytes free on the spool's file system (set at scrape).
     pub spool_free_bytes: Gauge,
+    /// One scrape at a time: the per-domain gauges are cleared, set and encoded together.
+    scrape: std::sync::Mutex<()>,
 }
 
 impl Default for Metrics {
@@ -62,6 +71,7 @@ impl Metrics {
             oldest_age_seconds: Family::default(),
             held_domains: Gauge::default(),
             spool_free_bytes: Gauge::default(),
+            scrape: std::sync::Mutex::new(()),
         };
         registry.register(
             "smtp_accepted_messages",
@@ -85,7 +95,7 @@ impl Metrics {
         );
         registry.register(
             "smtp_connections",
-            "SMTP sessions open now",
+            "SMTP connections open now",
             m.connections.clone(),
         );
         registry.register(
@@ -123,6 +133,53 @@ impl Metrics {
         encode(&mut out, &self.registry).expect("writing to a String does not fail");
         out
     }
+
+    /// Set the scrape-time gauges from `spool` (queued messages, bytes and oldest age per
+    /// domain, held domains, free space), then encode everything. Reads the whole queue
+    /// (like `shape`): call it from a blocking task. A domain with nothing queued is not
+    /// listed.
+    pub fn scrape(&self, spool: &Spool, now_ms: u64) -> Result<String, SpoolError> {
+        let _one = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
+        let mut domains: std::collections::HashMap<String, QueueFigures> = Default::default();
+        spool.for_each(None, |m| {
+            let f = domains.entry(m.domain).or_insert(QueueFigures {
+                messages: 0,
+                bytes: 0,
+                oldest_ms: u64::MAX,
+            });
+            f.messages += 1;
+            f.bytes += m.size;
+            f.oldest_ms = f.oldest_ms.min(m.arrival_ms);
+            true
+        })?;
+        self.queued_messages.clear();
+        self.queued_bytes.clear();
+        self.oldest_age_seconds.clear();
+        for (domain, f) in &domains {
+            let l = label("domain", domain);
+            self.queued_messages
+                .get_or_create(&l)
+                .set(f.messages as i64);
+            self.queued_bytes.get_or_create(&l).set(f.bytes as i64);
+            let age = now_ms.saturating_sub(f.oldest_ms) / 1000;
+            self.oldest_age_seconds.get_or_create(&l).set(age as i64);
+        }
+        self.held_domains.set(spool.held_domains().len() as i64);
+        match spool.free_bytes() {
+            Ok(free) => {
+                self.spool_free_bytes.set(free.min(i64::MAX as u64) as i64);
+            }
+            Err(e) => tracing::warn!("metrics: free space of the spool: {e}"),
+        }
+        Ok(self.encode())
+    }
+}
+
+/// One domain's queue at a scrape.
+struct QueueFigures {
+    messages: u64,
+    bytes: u64,
+    oldest_ms: u64,
 }
 
 /// The `Content-Type` of [`Metrics::encode`]'s text.
@@ -168,5 +225,90 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
         }
+    }
+
+    fn envelope(id: &str, arrival_ms: u64, size: u64, rcpts: &[&str]) -> crate::envelope::Envelope {
+        crate::envelope::Envelope {
+            id: id.into(),
+            sender: "alice@sender.test".into(),
+            recipients: rcpts
+                .iter()
+                .map(|r| crate::envelope::Recipient::new(*r))
+                .collect(),
+            arrival_ms,
+            size,
+            body: Default::default(),
+            smtputf8: false,
+            ret: None,
+            envid: None,
+            client_ip: "192.0.2.1".into(),
+            helo: "client.test".into(),
+        }
+    }
+
+    fn value(text: &str, sample: &str) -> Option<String> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+            .map(str::to_string)
+    }
+
+    #[test]
+    fn a_scrape_reads_the_queue_per_domain_and_forgets_drained_domains() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("spool")).unwrap();
+        let now = 1_000_000_000;
+        spool
+            .enqueue_blocking(
+                envelope(
+                    "0000000000001",
+                    now - 90_000,
+                    100,
+                    &["u@a.test", "v@b.test"],
+                ),
+                vec![b'x'; 100],
+            )
+            .unwrap();
+        spool
+            .enqueue_blocking(
+                envelope("0000000000002", now - 5_000, 50, &["w@a.test"]),
+                vec![b'y'; 50],
+            )
+            .unwrap();
+        let m = Metrics::new();
+        let text = m.scrape(&spool, now).unwrap();
+        for (sample, want) in [
+            ("mxspool_queue_messages{domain=\"a.test\"}", "2"),
+            ("mxspool_queue_bytes{domain=\"a.test\"}", "150"),
+            ("mxspool_queue_oldest_age_seconds{domain=\"a.test\"}", "90"),
+            ("mxspool_queue_messages{domain=\"b.test\"}", "1"),
+            ("mxspool_queue_bytes{domain=\"b.test\"}", "100"),
+            ("mxspool_held_domains", "0"),
+        ] {
+            assert_eq!(
+                value(&text, sample).as_deref(),
+                Some(want),
+                "{sample} in\n{text}"
+            );
+        }
+        assert!(value(&text, "mxspool_spool_free_bytes").is_some_and(|v| v != "0"));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert!(rt
+            .block_on(spool.remove("b.test", "0000000000001"))
+            .unwrap());
+        rt.block_on(spool.hold("a.test", now)).unwrap();
+        let text = m.scrape(&spool, now).unwrap();
+        assert_eq!(
+            value(&text, "mxspool_queue_messages{domain=\"b.test\"}"),
+            None,
+            "{text}"
+        );
+        assert_eq!(value(&text, "mxspool_queue_bytes{domain=\"b.test\"}"), None);
+        assert_eq!(
+            value(&text, "mxspool_queue_messages{domain=\"a.test\"}").as_deref(),
+            Some("2")
+        );
+        assert_eq!(value(&text, "mxspool_held_domains").as_deref(), Some("1"));
     }
 }

@@ -95,6 +95,8 @@ pub struct Scheduler {
     cursor: Mutex<(Option<DueCursor>, std::time::Instant)>,
     deliveries: Arc<Semaphore>,
     wake: Notify,
+    /// Delivery outcomes are counted where they are logged (`record.rs`).
+    metrics: Arc<crate::ops::metrics::Metrics>,
 }
 
 /// Releases a domain's connection slot when a delivery task ends.
@@ -124,7 +126,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Scheduler {
-    pub fn new(live: Arc<Live>, spool: Spool) -> anyhow::Result<Arc<Scheduler>> {
+    pub fn new(
+        live: Arc<Live>,
+        spool: Spool,
+        metrics: Arc<crate::ops::metrics::Metrics>,
+    ) -> anyhow::Result<Arc<Scheduler>> {
         let config = live.config();
         let resolver = Resolver::new(&config)?;
         let client = ClientConfig {
@@ -149,6 +155,7 @@ impl Scheduler {
             pause: Pause::default(),
             cursor: Mutex::new((None, std::time::Instant::now())),
             wake: Notify::new(),
+            metrics,
         }))
     }
 

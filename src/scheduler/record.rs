@@ -186,7 +186,7 @@ impl Scheduler {
             .await?;
         // Logged once the outcome is in the spool.
         if let Some((current, envelope, outcomes, next)) = outcome_log {
-            self.log_outcomes(id, &current, &envelope, &outcomes, &next);
+            self.log_outcomes(domain, id, &current, &envelope, &outcomes, &next);
         }
         if stays {
             self.waiting_in(domain);
@@ -247,8 +247,11 @@ impl Scheduler {
         }
     }
 
+    /// One log line per recipient's outcome, and its count in `deliveries_total` (by domain
+    /// and the status word of the line: sent, deferred, bounced).
     fn log_outcomes(
         &self,
+        domain: &str,
         id: &str,
         entry: &QueueEntry,
         envelope: &Envelope,
@@ -262,14 +265,26 @@ impl Scheduler {
             .iter()
             .enumerate()
             .filter(|(_, r)| r.state == RcptState::Pending);
+        let counted = |status: &str| {
+            self.metrics
+                .deliveries
+                .get_or_create(&vec![
+                    ("domain", domain.to_string()),
+                    ("status", status.to_string()),
+                ])
+                .inc();
+        };
         for ((i, r), o) in pending.zip(outcomes) {
             let became = next.recipients[i].state;
             match o {
-                Outcome::Sent { reply, relay } => info!(
+                Outcome::Sent { reply, relay } => {
+                    counted("sent");
+                    info!(
                     "{id}: to=<{}>, relay={relay}, delay={delay}, dsn={}, status=sent ({reply})",
                     r.address,
                     reply.dsn_status()
-                ),
+                    )
+                }
                 Outcome::Deferred {
                     reason,
                     status,
@@ -285,6 +300,7 @@ impl Scheduler {
                     } else {
                         "deferred"
                     };
+                    counted(word);
                     info!(
                         "{id}: to=<{}>, relay={}, delay={delay}, dsn={status}, status={word} ({})",
                         r.address,

@@ -18,9 +18,10 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, error, info, warn};
 
 use super::counts::CommandCounts;
-use super::session::{Session, SpoolGauge, Step, StoreFailure};
+use super::session::{Event, Session, SpoolGauge, Step, StoreFailure};
 use crate::config::Config;
 use crate::ops::live::Live;
+use crate::ops::metrics::{label, Metrics};
 use crate::scheduler::Scheduler;
 use crate::spool::Spool;
 
@@ -34,6 +35,47 @@ struct Shared {
     max_connections: usize,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     shutdown: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
+}
+
+/// Counts a connection in the `smtp_connections` gauge while it is open (whichever way it
+/// ends: closed, refused, an I/O error).
+struct Open(Arc<Metrics>);
+
+impl Open {
+    fn new(metrics: &Arc<Metrics>) -> Open {
+        metrics.connections.inc();
+        Open(metrics.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.connections.dec();
+    }
+}
+
+/// Adds what a session counted to the metrics.
+fn count(metrics: &Metrics, events: Vec<Event>) {
+    for e in events {
+        match e {
+            Event::Accepted => {
+                metrics.accepted_messages.inc();
+            }
+            Event::RefusedRecipient(reason) => {
+                metrics
+                    .refused_recipients
+                    .get_or_create(&label("reason", reason))
+                    .inc();
+            }
+            Event::RefusedMessage(reason) => {
+                metrics
+                    .refused_messages
+                    .get_or_create(&label("reason", reason))
+                    .inc();
+            }
+        }
+    }
 }
 
 /// Releases a client's per-IP slot when its connection ends.
@@ -60,23 +102,28 @@ pub struct Bound(Vec<(SocketAddr, socket2::Socket)>);
 
 /// Bind every `[smtp] listen` address; fails with the address that could not be bound.
 pub fn bind(config: &Config) -> anyhow::Result<Bound> {
-    use socket2::{Domain, Socket, Type};
     let mut sockets = Vec::new();
     for addr in config.listen_addrs() {
-        let fail = |e: std::io::Error| {
-            anyhow::anyhow!("cannot listen on {addr}: {}", crate::config::os_error(&e))
-        };
-        let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(fail)?;
-        s.set_reuse_address(true).map_err(fail)?;
-        // `[::]:25` is IPv6 only, so it can be listed beside `0.0.0.0:25` (as Postfix binds
-        // each protocol on its own socket) instead of failing with "address in use".
-        if addr.is_ipv6() {
-            s.set_only_v6(true).map_err(fail)?;
-        }
-        s.bind(&addr.into()).map_err(fail)?;
-        sockets.push((addr, s));
+        sockets.push((addr, bind_socket(addr)?));
     }
     Ok(Bound(sockets))
+}
+
+/// A TCP socket bound to `addr` (address reuse on), not yet listening.
+pub fn bind_socket(addr: SocketAddr) -> anyhow::Result<socket2::Socket> {
+    use socket2::{Domain, Socket, Type};
+    let fail = |e: std::io::Error| {
+        anyhow::anyhow!("cannot listen on {addr}: {}", crate::config::os_error(&e))
+    };
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(fail)?;
+    s.set_reuse_address(true).map_err(fail)?;
+    // `[::]:25` is IPv6 only, so it can be listed beside `0.0.0.0:25` (as Postfix binds
+    // each protocol on its own socket) instead of failing with "address in use".
+    if addr.is_ipv6() {
+        s.set_only_v6(true).map_err(fail)?;
+    }
+    s.bind(&addr.into()).map_err(fail)?;
+    Ok(s)
 }
 
 /// Start listening on the bound sockets (inside the runtime, once the spool and the control
@@ -85,15 +132,18 @@ pub fn listen(bound: Bound) -> anyhow::Result<Vec<TcpListener>> {
     bound
         .0
         .into_iter()
-        .map(|(addr, s)| {
-            let fail = |e: std::io::Error| {
-                anyhow::anyhow!("cannot listen on {addr}: {}", crate::config::os_error(&e))
-            };
-            s.listen(1024).map_err(fail)?;
-            s.set_nonblocking(true).map_err(fail)?;
-            TcpListener::from_std(s.into()).map_err(fail)
-        })
+        .map(|(addr, s)| listen_socket(addr, s))
         .collect()
+}
+
+/// Start listening on one socket from [`bind_socket`] (inside the runtime).
+pub fn listen_socket(addr: SocketAddr, s: socket2::Socket) -> anyhow::Result<TcpListener> {
+    let fail = |e: std::io::Error| {
+        anyhow::anyhow!("cannot listen on {addr}: {}", crate::config::os_error(&e))
+    };
+    s.listen(1024).map_err(fail)?;
+    s.set_nonblocking(true).map_err(fail)?;
+    TcpListener::from_std(s.into()).map_err(fail)
 }
 
 /// Serve SMTP on `listeners` until `shutdown` turns true, then wait (a bounded time) for the
@@ -103,6 +153,7 @@ pub async fn run(
     spool: Spool,
     scheduler: Arc<Scheduler>,
     listeners: Vec<TcpListener>,
+    metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let gauge = Arc::new(SpoolGauge::new(spool.free_bytes().unwrap_or(u64::MAX)));
@@ -137,6 +188,7 @@ pub async fn run(
         max_connections,
         per_ip: Mutex::new(HashMap::new()),
         shutdown: shutdown.clone(),
+        metrics,
     });
 
     // Free space is read once a second, off the sessions' path.
@@ -215,6 +267,7 @@ const REFUSING: usize = 32;
 /// Apply the connection limits, then run the session in its own task (which holds
 /// `socket`, the socket's share of the descriptors, until it ends).
 fn admit(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, socket: OwnedSemaphorePermit) {
+    let open = Open::new(&shared.metrics);
     let _ = stream.set_nodelay(true);
     let permit = shared.connections.clone().try_acquire_owned().ok();
     let ip = peer.ip();
@@ -234,6 +287,7 @@ fn admit(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, socket: Owned
     };
     tokio::spawn(async move {
         let _socket = socket;
+        let _open = open;
         match (permit, slot) {
             (Some(permit), Some(slot)) => {
                 info!("connect from unknown[{}]", peer.ip());
@@ -293,6 +347,7 @@ async fn session(
     let mut buf = vec![0u8; 16 * 1024];
     let mut step = Step::Read;
     loop {
+        count(&shared.metrics, s.take_events());
         step = match step {
             Step::Read => {
                 let out = s.take_output();

@@ -74,6 +74,21 @@ pub enum StoreFailure {
     Spool,
 }
 
+/// What a session counts for the metrics; the driver takes them ([`Session::take_events`]).
+/// Reasons are a small fixed set of labels, named where the refusal is made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A message stored and acknowledged `250`.
+    Accepted,
+    /// A RCPT refused: `relay`, `routing`, `unknown_user`, `bad_mailbox`, `virtual`, `loop`,
+    /// `config`, `too_many_recipients`, `syntax`.
+    RefusedRecipient(&'static str),
+    /// A message refused at MAIL, at DATA or after the final dot: `size`, `no_space`,
+    /// `syntax`, `no_recipients`, `bare_line_ending`, `nul`, `line_too_long`, `loop`,
+    /// `spool_error`.
+    RefusedMessage(&'static str),
+}
+
 /// What the driver does next.
 #[derive(Debug)]
 pub enum Step {
@@ -131,6 +146,7 @@ pub struct Session {
     discarding: bool,
     output: Vec<u8>,
     errors: usize,
+    events: Vec<Event>,
 }
 
 impl Session {
@@ -153,6 +169,7 @@ impl Session {
             discarding: false,
             output: Vec::new(),
             errors: 0,
+            events: Vec::new(),
         };
         let banner = format!("220 {} ESMTP mxspool", s.config.hostname);
         s.reply(&banner);
@@ -162,6 +179,21 @@ impl Session {
     /// Bytes to send to the client, taken out of the session.
     pub fn take_output(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.output)
+    }
+
+    /// What happened since the last call, for the metrics.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    fn refused_rcpt(&mut self, reason: &'static str, line: &str) -> Option<Step> {
+        self.events.push(Event::RefusedRecipient(reason));
+        self.error(line)
+    }
+
+    fn refused_message(&mut self, reason: &'static str, line: &str) -> Option<Step> {
+        self.events.push(Event::RefusedMessage(reason));
+        self.error(line)
     }
 
     /// Whether the session is reading a message (the driver may use a longer timeout).
@@ -191,6 +223,11 @@ impl Session {
 
     /// The outcome of a [`Step::Store`]; processing of buffered input resumes.
     pub fn stored(&mut self, id: &str, result: Result<(), StoreFailure>, now: SystemTime) -> Step {
+        self.events.push(match result {
+            Ok(()) => Event::Accepted,
+            Err(StoreFailure::NoSpace) => Event::RefusedMessage("no_space"),
+            Err(StoreFailure::Spool) => Event::RefusedMessage("spool_error"),
+        });
         match result {
             Ok(()) => self.reply(&format!("250 2.0.0 Ok: queued as {id}")),
             Err(StoreFailure::NoSpace) => {
@@ -492,21 +529,24 @@ impl Session {
             || from.hold_until != 0
             || from.mt_priority != 0
         {
-            return self.error("555 5.5.4 Unsupported MAIL parameter");
+            return self.refused_message("syntax", "555 5.5.4 Unsupported MAIL parameter");
         }
         if !self.esmtp && (from.flags != 0 || from.size != 0 || from.env_id.is_some()) {
-            return self.error("555 5.5.4 MAIL parameters need EHLO");
+            return self.refused_message("syntax", "555 5.5.4 MAIL parameters need EHLO");
         }
         let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
         if !smtputf8 && !from.address.is_ascii() {
-            return self.error("553 5.6.7 Non-ASCII sender address needs SMTPUTF8");
+            return self.refused_message(
+                "syntax",
+                "553 5.6.7 Non-ASCII sender address needs SMTPUTF8",
+            );
         }
         if from.size > self.config.max_message_size {
-            return self.error("552 5.3.4 Message size exceeds fixed limit");
+            return self.refused_message("size", "552 5.3.4 Message size exceeds fixed limit");
         }
         let needed = self.config.min_free_space.saturating_add(from.size as u64);
         if self.gauge.get() < needed {
-            return self.error("452 4.3.1 Insufficient system storage");
+            return self.refused_message("no_space", "452 4.3.1 Insufficient system storage");
         }
         let ret = if from.flags & MAIL_RET_FULL != 0 {
             Some(Ret::Full)
@@ -550,7 +590,7 @@ impl Session {
                 .windows(12)
                 .any(|w| w == b"<postmaster>")
             {
-                return self.error("501 5.1.3 Bad recipient address syntax");
+                return self.refused_rcpt("syntax", "501 5.1.3 Bad recipient address syntax");
             }
             match self.policy.postmaster() {
                 Some(p) => {
@@ -558,14 +598,20 @@ impl Session {
                     postmaster.as_str()
                 }
                 None => {
-                    return self.error("550 5.7.1 <postmaster>: no local mailboxes on this host")
+                    return self.refused_rcpt(
+                        "relay",
+                        "550 5.7.1 <postmaster>: no local mailboxes on this host",
+                    )
                 }
             }
         } else {
             given
         };
         if !tx.smtputf8 && !addr.is_ascii() {
-            return self.error("553 5.6.7 Non-ASCII recipient address needs SMTPUTF8");
+            return self.refused_rcpt(
+                "syntax",
+                "553 5.6.7 Non-ASCII recipient address needs SMTPUTF8",
+            );
         }
         if tx.recipients.len() >= self.config.max_recipients {
             // The client sends the rest in another transaction (RFC 5321 4.5.3.1.10): only
@@ -575,17 +621,22 @@ impl Session {
             };
             tx.overshoot += 1;
             if tx.overshoot > self.config.recipient_overshoot {
-                return self.error("452 4.5.3 Error: too many recipients");
+                return self.refused_rcpt(
+                    "too_many_recipients",
+                    "452 4.5.3 Error: too many recipients",
+                );
             }
+            self.events
+                .push(Event::RefusedRecipient("too_many_recipients"));
             self.reply("452 4.5.3 Error: too many recipients");
             return None;
         }
         use smtp_proto::*;
         if !self.esmtp && (to.flags != 0 || to.orcpt.is_some()) {
-            return self.error("555 5.5.4 RCPT parameters need EHLO");
+            return self.refused_rcpt("syntax", "555 5.5.4 RCPT parameters need EHLO");
         }
         if to.flags & (RCPT_CONNEG | RCPT_RRVS_REJECT | RCPT_RRVS_CONTINUE) != 0 || to.rrvs != 0 {
-            return self.error("555 5.5.4 Unsupported RCPT parameter");
+            return self.refused_rcpt("syntax", "555 5.5.4 Unsupported RCPT parameter");
         }
         let accepted = match self.policy.check_recipient(self.client, addr) {
             Ok(a) => a,
@@ -599,7 +650,7 @@ impl Session {
                     printable(addr),
                     printable(self.helo.as_deref().unwrap_or(""))
                 );
-                return self.error(&r);
+                return self.refused_rcpt(refusal_reason(&refusal), &r);
             }
         };
         let notify = (to.flags
@@ -643,7 +694,10 @@ impl Session {
     fn data(&mut self) -> Option<Step> {
         match &self.state {
             State::Mail(tx) if !tx.recipients.is_empty() => {}
-            State::Mail(_) => return self.error("554 5.5.1 Error: no valid recipients"),
+            State::Mail(_) => {
+                return self
+                    .refused_message("no_recipients", "554 5.5.1 Error: no valid recipients")
+            }
             _ => return self.error("503 5.5.1 Error: need RCPT command"),
         }
         let State::Mail(tx) = std::mem::replace(&mut self.state, State::Ready) else {
@@ -663,18 +717,22 @@ impl Session {
         let (mut body, verdict) = reader.finish();
         let refusal = match verdict {
             Verdict::Ok => None,
-            Verdict::TooBig => Some("552 5.3.4 Error: message file too big"),
-            Verdict::BareLineEnding => {
-                Some("550 5.5.2 Error: bare <CR> or <LF> in message; lines must end with <CR><LF>")
-            }
-            Verdict::Nul => Some("550 5.6.0 Error: message contains NUL characters"),
-            Verdict::LineTooLong => Some("500 5.5.2 Error: message line longer than 1000 octets"),
+            Verdict::TooBig => Some(("size", "552 5.3.4 Error: message file too big")),
+            Verdict::BareLineEnding => Some((
+                "bare_line_ending",
+                "550 5.5.2 Error: bare <CR> or <LF> in message; lines must end with <CR><LF>",
+            )),
+            Verdict::Nul => Some(("nul", "550 5.6.0 Error: message contains NUL characters")),
+            Verdict::LineTooLong => Some((
+                "line_too_long",
+                "500 5.5.2 Error: message line longer than 1000 octets",
+            )),
         };
-        if let Some(r) = refusal {
-            return self.error(r);
+        if let Some((reason, r)) = refusal {
+            return self.refused_message(reason, r);
         }
         if count_received(&body) > MAX_RECEIVED {
-            return self.error("554 5.4.6 Error: too many hops (mail loop?)");
+            return self.refused_message("loop", "554 5.4.6 Error: too many hops (mail loop?)");
         }
         // Masquerading (mail from the relay networks) changes what is stored, before our
         // own Received: goes on top.
@@ -729,6 +787,19 @@ impl Session {
             "Received: from {helo} ([{}])\r\n\tby {} (mxspool) with {with} id {id}{for_clause};\r\n\t{date}\r\n",
             self.client, self.config.hostname
         )
+    }
+}
+
+/// The metrics label of a refused RCPT.
+fn refusal_reason(refusal: &Refusal) -> &'static str {
+    match refusal {
+        Refusal::Relay => "relay",
+        Refusal::Routing => "routing",
+        Refusal::UnknownUser => "unknown_user",
+        Refusal::BadMailbox => "bad_mailbox",
+        Refusal::Virtual { .. } => "virtual",
+        Refusal::Loop => "loop",
+        Refusal::NoLocalDomain => "config",
     }
 }
 

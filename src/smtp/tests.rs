@@ -922,3 +922,58 @@ fn recipient_overshoot_is_not_an_error_until_its_limit() {
     assert!(c.closed, "{:?}", c.pending.last());
     assert!(c.pending.last().unwrap().starts_with("421 4.7.0"));
 }
+
+#[test]
+fn refusals_and_acceptances_are_counted_with_their_reason() {
+    let mut c = check(&format!(
+        "{EHLO}
+        C: MAIL FROM:<a@b.test> SIZE=99999999
+        S: 552 5.3.4
+        C: MAIL FROM:<a@b.test>
+        S: 250
+        C: RCPT TO:<u@evilexample.com>
+        S: 550 5.7.1
+        C: RCPT TO:<user%x@example.com>
+        S: 550 5.7.1
+        C: RCPT TO:<u@example.com>
+        S: 250
+        C: DATA
+        S: 354
+        C: Subject: x
+        C:
+        C: hi
+        C: .
+        S: 250 2.0.0 Ok: queued as"
+    ));
+    assert_eq!(
+        c.session.take_events(),
+        vec![
+            Event::RefusedMessage("size"),
+            Event::RefusedRecipient("relay"),
+            Event::RefusedRecipient("routing"),
+            Event::Accepted,
+        ]
+    );
+    c.store_result = Err(StoreFailure::NoSpace);
+    check_with(
+        &mut c,
+        "C: MAIL FROM:<a@b.test>
+        C: DATA
+        S: 250
+        S: 554 5.5.1
+        C: RCPT TO:<u@example.com>
+        S: 250
+        C: DATA
+        S: 354
+        C: .
+        S: 452 4.3.1",
+    );
+    assert_eq!(
+        c.session.take_events(),
+        vec![
+            Event::RefusedMessage("no_recipients"),
+            Event::RefusedMessage("no_space"),
+        ]
+    );
+    assert!(c.session.take_events().is_empty());
+}

@@ -864,6 +864,13 @@ impl Spool {
         rx.blocking_recv().map_err(|_| SpoolError::Closed)?
     }
 
+    /// Time each group commit into `metrics` (`serve` does; the other commands do not).
+    pub fn observe_commits(&self, metrics: std::sync::Arc<crate::ops::metrics::Metrics>) {
+        if let Some(w) = &self.inner.writer {
+            w.observe(metrics);
+        }
+    }
+
     /// `(commits, batches)` the writer has made since open: `batches / commits` is the
     /// number of callers that shared each fsync. `(0, 0)` when read-only.
     pub fn stats(&self) -> (u64, u64) {

@@ -10,8 +10,9 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use rocksdb::{WriteBatch, WriteOptions, DB};
 use tokio::sync::oneshot;
@@ -19,6 +20,7 @@ use tokio::sync::oneshot;
 use super::batch::{Batch, Op};
 use super::mark::Mark;
 use super::{map_db_error, SpoolError};
+use crate::ops::metrics::Metrics;
 
 /// Stop adding requests to one commit once it holds this many bytes of keys and values.
 pub const MAX_GROUP_BYTES: usize = 64 << 20;
@@ -34,6 +36,8 @@ struct Request {
 struct Stats {
     commits: AtomicU64,
     batches: AtomicU64,
+    /// Set by `serve`: each commit's duration goes into its histogram.
+    metrics: OnceLock<Arc<Metrics>>,
 }
 
 pub struct Writer {
@@ -68,6 +72,11 @@ impl Writer {
             let _ = tx.send(Request { batch, reply });
         }
         rx
+    }
+
+    /// Observe each commit's duration (write and fsync) in `metrics` from now on.
+    pub fn observe(&self, metrics: Arc<Metrics>) {
+        let _ = self.stats.metrics.set(metrics);
     }
 
     /// `(commits, batches)` written since start.
@@ -108,9 +117,13 @@ fn run(db: &DB, path: &std::path::Path, rx: mpsc::Receiver<Request>, stats: &Sta
             }
         }
 
+        let started = Instant::now();
         let result = commit(db, path, &group, &opts);
         if result.is_ok() {
             mark.record(db.latest_sequence_number());
+        }
+        if let Some(m) = stats.metrics.get() {
+            m.commit_seconds.observe(started.elapsed().as_secs_f64());
         }
         stats.commits.fetch_add(1, Ordering::Relaxed);
         stats

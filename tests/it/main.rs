@@ -29,6 +29,7 @@ mod swaks;
 
 mod archive;
 mod etrn;
+mod metrics;
 mod queue_ops;
 mod safe_admin;
 mod systemd;
