@@ -21,6 +21,7 @@ mod doctor;
 mod drain;
 mod package;
 mod postfix;
+mod power_loss;
 mod receiver;
 mod smtplib;
 mod swaks;
