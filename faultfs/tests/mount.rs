@@ -164,6 +164,19 @@ fn power_cut_through_the_kernel() {
         unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::F_SETLK, &fl) },
         0
     );
+    // Another process cannot take it meanwhile (lockf is fcntl F_SETLK).
+    let other = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import errno, fcntl, sys\n\
+             f = open(sys.argv[1], 'r+')\n\
+             try:\n    fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n\
+             except OSError as e:\n    sys.exit(3 if e.errno in (errno.EAGAIN, errno.EACCES) else 4)\n",
+        )
+        .arg(m.p("LOCK"))
+        .status()
+        .expect("python3");
+    assert_eq!(other.code(), Some(3), "a second process got the POSIX lock");
     drop(lock);
     // statfs reports plenty of room.
     let st = {
