@@ -491,15 +491,52 @@ fn check_format(db: &DB, path: &Path, create: bool) -> Result<(), SpoolError> {
 
 /// Creates the spool directory `dir` (and missing parents) if it is not there; the spool
 /// directory itself gets mode 0700 whatever the umask.
+///
+/// Durably: each missing component is created (mode 0700) and fsynced into its parent
+/// before the next, and a new spool directory is fsynced itself, so a power cut after the
+/// first commit cannot take the directory, and every message acknowledged in it, away.
 pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
-    if !dir.is_dir() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)?;
+    let created = !dir.is_dir();
+    if created {
+        // The missing components, innermost first.
+        let mut missing = Vec::new();
+        let mut at = dir;
+        loop {
+            match std::fs::symlink_metadata(at) {
+                Ok(_) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => missing.push(at),
+                Err(e) => return Err(e),
+            }
+            match at.parent() {
+                Some(p) if !p.as_os_str().is_empty() => at = p,
+                _ => break,
+            }
+        }
+        for d in missing.into_iter().rev() {
+            match std::fs::DirBuilder::new().mode(0o700).create(d) {
+                Ok(()) => {}
+                // Made by someone else meanwhile.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && d.is_dir() => {}
+                Err(e) => return Err(e),
+            }
+            let parent = d
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            fsync_dir(parent)?;
+        }
     }
-    set_mode(dir, 0o700)
+    set_mode(dir, 0o700)?;
+    if created {
+        fsync_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// fsync(2) of a directory: the names created in it (and its own attributes) are durable.
+fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// The spool is private, whatever the umask it was made under: the directory 0700, every

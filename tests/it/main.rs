@@ -7,7 +7,10 @@
 //! `.ci/peers` installs (python3-aiosmtpd; Exim and OpenSMTPD unpacked under
 //! /opt/mxspool-peers), and root for Postfix, Exim, OpenSMTPD and the tmpfs mounts; a missing
 //! tool fails its test. The package test needs cargo-deb, binutils and man-db, and under CI
-//! installs the package for real. All traffic stays on loopback addresses
+//! installs the package for real. The power-loss tests (`power_loss`) mount faultfs (the
+//! workspace member `faultfs/`, built on demand with `workspace_bin`: an in-memory FUSE
+//! filesystem that drops every write not yet fsynced when sent SIGUSR1) and need root and
+//! /dev/fuse, no libfuse or fusermount3. All traffic stays on loopback addresses
 //! (127.0.0.0/8).
 
 mod harness;
@@ -23,6 +26,7 @@ mod doctor;
 mod drain;
 mod package;
 mod postfix;
+mod power_loss;
 mod receiver;
 mod smtplib;
 mod swaks;
