@@ -581,6 +581,9 @@ async fn export(
             out,
             format!("{d}: {removed} message(s) removed from the spool"),
         );
+        if removed > 0 {
+            give_space_back(ctx, out).await;
+        }
     }
     Ok(0)
 }
@@ -821,7 +824,33 @@ async fn delete(
             if removed == 1 { "y" } else { "ies" }
         ),
     );
+    if removed > 0 {
+        give_space_back(ctx, out).await;
+    }
     Ok(i32::from(bad > 0))
+}
+
+/// After removing mail: its space back to the file system now (flush and compaction), so
+/// that `delete` gets an administrator out of a full disk.
+async fn give_space_back(ctx: &Ctx, out: &Out) {
+    let spool = ctx.spool.clone();
+    let before = spool.free_bytes().unwrap_or(0);
+    let done = tokio::task::spawn_blocking(move || spool.reclaim()).await;
+    match done {
+        Ok(Ok(())) => {
+            let after = ctx.spool.free_bytes().unwrap_or(0);
+            say(
+                out,
+                format!(
+                    "space given back: {} MiB free now ({} MiB before)",
+                    after >> 20,
+                    before >> 20
+                ),
+            );
+        }
+        Ok(Err(e)) => say(out, format!("the space is not given back yet: {e}")),
+        Err(e) => say(out, format!("the space is not given back yet: {e}")),
+    }
 }
 
 async fn bounce(ctx: &Ctx, ids: Vec<String>, out: &Out) -> Result<i32, String> {

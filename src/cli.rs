@@ -338,14 +338,7 @@ fn exit(code: i32) -> ExitCode {
 
 /// Logs to standard error; `RUST_LOG` overrides the `default` level.
 fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    crate::ops::logging::init(default);
 }
 
 fn serve(

@@ -317,7 +317,7 @@ pub struct QueueConfig {
     pub max_deliveries: usize,
     pub max_connections_per_domain: usize,
     /// Free space the spool's file system must keep; below it MAIL gets `452 4.3.1`
-    /// (Postfix's `queue_minfree`).
+    /// (Postfix's `queue_minfree`). At least [`crate::spool::SPACE_FOR_ROCKSDB`].
     pub min_free_space: ByteSize,
 }
 
@@ -329,7 +329,7 @@ impl Default for QueueConfig {
             delay_warning: secs(4 * 3600),
             max_deliveries: 100,
             max_connections_per_domain: 4,
-            min_free_space: ByteSize(100 << 20),
+            min_free_space: ByteSize(256 << 20),
         }
     }
 }
@@ -454,6 +454,16 @@ impl Config {
         }
         if self.smtp.max_message_size.0 < 1024 {
             return Err(at("max_message_size", "must be at least 1024 bytes".into()));
+        }
+        if self.queue.min_free_space.0 < crate::spool::SPACE_FOR_ROCKSDB {
+            return Err(at(
+                "min_free_space",
+                format!(
+                    "{} is less than the {} MiB the spool's database needs free to flush and compact (below that it stops taking any write)",
+                    self.queue.min_free_space.0,
+                    crate::spool::SPACE_FOR_ROCKSDB >> 20
+                ),
+            ));
         }
         if self.smtp.command_timeout.0 < Duration::from_secs(1) {
             return Err(at("command_timeout", "must be at least 1s".into()));

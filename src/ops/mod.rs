@@ -6,6 +6,7 @@
 
 pub mod descriptors;
 pub mod live;
+pub mod logging;
 pub mod metrics;
 pub mod metrics_http;
 pub mod output;

@@ -399,10 +399,22 @@ async fn session(
                     env.size,
                     env.recipients.len(),
                 );
-                let result = shared
-                    .spool
-                    .enqueue(incoming.envelope, incoming.message)
-                    .await;
+                // Room for it, with min_free_space left for RocksDB, before any commit: a
+                // full disk gives 452 here, never a failed commit.
+                let cost = incoming.message.len() as u64 + 4096;
+                let floor = snapshot.config.queue.min_free_space.0;
+                let result = if shared.gauge.take(cost, floor) {
+                    let r = shared
+                        .spool
+                        .enqueue(incoming.envelope, incoming.message)
+                        .await;
+                    if r.is_err() {
+                        shared.gauge.refund(cost);
+                    }
+                    r
+                } else {
+                    Err(crate::spool::SpoolError::NoSpace)
+                };
                 let result = match result {
                     Ok(()) => {
                         info!("{id}: from=<{from}>, size={size}, nrcpt={nrcpt} (queued)");

@@ -43,17 +43,53 @@ pub struct SessionConfig {
 /// Free bytes on the spool's file system, refreshed by the server in the background so the
 /// session can refuse mail on a full disk without a system call of its own.
 #[derive(Debug)]
-pub struct SpoolGauge(AtomicU64);
+pub struct SpoolGauge {
+    /// Free bytes at the last reading (once a second).
+    free: AtomicU64,
+    /// Bytes committed since that reading (they are not in it yet).
+    spent: AtomicU64,
+}
 
 impl SpoolGauge {
     pub fn new(free: u64) -> SpoolGauge {
-        SpoolGauge(AtomicU64::new(free))
+        SpoolGauge {
+            free: AtomicU64::new(free),
+            spent: AtomicU64::new(0),
+        }
     }
+
+    /// A new reading of the file system, which includes everything committed before it.
     pub fn set(&self, free: u64) {
-        self.0.store(free, Ordering::Relaxed)
+        self.free.store(free, Ordering::Relaxed);
+        self.spent.store(0, Ordering::Relaxed);
     }
+
+    /// Free bytes now, as far as is known: the last reading less what was taken since.
     pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.free
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.spent.load(Ordering::Relaxed))
+    }
+
+    /// Takes `bytes` for a commit if at least `floor` stays free after it; the many
+    /// sessions finishing DATA at once cannot all take the same last bytes.
+    pub fn take(&self, bytes: u64, floor: u64) -> bool {
+        let free = self.free.load(Ordering::Relaxed);
+        self.spent
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |spent| {
+                let left = free.saturating_sub(spent).saturating_sub(bytes);
+                (left >= floor).then_some(spent.saturating_add(bytes))
+            })
+            .is_ok()
+    }
+
+    /// Gives back what [`SpoolGauge::take`] took for a commit that did not happen.
+    pub fn refund(&self, bytes: u64) {
+        let _ = self
+            .spent
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                Some(s.saturating_sub(bytes))
+            });
     }
 }
 

@@ -39,6 +39,12 @@ pub use recover::{recover, Recovery};
 use crate::envelope::{Envelope, RcptState, Recipient};
 use writer::Writer;
 
+/// Free space RocksDB needs beyond the mail it stores: a flush of every memory table (the
+/// sum of the families' write buffers, 64 MiB; with less free, RocksDB stops all writes and
+/// resumes only once that much is free again) and room for a compaction's output (64 MiB).
+/// `[queue] min_free_space` may not be less.
+pub const SPACE_FOR_ROCKSDB: u64 = 128 << 20;
+
 /// The on-disk format this build reads and writes (key `format` of the `meta` family).
 pub const FORMAT_VERSION: u32 = 1;
 
@@ -302,6 +308,10 @@ struct Inner {
     locks: Vec<tokio::sync::Mutex<()>>,
     /// Held domains → held since (ms); mirrors the `hold` keys of `meta`.
     holds: std::sync::RwLock<std::collections::HashMap<String, u64>>,
+    /// Bytes of messages removed since the last [`Spool::reclaim`].
+    removed: std::sync::atomic::AtomicU64,
+    /// A reclaim is running (at most one at a time).
+    reclaiming: Arc<std::sync::atomic::AtomicBool>,
     /// Unreadable entries already logged: `(domain, id)`.
     unreadable: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
     db: Arc<DB>,
@@ -354,9 +364,14 @@ fn cf_options(cf: Cf) -> Options {
         o.set_min_blob_size(4096);
         o.set_blob_compression_type(DBCompressionType::Lz4);
         o.set_enable_blob_gc(true);
+        o.set_blob_gc_age_cutoff(BLOB_GC_AGE_CUTOFF.parse().expect("a number"));
     }
     o
 }
+
+/// RocksDB's default: compactions relocate the blobs of the oldest quarter of blob files
+/// (a [`Spool::reclaim`] opens all of them for its one compaction).
+const BLOB_GC_AGE_CUTOFF: &str = "0.25";
 
 fn cf_descriptors() -> Vec<ColumnFamilyDescriptor> {
     Cf::ALL
@@ -591,6 +606,8 @@ impl Spool {
                 locks: stripes(),
                 holds: std::sync::RwLock::new(load_holds(&db, dir)?),
                 unreadable: Default::default(),
+                removed: Default::default(),
+                reclaiming: Default::default(),
                 db,
                 path: dir.to_path_buf(),
             }),
@@ -618,6 +635,8 @@ impl Spool {
             inner: Arc::new(Inner {
                 holds: std::sync::RwLock::new(load_holds(&db, dir)?),
                 unreadable: Default::default(),
+                removed: Default::default(),
+                reclaiming: Default::default(),
                 writer: None,
                 locks: stripes(),
                 db: Arc::new(db),
@@ -1150,6 +1169,10 @@ impl Spool {
             batch.append(extra);
         }
         self.commit(batch).await?;
+        let gone = !new.has_pending() && stored.domains.iter().all(|d| d == domain);
+        if gone {
+            self.removed(stored.envelope.size);
+        }
         Ok(true)
     }
 
@@ -1184,6 +1207,79 @@ impl Spool {
             n += 1;
         }
         Ok(n)
+    }
+
+    /// Counts a message that left the spool; once enough has gone (64 MiB, or anything
+    /// while the disk is short of space), starts a [`Spool::reclaim`] in the background.
+    fn removed(&self, bytes: u64) {
+        use std::sync::atomic::Ordering;
+        let total = self.inner.removed.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        let short = || {
+            self.free_bytes()
+                .is_ok_and(|f| f < 2 * SPACE_FOR_ROCKSDB + total)
+        };
+        if total >= 64 << 20 || short() {
+            self.reclaim_soon();
+        }
+    }
+
+    /// [`Spool::reclaim`] in a thread of its own, unless one is running.
+    pub fn reclaim_soon(&self) {
+        use std::sync::atomic::Ordering;
+        if self.inner.writer.is_none() || self.inner.reclaiming.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let spool = self.clone();
+        let flag = self.inner.reclaiming.clone();
+        let started = std::thread::Builder::new()
+            .name("spool-reclaim".into())
+            .spawn(move || {
+                if let Err(e) = spool.reclaim() {
+                    tracing::warn!("cannot give the removed mail's space back: {e}");
+                }
+                flag.store(false, Ordering::Release);
+            });
+        if started.is_err() {
+            self.inner.reclaiming.store(false, Ordering::Release);
+        }
+    }
+
+    /// Gives the space of removed mail back to the file system: RocksDB keeps deleted
+    /// records (and their log, and their blob files) until memory tables are flushed and
+    /// the files holding them compacted. Flushes every family, then compacts each whole,
+    /// with every blob file open to garbage collection for this one compaction. Blocking;
+    /// the spool takes writes meanwhile.
+    pub fn reclaim(&self) -> Result<(), SpoolError> {
+        use std::sync::atomic::Ordering;
+        let db = self.db();
+        let before = self.free_bytes().unwrap_or(0);
+        let removed = self.inner.removed.swap(0, Ordering::Relaxed);
+        let families: Vec<&ColumnFamily> = Cf::ALL
+            .iter()
+            .map(|&f| cf(db, f))
+            .collect::<Result<_, _>>()?;
+        db.flush_cfs_opt(&families, &rocksdb::FlushOptions::default())
+            .map_err(|e| self.err(e))?;
+        let messages = cf(db, Cf::Messages)?;
+        let set = |cutoff: &str| {
+            db.set_options_cf(messages, &[("blob_garbage_collection_age_cutoff", cutoff)])
+                .map_err(|e| self.err(e))
+        };
+        set("1.0")?;
+        let mut o = rocksdb::CompactOptions::default();
+        o.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        for f in &families {
+            db.compact_range_cf_opt(*f, None::<&[u8]>, None::<&[u8]>, &o);
+        }
+        set(BLOB_GC_AGE_CUTOFF)?;
+        let after = self.free_bytes().unwrap_or(0);
+        tracing::info!(
+            "spool space given back: {} MiB of removed mail, {} MiB free before, {} MiB after",
+            removed >> 20,
+            before >> 20,
+            after >> 20
+        );
+        Ok(())
     }
 
     /// Bytes available to us on the spool's file system (`f_bavail * f_frsize`).

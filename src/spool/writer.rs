@@ -104,6 +104,7 @@ impl Drop for Writer {
 fn run(db: &DB, path: &std::path::Path, rx: mpsc::Receiver<Request>, stats: &Stats, mark: &Mark) {
     let mut opts = WriteOptions::default();
     opts.set_sync(true);
+    let mut failing = Failing::default();
     while let Ok(first) = rx.recv() {
         let mut bytes = first.batch.bytes();
         let mut group = vec![first];
@@ -135,9 +136,7 @@ fn run(db: &DB, path: &std::path::Path, rx: mpsc::Receiver<Request>, stats: &Sta
             ok = result.is_ok(),
             "spool commit"
         );
-        if let Err(e) = &result {
-            tracing::error!("spool commit of {} batches failed: {e}", group.len());
-        }
+        failing.saw(&result, group.len());
         for req in group {
             let _ = req
                 .reply
@@ -145,6 +144,49 @@ fn run(db: &DB, path: &std::path::Path, rx: mpsc::Receiver<Request>, stats: &Sta
         }
     }
     mark.sync();
+}
+
+/// Failed commits, logged when they start, once a minute while they last, and when they
+/// end (a full disk fails every commit: one line each would drown the log).
+#[derive(Default)]
+struct Failing {
+    since: Option<Instant>,
+    last_said: Option<Instant>,
+    failed: u64,
+}
+
+impl Failing {
+    fn saw(&mut self, result: &Result<(), SpoolError>, batches: usize) {
+        let now = Instant::now();
+        match result {
+            Ok(()) => {
+                if let Some(since) = self.since.take() {
+                    tracing::info!(
+                        "spool commits work again, after {} failed commit(s) in {}s",
+                        self.failed,
+                        since.elapsed().as_secs()
+                    );
+                    self.failed = 0;
+                    self.last_said = None;
+                }
+            }
+            Err(e) => {
+                self.failed += 1;
+                let since = *self.since.get_or_insert(now);
+                let due = self
+                    .last_said
+                    .is_none_or(|t| now.duration_since(t) >= std::time::Duration::from_secs(60));
+                if due {
+                    self.last_said = Some(now);
+                    tracing::error!(
+                        "spool commit of {batches} batch(es) failed: {e} ({} failed in {}s; mail is refused with 451/452 until commits work)",
+                        self.failed,
+                        since.elapsed().as_secs()
+                    );
+                }
+            }
+        }
+    }
 }
 
 fn commit(

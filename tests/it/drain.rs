@@ -464,37 +464,6 @@ fn a_primary_that_always_ends_the_session_is_a_deferral_not_a_loop() {
     assert!(q.iter().all(|e| e.attempts == 2), "{q:?}");
 }
 
-/// A tmpfs mounted at `dir` for one test; unmounted on drop.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Tmpfs {
-        fs::create_dir_all(dir).unwrap();
-        check_ok(
-            "mount tmpfs",
-            &run(
-                Command::new("mount")
-                    .args([
-                        "-t",
-                        "tmpfs",
-                        "-o",
-                        &format!("size={size},mode=0755"),
-                        "tmpfs",
-                    ])
-                    .arg(dir),
-                30,
-            ),
-        );
-        Tmpfs(dir.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = run(Command::new("umount").arg("-l").arg(&self.0), 30);
-    }
-}
-
 /// Fills the file system of `dir` with `dir/filler` until a write fails (ENOSPC).
 fn fill(dir: &Path) -> std::path::PathBuf {
     use std::io::Write;
@@ -510,7 +479,7 @@ fn fill(dir: &Path) -> std::path::PathBuf {
 fn a_spool_that_cannot_record_stops_delivery_instead_of_repeating_it() {
     let port = free_port_at("127.0.0.60");
     let mut env = MxEnv::custom(&format!(
-        "[queue]\nretry_interval = \"1h\"\nmin_free_space = \"1MiB\"\n\n\
+        "[queue]\nretry_interval = \"1h\"\nmin_free_space = \"128MiB\"\n\n\
          [delivery]\nconnect_timeout = \"2s\"\n\n\
          [[partner]]\ndomain = \"{DOMAIN}\"\nroute = [\"127.0.0.60:{port}\"]\n"
     ));

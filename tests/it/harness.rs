@@ -1012,3 +1012,34 @@ pub fn group_name(gid: u32) -> String {
             .into_owned()
     }
 }
+
+/// A tmpfs mounted at `dir` for one test; unmounted on drop.
+pub struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    pub fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        check_ok(
+            "mount tmpfs",
+            &run(
+                Command::new("mount")
+                    .args([
+                        "-t",
+                        "tmpfs",
+                        "-o",
+                        &format!("size={size},mode=0755"),
+                        "tmpfs",
+                    ])
+                    .arg(dir),
+                30,
+            ),
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = run(Command::new("umount").arg("-l").arg(&self.0), 30);
+    }
+}

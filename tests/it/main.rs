@@ -21,6 +21,7 @@ mod delivery;
 mod delivery_crash;
 mod delivery_postfix;
 mod descriptors;
+mod disk_full;
 mod dns;
 mod doctor;
 mod drain;

@@ -149,3 +149,81 @@ fn the_unit_is_verified() {
         text(&out.stderr)
     );
 }
+
+/// Under systemd, standard error is the journal (`$JOURNAL_STREAM` names it): each line
+/// carries its syslog priority (`<6>` info, `<4>` warning, `<3>` error), so `journalctl -p`
+/// filters by level; anywhere else the lines are plain.
+#[test]
+fn log_lines_carry_syslog_priorities_for_the_journal() {
+    use std::os::unix::fs::MetadataExt;
+    let env = MxEnv::new();
+    let log = env.dir.path().join("journal.log");
+    let file = File::create(&log).unwrap();
+    let meta = file.metadata().unwrap();
+    let child = Command::new(BIN)
+        .arg("--config")
+        .arg(&env.config)
+        .arg("serve")
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(file)
+        .spawn()
+        .expect("spawn mxspool serve");
+    let mut server = Server {
+        child,
+        log: log.clone(),
+        addr: env.addr(),
+    };
+    assert!(wait_for(
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || TcpStream::connect(env.addr()).is_ok()
+    ));
+    assert!(stop_server(&mut server));
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(!lines.is_empty());
+    for l in &lines {
+        assert!(
+            l.starts_with("<6>") || l.starts_with("<4>") || l.starts_with("<3>"),
+            "{l:?} has no priority:\n{text}"
+        );
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("<6>") && l.contains("started as")),
+        "{text}"
+    );
+
+    // Not the journal (another file's numbers): plain lines, with their time stamps.
+    let plain = env.dir.path().join("plain.log");
+    let f = File::create(&plain).unwrap();
+    let child = Command::new(BIN)
+        .arg("--config")
+        .arg(&env.config)
+        .arg("serve")
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(f)
+        .spawn()
+        .expect("spawn mxspool serve");
+    let mut server = Server {
+        child,
+        log: plain.clone(),
+        addr: env.addr(),
+    };
+    assert!(wait_for(
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || TcpStream::connect(env.addr()).is_ok()
+    ));
+    assert!(stop_server(&mut server));
+    let text = std::fs::read_to_string(&plain).unwrap();
+    assert!(text.lines().all(|l| !l.starts_with('<')), "{text}");
+    assert!(text.contains("INFO"), "{text}");
+}

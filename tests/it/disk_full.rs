@@ -1,0 +1,138 @@
+//! A spool whose file system fills up with mail: clients get `452 4.3.1` (at MAIL, or after
+//! DATA for a message without SIZE) while `min_free_space` is still free for RocksDB, so no
+//! commit ever fails; `delete --domain` gives the space back at once, and mail is taken
+//! again without a restart. A `min_free_space` below what RocksDB needs is refused.
+
+use std::time::Duration;
+
+use crate::harness::*;
+
+/// Bytes free on the file system of `dir` (`df`'s available).
+fn free_mib(dir: &std::path::Path) -> u64 {
+    let out = run(
+        std::process::Command::new("df")
+            .args(["--output=avail", "-B1M"])
+            .arg(dir),
+        10,
+    );
+    check_ok("df", &out);
+    text(&out.stdout)
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .expect("df's figure")
+}
+
+/// Sends one message of `body` to `rcpt`, declaring SIZE or not; the final reply code (the
+/// MAIL reply's when MAIL is refused).
+fn send(addr: &str, rcpt: &str, body: &[u8], declare: bool) -> u16 {
+    let (mut c, _) = Smtp::connect(addr).expect("connect");
+    c.cmd("EHLO client.test").unwrap();
+    let mail = if declare {
+        format!("MAIL FROM:<alice@sender.test> SIZE={}", body.len())
+    } else {
+        "MAIL FROM:<alice@sender.test>".to_string()
+    };
+    let r = c.cmd(&mail).unwrap();
+    if r.code != 250 {
+        return r.code;
+    }
+    assert_eq!(c.cmd(&format!("RCPT TO:<{rcpt}>")).unwrap().code, 250);
+    let code = match c.data(body).unwrap() {
+        Ok(r) | Err(r) => r.code,
+    };
+    let _ = c.cmd("QUIT");
+    code
+}
+
+#[test]
+fn a_full_disk_refuses_mail_before_any_commit_fails_and_delete_gives_the_space_back() {
+    let mut env = MxEnv::with_config("");
+    // 128 MiB kept free: the least allowed.
+    let config = std::fs::read_to_string(&env.config)
+        .unwrap()
+        .replace("[queue]\n", "[queue]\nmin_free_space = \"128MiB\"\n");
+    std::fs::write(&env.config, config).unwrap();
+    let spool = spool_dir(&env);
+    let _fs = Tmpfs::mount(&spool, "320m");
+    let mut server = env.start();
+
+    // 1 MiB that does not compress (the spool compresses with LZ4): pseudo-random letters.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut body = b"Subject: fill\r\n\r\n".to_vec();
+    for _ in 0..(1 << 10) {
+        for _ in 0..998 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            body.push(b'A' + (x % 58) as u8 % 26 + if x & 64 == 0 { 0 } else { 32 });
+        }
+        body.extend_from_slice(b"\r\n");
+    }
+    let (mut accepted, mut refused_mail, mut refused_data) = (0, 0, 0);
+    // Half the messages declare their size, half do not: both are stopped in time.
+    for i in 0..400 {
+        match send(&env.addr(), &format!("u{i}@example.com"), &body, i % 2 == 0) {
+            250 => accepted += 1,
+            452 if i % 2 == 0 => refused_mail += 1,
+            452 => refused_data += 1,
+            other => panic!("message {i}: {other}\n{}", server.log()),
+        }
+        if refused_mail >= 3 && refused_data >= 3 {
+            break;
+        }
+    }
+    eprintln!(
+        "accepted {accepted}, refused at MAIL {refused_mail}, after DATA {refused_data}, {} MiB free",
+        free_mib(&spool)
+    );
+    assert!(accepted > 50, "accepted only {accepted}");
+    assert!(refused_mail >= 3 && refused_data >= 3);
+    let log = server.log();
+    assert!(
+        !log.contains("spool commit of"),
+        "a commit failed before mail was refused:\n{log}"
+    );
+    assert!(free_mib(&spool) >= 100, "the floor was not kept");
+    assert_eq!(env.queue(None).len(), accepted);
+
+    // The administrator deletes the domain's mail: the space comes back now, not after a
+    // restart or some compaction later.
+    let before = free_mib(&spool);
+    let out = env.mxspool(&["delete", "--domain", "example.com"]);
+    check_ok("delete --domain", &out);
+    assert!(
+        text(&out.stdout).contains("space given back"),
+        "{}",
+        text(&out.stdout)
+    );
+    let after = free_mib(&spool);
+    eprintln!("delete --domain: {before} MiB free before, {after} MiB after");
+    assert!(
+        after >= before + accepted as u64 / 2,
+        "{accepted} MiB deleted, free went from {before} to {after} MiB"
+    );
+    // And mail is taken again, without a restart.
+    assert!(wait_for(
+        Duration::from_secs(5),
+        Duration::from_millis(200),
+        || { send(&env.addr(), "again@example.com", &body, true) == 250 }
+    ));
+    assert!(stop_server(&mut server));
+}
+
+#[test]
+fn a_min_free_space_below_what_rocksdb_needs_is_refused() {
+    let env = MxEnv::with_config("");
+    let config = std::fs::read_to_string(&env.config)
+        .unwrap()
+        .replace("[queue]\n", "[queue]\nmin_free_space = \"10MiB\"\n");
+    std::fs::write(&env.config, config).unwrap();
+    let out = env.mxspool(&["check-config"]);
+    let err = assert_clean_failure("check-config", &out);
+    assert!(
+        err.contains("min_free_space") && err.contains("128 MiB"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
