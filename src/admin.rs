@@ -655,7 +655,13 @@ async fn import(ctx: &Ctx, input: PathBuf, out: &Out) -> Result<i32, String> {
     let o = out.clone();
     let (added, present, skipped, problems) =
         tokio::task::spawn_blocking(move || -> Result<(usize, usize, usize, usize), String> {
-            let reader = spool_tools::ArchiveReader::open(&input)
+            // Messages over max_message_size are refused by the reader: never read into
+            // memory, named as problems (not imported).
+            let options = spool_tools::ReadOptions {
+                max_message: Some(max_size),
+                ..Default::default()
+            };
+            let reader = spool_tools::ArchiveReader::open_with(&input, options)
                 .map_err(|e| format!("{}: {e}; nothing imported", input.display()))?;
             for p in reader.problems() {
                 let _ = o.send(Line::Err(format!(

@@ -22,7 +22,11 @@ use crate::FORMAT_VERSION;
 /// The largest `FORMAT` member, envelope and manifest the reader takes in memory.
 const MAX_FORMAT: u64 = 64;
 const MAX_ENVELOPE: u64 = 16 << 20;
-const MAX_MANIFEST: u64 = 1 << 30;
+/// A manifest lists each message once, in a few hundred bytes: one bigger than this for the
+/// messages the archive holds is not a manifest (and is never read into memory).
+fn max_manifest(messages: usize) -> u64 {
+    64 << 10 | (messages as u64).saturating_mul(1 << 10)
+}
 
 /// One good message: its envelope and its raw RFC 5322 bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,6 +59,9 @@ pub struct ReadOptions {
     /// `manifest.json` says so. A damaged stream ([`Error::Damaged`]) is never salvaged:
     /// what it gave before the damage showed may already be wrong.
     pub salvage: bool,
+    /// Messages bigger than this (bytes) are not given out: a [`Problem`] names each, and
+    /// it is never read into memory (`mxspool import` passes its `max_message_size`).
+    pub max_message: Option<u64>,
 }
 
 /// How the archive file is compressed.
@@ -180,8 +187,14 @@ impl ArchiveReader {
                 continue;
             }
             let member = classify(&name);
+            if member == Member::Manifest && size > max_manifest(seen.len()) {
+                return Err(Error::Format(format!(
+                    "the manifest is {size} bytes, more than a manifest of {} message(s) can need",
+                    seen.len()
+                )));
+            }
             let keep = match member {
-                Member::Manifest => MAX_MANIFEST,
+                Member::Manifest => max_manifest(seen.len()),
                 Member::Message(_, Half::Json) => MAX_ENVELOPE,
                 _ => 0,
             };
@@ -272,6 +285,20 @@ impl ArchiveReader {
                     _ if !options.salvage => return Err(Error::Truncated { complete }),
                     _ => reader.salvage(seen, &order),
                 }
+            }
+        }
+        if let Some(max) = options.max_message {
+            let (fit, big): (Vec<Good>, Vec<Good>) =
+                reader.good.drain(..).partition(|g| g.eml.size <= max);
+            reader.good = fit;
+            for g in big {
+                reader.problems.push(problem(
+                    &g.id,
+                    &format!(
+                        "the message is {} bytes, more than the {max} allowed",
+                        g.eml.size
+                    ),
+                ));
             }
         }
         reader.problems.extend(strays);

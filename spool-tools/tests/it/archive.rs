@@ -1,6 +1,7 @@
 //! The archive format through the library: round trips, damage, versions.
 
 use std::fs;
+use std::io::Read;
 use std::process::Command;
 
 use spool_tools::{
@@ -140,7 +141,14 @@ fn truncated_archive_is_refused_and_salvage_keeps_only_whole_messages() {
         }
         other => panic!("expected Truncated, got {other:?}"),
     }
-    let r = ArchiveReader::open_with(&path, ReadOptions { salvage: true }).unwrap();
+    let r = ArchiveReader::open_with(
+        &path,
+        ReadOptions {
+            salvage: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert!(!r.is_verified());
     assert_eq!(r.meta(), None);
     assert_eq!(r.ids().collect::<Vec<_>>(), [ID_8BIT]);
@@ -460,9 +468,78 @@ fn damaged_gzip_stream_is_refused_even_when_salvaging() {
     bytes[at] ^= 0xff;
     fs::write(&path, &bytes).unwrap();
     for salvage in [false, true] {
-        match ArchiveReader::open_with(&path, ReadOptions { salvage }) {
+        match ArchiveReader::open_with(
+            &path,
+            ReadOptions {
+                salvage,
+                ..Default::default()
+            },
+        ) {
             Err(e @ Error::Damaged { .. }) => assert!(e.to_string().contains("damaged"), "{e}"),
             other => panic!("salvage {salvage}: expected Damaged, got {other:?}"),
         }
     }
+}
+
+/// A manifest far bigger than the archive's messages can need (a small archive that
+/// decompresses to a huge manifest) is refused from its tar header: never read into memory.
+#[test]
+fn an_oversized_manifest_is_refused_unread() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bomb.tar.gz");
+    let file = fs::File::create(&path).unwrap();
+    let gz = flate2::write::GzEncoder::new(file, flate2::Compression::best());
+    let mut tar = tar::Builder::new(gz);
+    let mut h = tar::Header::new_ustar();
+    h.set_path("mxspool-archive/FORMAT").unwrap();
+    h.set_size(18);
+    h.set_mode(0o644);
+    h.set_cksum();
+    tar.append(&h, &b"mxspool-archive 1\n"[..]).unwrap();
+    let size = 256u64 << 20;
+    let mut h = tar::Header::new_ustar();
+    h.set_path("mxspool-archive/manifest.json").unwrap();
+    h.set_size(size);
+    h.set_mode(0o644);
+    h.set_cksum();
+    tar.append(&h, std::io::repeat(b' ').take(size)).unwrap();
+    tar.into_inner().unwrap().finish().unwrap();
+    assert!(fs::metadata(&path).unwrap().len() < 2 << 20);
+    match ArchiveReader::open(&path) {
+        Err(e @ Error::Format(_)) => assert!(e.to_string().contains("manifest"), "{e}"),
+        other => panic!("expected Format, got {other:?}"),
+    }
+}
+
+/// With `max_message`, a message over the limit is a problem, never given out (import
+/// passes its max_message_size); the others come through.
+#[test]
+fn messages_over_max_message_are_problems_not_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = sample_archive(dir.path(), "q.tar");
+    let sizes: Vec<usize> = {
+        let r = ArchiveReader::open(&path).unwrap();
+        read_all(&r).iter().map(|e| e.message.len()).collect()
+    };
+    let limit = *sizes.iter().min().unwrap() as u64;
+    let r = ArchiveReader::open_with(
+        &path,
+        ReadOptions {
+            max_message: Some(limit),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let all = read_all(&r);
+    assert_eq!(
+        all.len(),
+        sizes.iter().filter(|&&s| s as u64 <= limit).count()
+    );
+    assert!(all.iter().all(|e| e.message.len() as u64 <= limit));
+    assert_eq!(r.problems().len(), 2 - all.len(), "{:?}", r.problems());
+    assert!(
+        r.problems()[0].what.contains("allowed"),
+        "{:?}",
+        r.problems()
+    );
 }

@@ -38,6 +38,7 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let options = ReadOptions {
         salvage: cli.salvage,
+        ..Default::default()
     };
     let reader = ArchiveReader::open_with(&cli.archive, options)?;
     let stdout = io::stdout();
