@@ -302,8 +302,13 @@ fn parse_key(key: &str) -> Result<(String, String), String> {
 }
 
 fn parse_target(target: &str) -> Result<Rule, String> {
-    if target.len() >= 6 && target[..6].eq_ignore_ascii_case("error:") {
-        return parse_error(target, &target[6..]);
+    // `get`: byte 6 may fall inside a multi-byte character of a target that is no error.
+    if let Some(rest) = target
+        .get(..6)
+        .filter(|p| p.eq_ignore_ascii_case("error:"))
+        .and_then(|_| target.get(6..))
+    {
+        return parse_error(target, rest);
     }
     if target.contains(',') || target.contains(char::is_whitespace) {
         return Err(format!(
@@ -757,5 +762,21 @@ mod tests {
         assert_eq!(t.domains().count(), 50);
         assert_eq!(t.lookup("USER99999@dom49.pt"), local("box99999"));
         assert_eq!(t.lookup("user99999@dom48.pt"), None);
+    }
+
+    /// Found by the `virtual_table` fuzz target: a target whose 6th byte is inside a
+    /// multi-byte character panicked (`target[..6]`) instead of being parsed.
+    #[test]
+    fn multibyte_character_at_the_error_prefix_boundary() {
+        // The fuzzer's input, and targets with a 2- and a 3-byte character across byte 6.
+        for text in [
+            "era@b.example err\u{7f}r\u{91}ouser nouser rror:4tl1 aer\n",
+            "a@b.example error\u{fc}x\n",
+            "a@b.example erro\u{20ac}:nouser\n",
+        ] {
+            let _ = VirtualTable::parse(text);
+        }
+        let t = table("a@b.example ERROR:nouser no such user\n");
+        assert!(t.lookup("a@b.example").is_some());
     }
 }
