@@ -26,7 +26,13 @@ fuzz_target!(|data: &[u8]| {
     let path = scratch();
     std::fs::write(path, data).expect("write the scratch archive");
     for salvage in [false, true] {
-        let Ok(reader) = ArchiveReader::open_with(path, ReadOptions { salvage }) else {
+        let Ok(reader) = ArchiveReader::open_with(
+            path,
+            ReadOptions {
+                salvage,
+                ..Default::default()
+            },
+        ) else {
             continue;
         };
         let _ = reader.compression();
