@@ -13,43 +13,37 @@ pub const MARGIN: u64 = 64;
 /// Descriptors one delivery may hold at once: its connection and a DNS query.
 pub const PER_DELIVERY: u64 = 2;
 
-/// The soft `RLIMIT_NOFILE` now.
-pub fn limit() -> u64 {
+/// `RLIMIT_NOFILE` as `(soft, hard)`, if it can be read.
+fn get() -> Option<(u64, u64)> {
     let mut r = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit(2) writes the struct it is given.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
-        return 1024;
-    }
-    r.rlim_cur
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0)
+        .then_some((r.rlim_cur, r.rlim_max))
+}
+
+/// The soft `RLIMIT_NOFILE` now.
+pub fn limit() -> u64 {
+    get().map_or(1024, |(soft, _)| soft)
 }
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard one (as Postfix's master does); returns
 /// `(before, after)`.
 pub fn raise() -> (u64, u64) {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
+    let Some((soft, hard)) = get() else {
+        return (1024, 1024);
     };
-    // SAFETY: getrlimit(2)/setrlimit(2) on a struct we own.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
-            return (1024, 1024);
-        }
-        let before = r.rlim_cur;
-        if r.rlim_cur < r.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: r.rlim_max,
-                rlim_max: r.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                return (before, r.rlim_max);
-            }
-        }
-        (before, before)
+    let raised = libc::rlimit {
+        rlim_cur: hard,
+        rlim_max: hard,
+    };
+    // SAFETY: setrlimit(2) reads the struct it is given.
+    if soft < hard && unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+        return (soft, hard);
     }
+    (soft, soft)
 }
 
 /// How many SMTP sessions the descriptors allow: the limit less the spool's reserve, each

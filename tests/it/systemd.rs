@@ -150,30 +150,23 @@ fn the_unit_is_verified() {
     );
 }
 
-/// Under systemd, standard error is the journal (`$JOURNAL_STREAM` names it): each line
-/// carries its syslog priority (`<6>` info, `<4>` warning, `<3>` error), so `journalctl -p`
-/// filters by level; anywhere else the lines are plain.
-#[test]
-fn log_lines_carry_syslog_priorities_for_the_journal() {
-    use std::os::unix::fs::MetadataExt;
-    let env = MxEnv::new();
-    let log = env.dir.path().join("journal.log");
-    let file = File::create(&log).unwrap();
-    let meta = file.metadata().unwrap();
+/// Runs `serve` until it accepts, with `JOURNAL_STREAM` set to `journal` and standard error
+/// written to `log`, stops it, and returns what it logged.
+fn serve_logging_to(env: &MxEnv, journal: &str, log: &std::path::Path) -> String {
     let child = Command::new(BIN)
         .arg("--config")
         .arg(&env.config)
         .arg("serve")
-        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .env("JOURNAL_STREAM", journal)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(file)
+        .stderr(File::create(log).unwrap())
         .spawn()
         .expect("spawn mxspool serve");
     let mut server = Server {
         child,
-        log: log.clone(),
+        log: log.to_path_buf(),
         addr: env.addr(),
     };
     assert!(wait_for(
@@ -182,7 +175,22 @@ fn log_lines_carry_syslog_priorities_for_the_journal() {
         || TcpStream::connect(env.addr()).is_ok()
     ));
     assert!(stop_server(&mut server));
-    let text = std::fs::read_to_string(&log).unwrap();
+    std::fs::read_to_string(log).unwrap()
+}
+
+/// Under systemd, standard error is the journal (`$JOURNAL_STREAM` names it): each line
+/// carries its syslog priority (`<6>` info, `<4>` warning, `<3>` error), so `journalctl -p`
+/// filters by level; anywhere else the lines are plain.
+#[test]
+fn log_lines_carry_syslog_priorities_for_the_journal() {
+    use std::os::unix::fs::MetadataExt;
+    let env = MxEnv::new();
+    let log = env.dir.path().join("journal.log");
+    // The file exists before the server starts, so its numbers can name it.
+    File::create(&log).unwrap();
+    let meta = std::fs::metadata(&log).unwrap();
+    let journal = format!("{}:{}", meta.dev(), meta.ino());
+    let text = serve_logging_to(&env, &journal, &log);
     let lines: Vec<&str> = text.lines().collect();
     assert!(!lines.is_empty());
     for l in &lines {
@@ -199,31 +207,7 @@ fn log_lines_carry_syslog_priorities_for_the_journal() {
     );
 
     // Not the journal (another file's numbers): plain lines, with their time stamps.
-    let plain = env.dir.path().join("plain.log");
-    let f = File::create(&plain).unwrap();
-    let child = Command::new(BIN)
-        .arg("--config")
-        .arg(&env.config)
-        .arg("serve")
-        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(f)
-        .spawn()
-        .expect("spawn mxspool serve");
-    let mut server = Server {
-        child,
-        log: plain.clone(),
-        addr: env.addr(),
-    };
-    assert!(wait_for(
-        Duration::from_secs(20),
-        Duration::from_millis(50),
-        || TcpStream::connect(env.addr()).is_ok()
-    ));
-    assert!(stop_server(&mut server));
-    let text = std::fs::read_to_string(&plain).unwrap();
+    let text = serve_logging_to(&env, &journal, &env.dir.path().join("plain.log"));
     assert!(text.lines().all(|l| !l.starts_with('<')), "{text}");
     assert!(text.contains("INFO"), "{text}");
 }
