@@ -319,6 +319,9 @@ pub struct QueueConfig {
     /// Free space the spool's file system must keep; below it MAIL gets `452 4.3.1`
     /// (Postfix's `queue_minfree`). At least [`crate::spool::SPACE_FOR_ROCKSDB`].
     pub min_free_space: ByteSize,
+    /// A DSN returns at most this much of the message (Postfix's `bounce_size_limit`);
+    /// with `RET=FULL` a longer message is returned cut at a line end.
+    pub bounce_size_limit: ByteSize,
 }
 
 impl Default for QueueConfig {
@@ -330,6 +333,7 @@ impl Default for QueueConfig {
             max_deliveries: 100,
             max_connections_per_domain: 4,
             min_free_space: ByteSize(256 << 20),
+            bounce_size_limit: ByteSize(50 << 10),
         }
     }
 }

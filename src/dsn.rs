@@ -483,7 +483,7 @@ fn recipient_line(r: &DsnRecipient) -> String {
 
 /// The length of the header section of `message`, its last line end included, the empty
 /// line that ends it not. The whole message if it has no body.
-fn header_section_len(message: &[u8]) -> usize {
+pub(crate) fn header_section_len(message: &[u8]) -> usize {
     let mut start = 0;
     while start < message.len() {
         let end = message[start..]

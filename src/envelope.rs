@@ -79,7 +79,7 @@ pub fn domain_of(address: &str) -> String {
 }
 
 /// Everything about a message except its bytes.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Envelope {
     /// Queue id (see `queue_id`).
     pub id: String,

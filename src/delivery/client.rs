@@ -13,6 +13,7 @@
 //! stage's timeout (RFC 5321 4.5.3.2); `send` settles every recipient or returns an error,
 //! after which the connection is unusable.
 
+use crate::spool::Message;
 use std::fmt::{self, Write as _};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -116,6 +117,9 @@ pub enum ClientError {
     Hello(Reply),
     #[error("LHLO refused: {0}")]
     Lhlo(Reply),
+    /// The message could not be read from the spool while it was being sent.
+    #[error("cannot read the message from the spool: {0}")]
+    Spool(String),
 }
 
 impl ClientError {
@@ -177,8 +181,8 @@ pub struct Outgoing<'a> {
     pub envelope: &'a Envelope,
     /// The recipients to send to now (a subset of the envelope's).
     pub recipients: &'a [Recipient],
-    /// The raw RFC 5322 message, CRLF line ends.
-    pub message: &'a [u8],
+    /// The raw RFC 5322 message, CRLF line ends (read part by part as it is sent).
+    pub message: &'a Message,
 }
 
 /// The outcome for one recipient.
@@ -515,7 +519,10 @@ impl Connection {
         let mut dot_written = false;
         if let Err(e) = self.transaction(msg, &mut results, &mut dot_written).await {
             let relay = self.relay();
-            let lost = if dot_written {
+            let lost = if let ClientError::Spool(why) = &e {
+                let text = format!("cannot read the message from the spool: {why}");
+                RcptResult::Deferred(synthetic(451, "4.3.0", &text))
+            } else if dot_written {
                 let text = format!(
                     "lost connection with {relay} after end of data ({e}); the message may be delivered twice"
                 );
@@ -763,7 +770,7 @@ impl Connection {
             return Some(synthetic(550, "5.6.7", &text));
         }
         if let Some(limit) = self.ext.size.filter(|&l| l > 0) {
-            if msg.message.len() as u64 > limit {
+            if msg.message.len() > limit {
                 let text = format!(
                     "message size {} exceeds size limit {} of {}",
                     msg.message.len(),
@@ -851,16 +858,55 @@ impl Connection {
         }
     }
 
-    /// The message, dot-stuffed with CRLF line ends, and the final dot, in few writes.
-    async fn write_body(&mut self, message: &[u8]) -> Result<(), ClientError> {
+    /// The message, dot-stuffed with CRLF line ends, and the final dot, in few writes; one
+    /// part of it in memory at a time (a line cut between two parts is joined first).
+    async fn write_body(&mut self, message: &Message) -> Result<(), ClientError> {
         let t = self.timeouts.data_block;
-        let mut out = Vec::with_capacity(message.len().min(BODY_CHUNK) + BODY_CHUNK / 16);
-        for line in message.split_inclusive(|&b| b == b'\n') {
-            encode_line(line, &mut out);
-            if out.len() >= BODY_CHUNK {
-                self.write(&out, "message body", t).await?;
-                out.clear();
+        let mut out =
+            Vec::with_capacity((message.len() as usize).min(BODY_CHUNK) + BODY_CHUNK / 16);
+        let mut carry: Vec<u8> = Vec::new();
+        let mut n = 0;
+        loop {
+            let read;
+            let part: &[u8] = if n == 0 {
+                message.first()
+            } else {
+                read = match message.part_async(n).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        // Mid-DATA: the server must not take what we have sent for a message.
+                        self.broken = true;
+                        return Err(ClientError::Spool(e.to_string()));
+                    }
+                };
+                &read
+            };
+            let last = n == message.parts();
+            let joined;
+            let data: &[u8] = if carry.is_empty() {
+                part
+            } else {
+                carry.extend_from_slice(part);
+                joined = std::mem::take(&mut carry);
+                &joined
+            };
+            let whole = if last {
+                data.len()
+            } else {
+                data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)
+            };
+            for line in data[..whole].split_inclusive(|&b| b == b'\n') {
+                encode_line(line, &mut out);
+                if out.len() >= BODY_CHUNK {
+                    self.write(&out, "message body", t).await?;
+                    out.clear();
+                }
             }
+            if last {
+                break;
+            }
+            carry = data[whole..].to_vec();
+            n += 1;
         }
         out.extend_from_slice(b".\r\n");
         self.trace(">>> ", ".");
@@ -1393,7 +1439,7 @@ mod tests {
         let msg = Outgoing {
             envelope: env,
             recipients: &env.recipients,
-            message,
+            message: &Message::from(message.to_vec()),
         };
         let results = c.send(&msg).await;
         c.quit().await;
@@ -1458,7 +1504,7 @@ mod tests {
         let msg = Outgoing {
             envelope: &env,
             recipients: &env.recipients,
-            message,
+            message: &Message::from(message.to_vec()),
         };
         let results = c.send(&msg).await;
         c.quit().await;
@@ -1632,7 +1678,7 @@ mod tests {
         let msg = Outgoing {
             envelope: &env,
             recipients: &env.recipients,
-            message: b"hi\r\n",
+            message: &Message::from(b"hi\r\n".to_vec()),
         };
         let first = c.send(&msg).await;
         assert_eq!(
@@ -1829,7 +1875,7 @@ mod tests {
             let msg = Outgoing {
                 envelope: env,
                 recipients: &env.recipients,
-                message: body,
+                message: &Message::from(body.to_vec()),
             };
             let r = c.send(&msg).await;
             assert_eq!(
@@ -1878,7 +1924,7 @@ mod tests {
         let msg = Outgoing {
             envelope: &env,
             recipients: &env.recipients,
-            message: b"hi\r\n",
+            message: &Message::from(b"hi\r\n".to_vec()),
         };
         let started = std::time::Instant::now();
         // Waiting for the reply to the dot: sent, outcome unknown (a deferral, not Unsent).
@@ -2011,7 +2057,7 @@ mod tests {
         let msg = Outgoing {
             envelope: env,
             recipients: &env.recipients,
-            message,
+            message: &Message::from(message.to_vec()),
         };
         let results = c.send(&msg).await;
         let usable = c.is_usable();
@@ -2192,7 +2238,7 @@ mod tests {
         let msg = Outgoing {
             envelope: &env,
             recipients: &env.recipients,
-            message: b"hi\r\n",
+            message: &Message::from(b"hi\r\n".to_vec()),
         };
         let first = c.send(&msg).await;
         assert!(first.iter().all(|r| matches!(r, RcptResult::Sent(_))));
@@ -2263,7 +2309,7 @@ mod tests {
         let msg = Outgoing {
             envelope: &env,
             recipients: &env.recipients,
-            message: b"Subject: x\r\n\r\nbody\r\n",
+            message: &Message::from(b"Subject: x\r\n\r\nbody\r\n".to_vec()),
         };
         let r = c.send(&msg).await;
         assert_eq!(
@@ -2460,7 +2506,7 @@ mod tests {
         let msg = Outgoing {
             envelope: env,
             recipients: &env.recipients,
-            message: b"hi\r\n",
+            message: &Message::from(b"hi\r\n".to_vec()),
         };
         let mut all = Vec::new();
         for _ in 0..times {

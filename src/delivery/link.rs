@@ -2,8 +2,8 @@
 //! writer. The scheduler sends a domain's entries over one `Link` the same way whatever it
 //! is, and gets one [`RcptResult`] per recipient back.
 
+use crate::spool::Message;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use super::client::{Connection, Outgoing, RcptResult};
 use super::maildir::{self, LocalError};
@@ -66,7 +66,7 @@ impl Link {
 
 /// Each recipient's copy, written in a blocking task (file I/O and fsync).
 async fn deliver_maildirs(target: &MaildirTarget, msg: &Outgoing<'_>) -> Vec<RcptResult> {
-    let message: Arc<[u8]> = Arc::from(msg.message);
+    let message = msg.message.clone();
     let sender = msg.envelope.sender.clone();
     let rcpts: Vec<String> = msg.recipients.iter().map(|r| r.address.clone()).collect();
     let target = target.clone();
@@ -92,11 +92,12 @@ async fn deliver_maildirs(target: &MaildirTarget, msg: &Outgoing<'_>) -> Vec<Rcp
     }
 }
 
-fn deliver_one(target: &MaildirTarget, sender: &str, rcpt: &str, message: &[u8]) -> RcptResult {
+fn deliver_one(target: &MaildirTarget, sender: &str, rcpt: &str, message: &Message) -> RcptResult {
     let local = rcpt.rsplit_once('@').map_or(rcpt, |(l, _)| l);
     let path: Result<PathBuf, LocalError> = maildir::mailbox_user(local).and_then(|user| {
-        maildir::mailbox_path(&target.template, &domain_of(rcpt), &user)
-            .and_then(|dir| maildir::deliver(&dir, &target.hostname, sender, rcpt, message))
+        maildir::mailbox_path(&target.template, &domain_of(rcpt), &user).and_then(|dir| {
+            maildir::deliver(&dir, &target.hostname, sender, rcpt, message.reader())
+        })
     });
     match path {
         Ok(file) => RcptResult::Sent(Reply {

@@ -11,7 +11,7 @@
 
 use std::fmt;
 use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -154,13 +154,12 @@ pub fn deliver(
     hostname: &str,
     sender: &str,
     recipient: &str,
-    message: &[u8],
+    message: impl Read,
 ) -> Result<PathBuf, LocalError> {
-    let content = file_content(sender, recipient, message);
-    let name = unique_name(hostname, content.len());
+    // The name in tmp/ has no size yet: the message is read as it is written.
+    let name = unique_name(hostname);
     let tmp = dir.join("tmp").join(&name);
     let new_dir = dir.join("new");
-    let new = new_dir.join(&name);
 
     // The Maildir is made only when a step finds it missing: no extra look-ups per
     // delivery into a Maildir that exists.
@@ -179,12 +178,17 @@ pub fn deliver(
         other => other,
     }
     .map_err(|e| io_error("create", &tmp, e))?;
-    let written = file.write_all(&content).and_then(|()| file.sync_all());
+    let written = write_content(&mut file, sender, recipient, message)
+        .and_then(|size| file.sync_all().map(|()| size));
     drop(file);
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(io_error("write", &tmp, e));
-    }
+    let size = match written {
+        Ok(size) => size,
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_error("write", &tmp, e));
+        }
+    };
+    let new = new_dir.join(format!("{name},S={size}"));
     let renamed = match rename_noreplace(&tmp, &new) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => ensure_maildir(dir).and_then(|()| {
             rename_noreplace(&tmp, &new).map_err(|e| io_error("rename into", &new, e))
@@ -299,22 +303,61 @@ fn io_error(what: &str, path: &Path, e: io::Error) -> LocalError {
     }
 }
 
-/// The file: the two trace headers, then the message with CRLF made LF (a lone CR stays).
-fn file_content(sender: &str, recipient: &str, message: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(message.len() + sender.len() + recipient.len() + 32);
-    out.extend_from_slice(b"Return-Path: <");
-    out.extend_from_slice(header_value(sender).as_bytes());
-    out.extend_from_slice(b">\nDelivered-To: ");
-    out.extend_from_slice(header_value(recipient).as_bytes());
-    out.push(b'\n');
-    let mut rest = message;
-    while let Some(cr) = rest.windows(2).position(|w| w == b"\r\n") {
-        out.extend_from_slice(&rest[..cr]);
-        out.push(b'\n');
-        rest = &rest[cr + 2..];
+/// Writes the file: the two trace headers, then the message with CRLF made LF (a lone CR
+/// stays), read and written a buffer at a time. Returns the bytes written.
+fn write_content(
+    file: &mut File,
+    sender: &str,
+    recipient: &str,
+    mut message: impl Read,
+) -> io::Result<u64> {
+    let mut out = io::BufWriter::with_capacity(64 * 1024, file);
+    let mut size = 0u64;
+    let mut put = |out: &mut io::BufWriter<&mut File>, b: &[u8]| {
+        size += b.len() as u64;
+        out.write_all(b)
+    };
+    put(&mut out, b"Return-Path: <")?;
+    put(&mut out, header_value(sender).as_bytes())?;
+    put(&mut out, b">\nDelivered-To: ")?;
+    put(&mut out, header_value(recipient).as_bytes())?;
+    put(&mut out, b"\n")?;
+    let mut buf = vec![0u8; 64 * 1024];
+    // A CR at the end of one read whose LF may start the next.
+    let mut cr = false;
+    loop {
+        let n = match message.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let mut rest = &buf[..n];
+        if cr {
+            cr = false;
+            if rest[0] == b'\n' {
+                put(&mut out, b"\n")?;
+                rest = &rest[1..];
+            } else {
+                put(&mut out, b"\r")?;
+            }
+        }
+        while let Some(i) = rest.windows(2).position(|w| w == b"\r\n") {
+            put(&mut out, &rest[..i])?;
+            put(&mut out, b"\n")?;
+            rest = &rest[i + 2..];
+        }
+        if let Some(stripped) = rest.strip_suffix(b"\r") {
+            cr = true;
+            rest = stripped;
+        }
+        put(&mut out, rest)?;
     }
-    out.extend_from_slice(rest);
-    out
+    if cr {
+        put(&mut out, b"\r")?;
+    }
+    out.flush()?;
+    Ok(size)
 }
 
 /// An address as a header value: control characters (a CR or LF would end the header)
@@ -329,19 +372,18 @@ fn header_value(s: &str) -> String {
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// `SECONDS.M<usec>P<pid>Q<counter>.HOSTNAME,S=<size>`.
-fn unique_name(hostname: &str, size: usize) -> String {
+fn unique_name(hostname: &str) -> String {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
     let q = COUNTER.fetch_add(1, Ordering::Relaxed);
     format!(
-        "{}.M{}P{}Q{}.{},S={}",
+        "{}.M{}P{}Q{}.{}",
         now.as_secs(),
         now.subsec_micros(),
         std::process::id(),
         q,
         escape_host(hostname),
-        size
     )
 }
 
@@ -384,7 +426,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let dir = t.path().join("mail/example.org/alice");
         let msg = b"Subject: hi\r\nX: a\rb\r\n\r\nline 1\r\n.dot\r\nlast";
-        let path = deliver(&dir, "mx.test", "bob@x.org", "alice@example.org", msg).unwrap();
+        let path = deliver(&dir, "mx.test", "bob@x.org", "alice@example.org", &msg[..]).unwrap();
         assert_eq!(path.parent().unwrap(), dir.join("new"));
         let got = fs::read(&path).unwrap();
         assert_eq!(
@@ -410,7 +452,7 @@ mod tests {
         assert_eq!(mode(&t.path().join("mail/example.org")), 0o700);
 
         // The null sender, a second message into the existing Maildir.
-        let p2 = deliver(&dir, "mx.test", "", "alice@example.org", b"x\r\n").unwrap();
+        let p2 = deliver(&dir, "mx.test", "", "alice@example.org", &b"x\r\n"[..]).unwrap();
         assert_eq!(
             fs::read(&p2).unwrap(),
             b"Return-Path: <>\nDelivered-To: alice@example.org\nx\n"
@@ -438,11 +480,11 @@ mod tests {
         assert_eq!(escape_host(""), "localhost");
         assert_eq!(escape_host("mx\n1"), "mx_1");
         let t = tempfile::tempdir().unwrap();
-        let p = deliver(t.path(), "we/ird:host", "a@b", "c@d", b"x").unwrap();
+        let p = deliver(t.path(), "we/ird:host", "a@b", "c@d", &b"x"[..]).unwrap();
         let name = p.file_name().unwrap().to_str().unwrap().to_string();
         assert!(name.contains(".we\\057ird\\072host,S="), "{name}");
         // A CR or LF in an address cannot add a header.
-        let p = deliver(t.path(), "h", "a\r\nX: y@b", "c\n@d", b"x").unwrap();
+        let p = deliver(t.path(), "h", "a\r\nX: y@b", "c\n@d", &b"x"[..]).unwrap();
         assert_eq!(
             fs::read(p).unwrap(),
             b"Return-Path: <a??X: y@b>\nDelivered-To: c?@d\nx"
@@ -539,7 +581,7 @@ mod tests {
         fs::create_dir(dir.join("tmp")).unwrap();
         fs::create_dir(dir.join("cur")).unwrap();
         fs::write(dir.join("new"), "not a directory").unwrap();
-        let e = deliver(dir, "h", "a@b", "c@d", b"x\r\n").unwrap_err();
+        let e = deliver(dir, "h", "a@b", "c@d", &b"x\r\n"[..]).unwrap_err();
         assert!(!e.permanent);
         assert_eq!(e.status, "4.3.0");
         assert!(
@@ -551,7 +593,7 @@ mod tests {
         // tmp is a file: nothing can be written at all.
         let t = tempfile::tempdir().unwrap();
         fs::write(t.path().join("tmp"), "").unwrap();
-        let e = deliver(t.path(), "h", "a@b", "c@d", b"x").unwrap_err();
+        let e = deliver(t.path(), "h", "a@b", "c@d", &b"x"[..]).unwrap_err();
         assert_eq!((e.permanent, e.status.as_str()), (false, "4.3.0"));
     }
 
@@ -609,9 +651,9 @@ mod tests {
 
         let t = tempfile::tempdir().unwrap();
         let dir = t.path().join("Maildir");
-        deliver(&dir, "h", "a@b", "c@d", b"first").unwrap();
+        deliver(&dir, "h", "a@b", "c@d", &b"first"[..]).unwrap();
         ro(&dir.join("new"));
-        let e = deliver(&dir, "h", "a@b", "c@d", b"second").unwrap_err();
+        let e = deliver(&dir, "h", "a@b", "c@d", &b"second"[..]).unwrap_err();
         rw(&dir.join("new"));
         assert_eq!((e.permanent, e.status.as_str()), (false, "4.3.0"));
         assert!(e.text.contains("Permission denied"), "{e}");
@@ -619,13 +661,13 @@ mod tests {
         assert_eq!(names(&dir.join("new")).len(), 1);
 
         ro(&dir.join("tmp"));
-        let e = deliver(&dir, "h", "a@b", "c@d", b"third").unwrap_err();
+        let e = deliver(&dir, "h", "a@b", "c@d", &b"third"[..]).unwrap_err();
         rw(&dir.join("tmp"));
         assert_eq!((e.permanent, e.status.as_str()), (false, "4.3.0"));
         assert!(names(&dir.join("tmp")).is_empty());
 
         ro(t.path());
-        let e = deliver(&t.path().join("other"), "h", "a@b", "c@d", b"x").unwrap_err();
+        let e = deliver(&t.path().join("other"), "h", "a@b", "c@d", &b"x"[..]).unwrap_err();
         rw(t.path());
         assert_eq!((e.permanent, e.status.as_str()), (false, "4.3.0"));
         assert!(!t.path().join("other").exists());

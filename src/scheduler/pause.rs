@@ -26,7 +26,7 @@ pub(super) struct Unrecorded {
     pub domain: String,
     pub id: String,
     pub entry: QueueEntry,
-    pub message: Vec<u8>,
+    pub message: crate::spool::Message,
     pub outcomes: Vec<Outcome>,
 }
 

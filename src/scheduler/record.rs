@@ -13,7 +13,7 @@ use super::pause::Unrecorded;
 use super::settle::{describe, settle, Outcome};
 use super::Scheduler;
 use crate::envelope::{Envelope, RcptState, Recipient};
-use crate::spool::{Batch, QueueEntry, SpoolError, StoredEnvelope};
+use crate::spool::{Batch, Message, QueueEntry, SpoolError, StoredEnvelope};
 
 impl Scheduler {
     /// Record `outcome` for every pending recipient of `id` in the background.
@@ -82,7 +82,7 @@ impl Scheduler {
         domain: &str,
         id: &str,
         entry: &QueueEntry,
-        message: &[u8],
+        message: &Message,
         outcomes: &[Outcome],
     ) -> bool {
         let res = self
@@ -102,7 +102,7 @@ impl Scheduler {
                         domain: domain.to_string(),
                         id: id.to_string(),
                         entry: entry.clone(),
-                        message: message.to_vec(),
+                        message: message.clone(),
                         outcomes: outcomes.to_vec(),
                     }),
                 );
@@ -160,10 +160,12 @@ impl Scheduler {
         &self,
         domain: &str,
         id: &str,
-        message: &[u8],
+        message: &Message,
         expect: Option<&[Recipient]>,
         outcomes_for: impl FnOnce(&QueueEntry) -> Vec<Outcome>,
     ) -> Result<bool, SpoolError> {
+        let returned = self.returned(message).await;
+        let message = returned.as_slice();
         let mut stays = false;
         let mut outcome_log: Option<(QueueEntry, Envelope, Vec<Outcome>, QueueEntry)> = None;
         self.spool
@@ -233,10 +235,33 @@ impl Scheduler {
         Duration::from_secs_f64(base * jitter)
     }
 
-    async fn load_message(&self, id: &str) -> Option<Vec<u8>> {
+    /// What a DSN about `message` may return of it: at most `bounce_size_limit` (but always
+    /// the whole header section), cut after a line end when cut.
+    async fn returned(&self, message: &Message) -> Vec<u8> {
+        let first = message.first();
+        let limit = (self.config().queue.bounce_size_limit.0 as usize)
+            .max(crate::dsn::header_section_len(first));
+        let mut bytes = if limit <= first.len() || message.parts() == 0 {
+            first[..limit.min(first.len())].to_vec()
+        } else {
+            let m = message.clone();
+            match tokio::task::spawn_blocking(move || m.prefix(limit)).await {
+                Ok(Ok(b)) => b,
+                _ => first.to_vec(),
+            }
+        };
+        if (bytes.len() as u64) < message.len() {
+            if let Some(i) = bytes.iter().rposition(|&b| b == b'\n') {
+                bytes.truncate(i + 1);
+            }
+        }
+        bytes
+    }
+
+    async fn load_message(&self, id: &str) -> Option<Message> {
         let spool = self.spool.clone();
         let id2 = id.to_string();
-        match tokio::task::spawn_blocking(move || spool.message(&id2)).await {
+        match tokio::task::spawn_blocking(move || spool.load_message(&id2)).await {
             Ok(Ok(Some(m))) => Some(m),
             Ok(Ok(None)) => None,
             Ok(Err(e)) => {

@@ -19,7 +19,7 @@ use crate::delivery::link::{Link, MaildirTarget};
 use crate::delivery::mx::{ResolveError, Route};
 use crate::delivery::{Reply, Transcript};
 use crate::envelope::{RcptState, Recipient};
-use crate::spool::{QueueEntry, StoredEnvelope};
+use crate::spool::{Message, QueueEntry, StoredEnvelope};
 
 /// New sessions in a row that carried nothing before the rest of a batch is deferred: a
 /// next hop that greets and then ends every session at once is not retried in a loop.
@@ -30,7 +30,7 @@ enum Sent {
     /// Sent (or refused): the per-recipient outcomes, to be recorded.
     Done {
         entry: QueueEntry,
-        message: Vec<u8>,
+        message: Message,
         outcomes: Vec<Outcome>,
         /// At least one recipient was delivered.
         delivered: bool,
@@ -303,13 +303,13 @@ impl Scheduler {
         &self,
         domain: &str,
         id: &str,
-    ) -> Result<Option<(QueueEntry, StoredEnvelope, Vec<u8>)>, ()> {
+    ) -> Result<Option<(QueueEntry, StoredEnvelope, Message)>, ()> {
         let spool = self.spool.clone();
         let (d, i) = (domain.to_string(), id.to_string());
         let loaded = tokio::task::spawn_blocking(move || -> Result<_, crate::spool::SpoolError> {
             let entry = spool.queue_entry(&d, &i)?;
             let stored = spool.stored_envelope(&i)?;
-            let message = spool.message(&i)?;
+            let message = spool.load_message(&i)?;
             Ok((entry, stored, message))
         })
         .await;

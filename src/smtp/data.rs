@@ -160,6 +160,26 @@ impl DataReader {
         self.seen
     }
 
+    pub fn max_size(&self) -> usize {
+        self.max_size
+    }
+
+    /// The content kept and not yet taken out.
+    pub fn kept(&self) -> &[u8] {
+        &self.body
+    }
+
+    /// Takes out everything kept (a part for the spool); reading goes on.
+    pub fn take_kept(&mut self) -> Vec<u8> {
+        std::mem::replace(&mut self.body, Vec::with_capacity(8192))
+    }
+
+    /// Takes out the first `n` bytes kept.
+    pub fn split_kept(&mut self, n: usize) -> Vec<u8> {
+        let rest = self.body.split_off(n.min(self.body.len()));
+        std::mem::replace(&mut self.body, rest)
+    }
+
     /// The message (dot-unstuffed, with its final CRLF) and what was wrong with it.
     pub fn finish(self) -> (Vec<u8>, Verdict) {
         let verdict = if self.seen > self.max_size {

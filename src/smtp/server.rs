@@ -55,6 +55,66 @@ impl Drop for Open {
     }
 }
 
+/// The parts a session stored of a message not yet queued (`Step::WritePart`): removed
+/// when the message is refused or its commit fails, and when the session ends in its DATA
+/// however it ends (dropped with the session's task).
+struct StoredParts {
+    spool: Spool,
+    gauge: Arc<SpoolGauge>,
+    id: String,
+    written: u32,
+    bytes: u64,
+}
+
+impl StoredParts {
+    fn new(spool: Spool, gauge: Arc<SpoolGauge>) -> StoredParts {
+        StoredParts {
+            spool,
+            gauge,
+            id: String::new(),
+            written: 0,
+            bytes: 0,
+        }
+    }
+
+    fn add(&mut self, id: &str, bytes: u64) {
+        if self.id != id {
+            self.id = id.to_string();
+            self.written = 0;
+            self.bytes = 0;
+        }
+        self.written += 1;
+        self.bytes += bytes;
+    }
+
+    /// The message was queued: its parts are its own now.
+    fn keep(&mut self) {
+        self.written = 0;
+        self.bytes = 0;
+    }
+
+    /// Remove them (in the background; a crash meanwhile leaves them to the sweep at start).
+    fn discard(&mut self) {
+        if self.written == 0 {
+            return;
+        }
+        let (spool, id, written) = (self.spool.clone(), self.id.clone(), self.written);
+        self.gauge.refund(self.bytes);
+        self.keep();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = spool.discard_parts(&id, written) {
+                warn!("{id}: cannot remove the parts of a message not queued: {e}");
+            }
+        });
+    }
+}
+
+impl Drop for StoredParts {
+    fn drop(&mut self) {
+        self.discard();
+    }
+}
+
 /// Adds what a session counted to the metrics.
 fn count(metrics: &Metrics, events: Vec<Event>) {
     for e in events {
@@ -345,6 +405,7 @@ async fn session(
         snapshot.session.hostname
     );
     let mut buf = vec![0u8; 16 * 1024];
+    let mut parts = StoredParts::new(shared.spool.clone(), shared.gauge.clone());
     let mut step = Step::Read;
     loop {
         count(&shared.metrics, s.take_events());
@@ -401,12 +462,14 @@ async fn session(
                 );
                 // Room for it, with min_free_space left for RocksDB, before any commit: a
                 // full disk gives 452 here, never a failed commit.
-                let cost = incoming.message.len() as u64 + 4096;
+                // (Parts stored ahead took their room when they were written.)
+                let m = &incoming.message;
+                let cost = m.len() - m.written_len + 4096;
                 let floor = snapshot.config.queue.min_free_space.0;
                 let result = if shared.gauge.take(cost, floor) {
                     let r = shared
                         .spool
-                        .enqueue(incoming.envelope, incoming.message)
+                        .enqueue_parts(incoming.envelope, incoming.message)
                         .await;
                     if r.is_err() {
                         shared.gauge.refund(cost);
@@ -415,6 +478,10 @@ async fn session(
                 } else {
                     Err(crate::spool::SpoolError::NoSpace)
                 };
+                match result {
+                    Ok(()) => parts.keep(),
+                    Err(_) => parts.discard(),
+                }
                 let result = match result {
                     Ok(()) => {
                         info!("{id}: from=<{from}>, size={size}, nrcpt={nrcpt} (queued)");
@@ -432,6 +499,47 @@ async fn session(
                     }
                 };
                 s.stored(&id, result, SystemTime::now())
+            }
+            Step::WritePart { id, n, bytes } => {
+                let len = bytes.len() as u64;
+                let floor = snapshot.config.queue.min_free_space.0;
+                let result = if shared.gauge.take(len, floor) {
+                    let spool = shared.spool.clone();
+                    let id2 = id.clone();
+                    let r = tokio::task::spawn_blocking(move || spool.write_part(&id2, n, &bytes))
+                        .await
+                        .unwrap_or_else(|e| {
+                            Err(crate::spool::SpoolError::Db(format!(
+                                "write task failed: {e}"
+                            )))
+                        });
+                    if r.is_err() {
+                        shared.gauge.refund(len);
+                    }
+                    r
+                } else {
+                    Err(crate::spool::SpoolError::NoSpace)
+                };
+                let result = match result {
+                    Ok(()) => {
+                        parts.add(&id, len);
+                        Ok(())
+                    }
+                    Err(e) if e.is_no_space() => {
+                        error!("{id}: spool full, message will be refused: {e}");
+                        Err(StoreFailure::NoSpace)
+                    }
+                    Err(e) => {
+                        error!("{id}: spool write failed, message will be refused: {e}");
+                        Err(StoreFailure::Spool)
+                    }
+                };
+                s.part_written(result, SystemTime::now())
+            }
+            Step::Discard { id, written } => {
+                debug!("{id}: removing the {written} part(s) of a refused message");
+                parts.discard();
+                s.resume(SystemTime::now())
             }
             Step::Etrn { domain, subdomains } => {
                 let (started, held) = shared.scheduler.etrn(&domain, subdomains).await;

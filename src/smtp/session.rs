@@ -26,6 +26,12 @@ pub const MAX_COMMAND_LINE: usize = 512;
 pub const MAX_MAIL_RCPT_LINE: usize = 512 + 600;
 /// More `Received:` headers than this is a mail loop (RFC 5321 6.3): `554 5.4.6`.
 pub const MAX_RECEIVED: usize = 50;
+/// The header section is kept in memory up to this size (for the `Received:` count and
+/// masquerading), like Postfix's `header_size_limit`; beyond it the rest is body.
+pub const HEADER_LIMIT: usize = 128 << 10;
+/// A message's body goes to the spool in parts of about this size as DATA arrives: what a
+/// session holds of a message is bounded by it, whatever `max_message_size` is.
+pub const PART_SIZE: usize = crate::spool::PART_SIZE;
 
 /// What the session needs from the server's configuration.
 #[derive(Clone, Debug)]
@@ -97,8 +103,9 @@ impl SpoolGauge {
 #[derive(Debug)]
 pub struct Incoming {
     pub envelope: Envelope,
-    /// `Received:` header followed by the bytes the client sent, dot-unstuffed.
-    pub message: Vec<u8>,
+    /// `Received:` header followed by the bytes the client sent, dot-unstuffed: the first
+    /// part, the parts already stored ([`Step::WritePart`]) and the rest.
+    pub message: crate::spool::Parts,
 }
 
 /// Why storing failed, as far as the client's reply is concerned.
@@ -132,6 +139,12 @@ pub enum Step {
     Read,
     /// Store this message; then call [`Session::stored`]. Input is not processed meanwhile.
     Store(Box<Incoming>),
+    /// Store part `n` of message `id` now, while DATA goes on (unsynced; the commit of
+    /// [`Step::Store`] makes it durable); then call [`Session::part_written`].
+    WritePart { id: String, n: u32, bytes: Vec<u8> },
+    /// Remove the parts `1..=written` of message `id`, refused or failed (the reply is
+    /// in the output); then call [`Session::resume`].
+    Discard { id: String, written: u32 },
     /// Start delivery of `domain`'s queue (and its subdomains' with `subdomains`) for an
     /// authorised ETRN; then call [`Session::etrn_done`].
     Etrn { domain: String, subdomains: bool },
@@ -153,6 +166,75 @@ struct Transaction {
     overshoot: usize,
 }
 
+/// What is stored so far of a message being received in parts.
+#[derive(Debug)]
+struct Receiving {
+    id: String,
+    /// The header section (up to [`HEADER_LIMIT`]), once its end was seen.
+    head: Option<Vec<u8>>,
+    /// How far the search for the end of the header section got.
+    scanned: usize,
+    /// Parts stored, and their bytes.
+    written: u32,
+    written_len: u64,
+    /// Bytes of the part being written.
+    pending: usize,
+    /// A part could not be stored: the rest is read and dropped, the message refused.
+    failed: Option<StoreFailure>,
+}
+
+impl Receiving {
+    fn new() -> Receiving {
+        Receiving {
+            id: crate::queue_id::next(),
+            head: None,
+            scanned: 0,
+            written: 0,
+            written_len: 0,
+            pending: 0,
+            failed: None,
+        }
+    }
+
+    /// The next part to store, if the reader holds a full one: first the header section is
+    /// set apart (it stays in memory), then the body goes out in parts.
+    fn next_part(&mut self, reader: &mut DataReader) -> Option<Step> {
+        if self.failed.is_some() || reader.seen() > reader.max_size() {
+            return None;
+        }
+        if self.head.is_none() {
+            let kept = reader.kept();
+            let from = self.scanned.saturating_sub(3);
+            let end = match kept[from..].windows(4).position(|w| w == b"\r\n\r\n") {
+                Some(i) => from + i + 4,
+                None if kept.len() >= HEADER_LIMIT => {
+                    // No end in sight: cut after the last whole line within the limit.
+                    let within = &kept[..HEADER_LIMIT];
+                    within
+                        .iter()
+                        .rposition(|&b| b == b'\n')
+                        .map_or(HEADER_LIMIT, |i| i + 1)
+                }
+                None => {
+                    self.scanned = kept.len();
+                    return None;
+                }
+            };
+            self.head = Some(reader.split_kept(end));
+        }
+        if reader.kept().len() < PART_SIZE {
+            return None;
+        }
+        let bytes = reader.take_kept();
+        self.pending = bytes.len();
+        Some(Step::WritePart {
+            id: self.id.clone(),
+            n: self.written + 1,
+            bytes,
+        })
+    }
+}
+
 #[derive(Debug)]
 enum State {
     /// Connected; HELO/EHLO not yet given.
@@ -162,7 +244,7 @@ enum State {
     /// After MAIL (and maybe RCPTs).
     Mail(Transaction),
     /// Reading the message.
-    Data(Transaction, DataReader),
+    Data(Transaction, DataReader, Receiving),
     /// A message is being stored.
     Storing,
     /// The session is over.
@@ -245,7 +327,7 @@ impl Session {
 
     /// The client closed its side; nothing more will come.
     pub fn eof(&mut self) -> Step {
-        self.state = State::Closed;
+        self.close();
         Step::Close
     }
 
@@ -253,8 +335,35 @@ impl Session {
     pub fn timeout(&mut self) -> Step {
         let r = format!("421 4.4.2 {} Error: timeout exceeded", self.config.hostname);
         self.reply(&r);
-        self.state = State::Closed;
+        self.close();
         Step::Close
+    }
+
+    /// The session ends. Parts of a message in DATA are the driver's to remove: it
+    /// knows what it stored ([`Step::WritePart`]).
+    fn close(&mut self) {
+        self.state = State::Closed;
+    }
+
+    /// The outcome of a [`Step::WritePart`]; reading resumes. A part that could not be
+    /// stored makes the message fail at its end (`452`/`451`), once the client has sent it.
+    pub fn part_written(&mut self, result: Result<(), StoreFailure>, now: SystemTime) -> Step {
+        if let State::Data(_, _, rx) = &mut self.state {
+            match result {
+                Ok(()) => {
+                    rx.written += 1;
+                    rx.written_len += rx.pending as u64;
+                }
+                Err(f) => rx.failed = Some(f),
+            }
+            rx.pending = 0;
+        }
+        self.process(now)
+    }
+
+    /// After a [`Step::Discard`]: go on with the input.
+    pub fn resume(&mut self, now: SystemTime) -> Step {
+        self.process(now)
     }
 
     /// The outcome of a [`Step::Store`]; processing of buffered input resumes.
@@ -300,17 +409,25 @@ impl Session {
             match &mut self.state {
                 State::Closed => return Step::Close,
                 State::Storing => return Step::Read,
-                State::Data(_, reader) => {
+                State::Data(_, reader, rx) => {
+                    // A full part waiting is stored before more input is taken.
+                    if let Some(step) = rx.next_part(reader) {
+                        return step;
+                    }
                     let (used, done) = reader.feed(&self.input);
                     self.input.drain(..used);
                     if !done {
+                        if let Some(step) = rx.next_part(reader) {
+                            return step;
+                        }
                         return Step::Read;
                     }
-                    let State::Data(tx, reader) = std::mem::replace(&mut self.state, State::Ready)
+                    let State::Data(tx, reader, rx) =
+                        std::mem::replace(&mut self.state, State::Ready)
                     else {
                         unreachable!()
                     };
-                    if let Some(step) = self.end_of_data(tx, reader, now) {
+                    if let Some(step) = self.end_of_data(tx, reader, rx, now) {
                         return step;
                     }
                 }
@@ -739,18 +856,39 @@ impl Session {
         let State::Mail(tx) = std::mem::replace(&mut self.state, State::Ready) else {
             unreachable!()
         };
-        self.state = State::Data(tx, DataReader::new(self.config.max_message_size));
+        self.state = State::Data(
+            tx,
+            DataReader::new(self.config.max_message_size),
+            Receiving::new(),
+        );
         self.reply("354 End data with <CR><LF>.<CR><LF>");
         None
     }
 
     fn end_of_data(
         &mut self,
-        mut tx: Transaction,
+        tx: Transaction,
         reader: DataReader,
+        rx: Receiving,
         now: SystemTime,
     ) -> Option<Step> {
-        let (mut body, verdict) = reader.finish();
+        let (id, written) = (rx.id.clone(), rx.written);
+        let step = self.finish_message(tx, reader, rx, now);
+        if written > 0 && !matches!(step, Some(Step::Store(_))) {
+            // Refused: its parts go before anything else happens.
+            return Some(Step::Discard { id, written });
+        }
+        step
+    }
+
+    fn finish_message(
+        &mut self,
+        mut tx: Transaction,
+        reader: DataReader,
+        rx: Receiving,
+        now: SystemTime,
+    ) -> Option<Step> {
+        let (rest, verdict) = reader.finish();
         let refusal = match verdict {
             Verdict::Ok => None,
             Verdict::TooBig => Some(("size", "552 5.3.4 Error: message file too big")),
@@ -767,6 +905,27 @@ impl Session {
         if let Some((reason, r)) = refusal {
             return self.refused_message(reason, r);
         }
+        match rx.failed {
+            Some(StoreFailure::NoSpace) => {
+                return self.refused_message(
+                    "no_space",
+                    "452 4.3.1 Insufficient system storage, try again later",
+                )
+            }
+            Some(StoreFailure::Spool) => {
+                return self.refused_message(
+                    "spool_error",
+                    "451 4.3.0 Error: queue file write error, try again later",
+                )
+            }
+            None => {}
+        }
+        // Small: all in `rest`. Large: the header section was set apart, parts are stored,
+        // and `rest` is the end of the body.
+        let (mut body, rest) = match rx.head {
+            None => (rest, Vec::new()),
+            Some(head) => (head, rest),
+        };
         if count_received(&body) > MAX_RECEIVED {
             return self.refused_message("loop", "554 5.4.6 Error: too many hops (mail loop?)");
         }
@@ -780,11 +939,21 @@ impl Session {
                 body = rewritten;
             }
         }
-        let id = crate::queue_id::next();
+        let id = rx.id;
         let received = self.received_header(&tx, &id, now);
-        let mut message = Vec::with_capacity(received.len() + body.len());
-        message.extend_from_slice(received.as_bytes());
-        message.extend_from_slice(&body);
+        let mut first = Vec::with_capacity(received.len() + body.len());
+        first.extend_from_slice(received.as_bytes());
+        first.extend_from_slice(&body);
+        let message = crate::spool::Parts {
+            first,
+            written: rx.written,
+            written_len: rx.written_len,
+            rest: if rest.is_empty() {
+                Vec::new()
+            } else {
+                vec![rest]
+            },
+        };
         let arrival_ms = now
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -794,7 +963,7 @@ impl Session {
             sender: tx.sender,
             recipients: tx.recipients,
             arrival_ms,
-            size: message.len() as u64,
+            size: message.len(),
             body: tx.body,
             smtputf8: tx.smtputf8,
             ret: tx.ret,

@@ -13,11 +13,27 @@ use crate::policy::Policy;
 
 const HOST: &str = "mx2.example.net";
 
+/// A message the session had stored: its envelope and its bytes put back together.
+struct Got {
+    envelope: crate::envelope::Envelope,
+    message: Vec<u8>,
+    /// Parts the session stored ahead of the commit.
+    written: u32,
+}
+
 struct Client {
     session: Session,
     /// Replies not yet matched, split into lines.
     pending: Vec<String>,
-    stored: Vec<Incoming>,
+    stored: Vec<Got>,
+    /// Parts written ahead (`Step::WritePart`) and not yet queued or discarded: (id, n, bytes).
+    parts: Vec<(String, u32, Vec<u8>)>,
+    /// What the next part write returns.
+    part_result: Result<(), StoreFailure>,
+    /// The largest part written.
+    largest_part: usize,
+    /// Messages whose parts the session asked to remove: (id, how many).
+    discarded: Vec<(String, u32)>,
     /// What the next store returns.
     store_result: Result<(), StoreFailure>,
     closed: bool,
@@ -77,6 +93,10 @@ impl Client {
             session: Session::new(config, policy, gauge.clone(), ip),
             pending: Vec::new(),
             stored: Vec::new(),
+            parts: Vec::new(),
+            part_result: Ok(()),
+            largest_part: 0,
+            discarded: Vec::new(),
             store_result: Ok(()),
             closed: false,
             gauge,
@@ -112,10 +132,48 @@ impl Client {
                 Step::Etrn { domain, .. } => {
                     step = self.session.etrn_done(&domain, 0, false, SystemTime::now());
                 }
+                Step::WritePart { id, n, bytes } => {
+                    self.largest_part = self.largest_part.max(bytes.len());
+                    if self.part_result.is_ok() {
+                        let have = self.parts.iter().filter(|(i, ..)| *i == id).count() as u32;
+                        assert_eq!(n, have + 1, "parts are written in order");
+                        self.parts.push((id, n, bytes));
+                    }
+                    step = self
+                        .session
+                        .part_written(self.part_result, SystemTime::now());
+                }
+                Step::Discard { id, written } => {
+                    let have = self.parts.iter().filter(|(i, ..)| *i == id).count() as u32;
+                    assert_eq!(written, have, "discards what was written");
+                    self.parts.retain(|(i, ..)| *i != id);
+                    self.discarded.push((id, written));
+                    step = self.session.resume(SystemTime::now());
+                }
                 Step::Store(inc) => {
                     let id = inc.envelope.id.clone();
                     if self.store_result.is_ok() {
-                        self.stored.push(*inc);
+                        let inc = *inc;
+                        let m = inc.message;
+                        let mut message = Vec::new();
+                        let mut written = 0;
+                        for (_, n, bytes) in self.parts.iter().filter(|(i, ..)| *i == id) {
+                            written = *n;
+                            message.extend_from_slice(bytes);
+                        }
+                        assert_eq!(written, m.written, "the parts written ahead");
+                        let mut whole = m.first.clone();
+                        whole.extend_from_slice(&message);
+                        for r in &m.rest {
+                            whole.extend_from_slice(r);
+                        }
+                        assert_eq!(whole.len() as u64, m.len());
+                        self.parts.retain(|(i, ..)| *i != id);
+                        self.stored.push(Got {
+                            envelope: inc.envelope,
+                            message: whole,
+                            written,
+                        });
                     }
                     step = self
                         .session
@@ -976,4 +1034,120 @@ fn refusals_and_acceptances_are_counted_with_their_reason() {
         ]
     );
     assert!(c.session.take_events().is_empty());
+}
+
+/// A message of about `mib` MiB: a small header section, then 78-octet lines, some with a
+/// leading dot (stuffed on the wire).
+fn big_message(mib: usize) -> (Vec<u8>, Vec<u8>) {
+    let mut plain = b"Subject: big\r\nFrom: a@outside.test\r\n\r\n".to_vec();
+    let mut n = 0u64;
+    while plain.len() < mib << 20 {
+        n += 1;
+        if n % 7 == 0 {
+            plain.extend_from_slice(format!(".dot line {n:070}\r\n").as_bytes());
+        } else {
+            plain.extend_from_slice(format!("line {n:072}\r\n").as_bytes());
+        }
+    }
+    let mut wire = Vec::with_capacity(plain.len() + plain.len() / 50);
+    for line in plain.split_inclusive(|&b| b == b'\n') {
+        if line.starts_with(b".") {
+            wire.push(b'.');
+        }
+        wire.extend_from_slice(line);
+    }
+    wire.extend_from_slice(b".\r\n");
+    (plain, wire)
+}
+
+fn begin_data(c: &mut Client) {
+    c.send(
+        b"EHLO client.example\r\nMAIL FROM:<s@outside.test>\r\nRCPT TO:<u@example.com>\r\nDATA\r\n",
+    );
+    c.pending.clear();
+}
+
+#[test]
+fn a_large_message_goes_to_the_spool_in_parts_as_it_arrives() {
+    let (plain, wire) = big_message(3);
+    let mut c = Client::with(config(8 << 20));
+    begin_data(&mut c);
+    c.send_split(&wire, 16 * 1024);
+    c.expect(&["250 2.0.0 Ok: queued as"]);
+    assert_eq!(c.stored.len(), 1);
+    let m = &c.stored[0];
+    // Parts of bounded size went out while DATA went on; the bytes are exact.
+    assert!(m.written >= 10, "{} parts written ahead", m.written);
+    assert!(
+        c.largest_part <= PART_SIZE + 16 * 1024,
+        "largest part {}",
+        c.largest_part
+    );
+    let body_at = m.message.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let received_end = m
+        .message
+        .windows(9)
+        .position(|w| w == b"Subject: ")
+        .unwrap();
+    assert_eq!(&m.message[received_end..], &plain[..]);
+    assert!(body_at > received_end);
+    assert_eq!(m.envelope.size, m.message.len() as u64);
+}
+
+#[test]
+fn a_small_message_is_stored_whole_in_one_commit() {
+    let mut c = Client::new();
+    begin_data(&mut c);
+    c.send(b"Subject: s\r\n\r\nhello\r\n.\r\n");
+    c.expect(&["250 2.0.0"]);
+    assert_eq!(c.stored[0].written, 0);
+    assert_eq!(c.largest_part, 0);
+}
+
+#[test]
+fn a_large_message_refused_at_its_end_has_its_parts_removed() {
+    let (_, mut wire) = big_message(2);
+    // A bare LF near the end: the message is refused once it has all arrived.
+    let at = wire.len() - 100;
+    wire.insert(at, b'\n');
+    let mut c = Client::with(config(8 << 20));
+    begin_data(&mut c);
+    c.send_split(&wire, 16 * 1024);
+    c.expect(&["550 5.5.2"]);
+    assert!(c.stored.is_empty());
+    assert_eq!(c.discarded.len(), 1);
+    assert!(c.discarded[0].1 >= 5);
+    assert!(c.parts.is_empty());
+    // The session goes on.
+    c.send(b"RSET\r\n");
+    c.expect(&["250"]);
+}
+
+#[test]
+fn a_message_over_the_size_limit_stops_being_written() {
+    let (_, wire) = big_message(3);
+    let mut c = Client::with(config(1 << 20));
+    begin_data(&mut c);
+    c.send_split(&wire, 16 * 1024);
+    c.expect(&["552 5.3.4"]);
+    assert!(c.stored.is_empty());
+    let (_, written) = c.discarded[0];
+    assert!(
+        (written as usize) * PART_SIZE <= (1 << 20) + PART_SIZE,
+        "{written} parts for a 1 MiB limit"
+    );
+}
+
+#[test]
+fn a_part_that_cannot_be_stored_fails_the_message_with_452_at_its_end() {
+    let (_, wire) = big_message(2);
+    let mut c = Client::with(config(8 << 20));
+    begin_data(&mut c);
+    let (one, two) = wire.split_at(600 * 1024);
+    c.send_split(one, 16 * 1024);
+    c.part_result = Err(StoreFailure::NoSpace);
+    c.send_split(two, 16 * 1024);
+    c.expect(&["452 4.3.1"]);
+    assert!(c.stored.is_empty());
+    assert_eq!(c.discarded.len(), 1, "the parts that were stored go");
 }

@@ -61,6 +61,14 @@ impl Batch {
             .sum()
     }
 
+    /// Delete message `id`'s bytes: its first part and the `parts` that follow it.
+    pub fn delete_message(&mut self, id: &str, parts: u32) {
+        self.delete(Cf::Messages, keys::message(id));
+        for n in 1..=parts {
+            self.delete(Cf::Messages, keys::part(id, n));
+        }
+    }
+
     /// Append every operation of `other` (applied in the same atomic commit).
     pub fn append(&mut self, other: Batch) {
         self.ops.extend(other.ops);
@@ -99,11 +107,12 @@ impl Batch {
             .collect();
         if rest.is_empty() {
             b.delete(Cf::Envelopes, keys::message(id));
-            b.delete(Cf::Messages, keys::message(id));
+            b.delete_message(id, stored.parts);
         } else {
             let kept = StoredEnvelope {
                 envelope: stored.envelope.clone(),
                 domains: rest,
+                ..stored.clone()
             };
             b.put(Cf::Envelopes, keys::message(id), kept.to_bytes());
         }
@@ -113,14 +122,14 @@ impl Batch {
     /// The puts of a new message: its bytes and envelope once, and one queue entry plus one
     /// due entry (due at arrival) for each recipient domain.
     pub fn enqueue(env: Envelope, message: Vec<u8>) -> Result<Batch, SpoolError> {
-        Batch::enqueue_with(env, message, |_| false)
+        Batch::enqueue_with(env, Parts::whole(message), |_| false)
     }
 
     /// [`Batch::enqueue`] where the entries of domains for which `held` is true arrive held
     /// (no due key: the scheduler does not see them).
     pub fn enqueue_with(
         env: Envelope,
-        message: Vec<u8>,
+        message: Parts,
         held: impl Fn(&str) -> bool,
     ) -> Result<Batch, SpoolError> {
         let id = env.id.clone();
@@ -167,10 +176,84 @@ impl Batch {
         let stored = StoredEnvelope {
             envelope: env,
             domains: domains.into_iter().map(|(d, _)| d).collect(),
+            parts: message.count(),
+            length: if message.count() > 0 {
+                message.len()
+            } else {
+                0
+            },
         };
         b.put(Cf::Envelopes, keys::message(&id), stored.to_bytes());
-        b.put(Cf::Messages, keys::message(&id), message);
+        message.put(&mut b, &id);
         Ok(b)
+    }
+}
+
+/// A new message's bytes, as parts of [`Cf::Messages`]: the first (at the id's own key),
+/// the parts `1..=written` already stored ahead of the commit ([`super::Spool::write_part`],
+/// for a message streamed in as it arrives), and the rest, stored by the commit itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Parts {
+    pub first: Vec<u8>,
+    /// Parts stored ahead, and their bytes.
+    pub written: u32,
+    pub written_len: u64,
+    /// Parts `written + 1 ..` to store with the commit.
+    pub rest: Vec<Vec<u8>>,
+}
+
+impl Parts {
+    /// A whole message held in memory, cut into parts of [`super::PART_SIZE`] so that
+    /// whoever reads it later reads it part by part.
+    pub fn whole(mut bytes: Vec<u8>) -> Parts {
+        let mut rest = Vec::new();
+        if bytes.len() > super::PART_SIZE {
+            let mut tail = bytes.split_off(super::PART_SIZE);
+            while tail.len() > super::PART_SIZE {
+                let next = tail.split_off(super::PART_SIZE);
+                rest.push(std::mem::replace(&mut tail, next));
+            }
+            rest.push(tail);
+        }
+        Parts {
+            first: bytes,
+            written: 0,
+            written_len: 0,
+            rest,
+        }
+    }
+
+    /// Parts after the first.
+    pub fn count(&self) -> u32 {
+        self.written + self.rest.len() as u32
+    }
+
+    /// Bytes of the whole message.
+    pub fn len(&self) -> u64 {
+        self.first.len() as u64
+            + self.written_len
+            + self.rest.iter().map(|p| p.len() as u64).sum::<u64>()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The puts of the parts not yet stored, and the end of the message's `partial` mark.
+    pub fn into_batch(self, id: &str) -> Batch {
+        let mut b = Batch::new();
+        self.put(&mut b, id);
+        b
+    }
+
+    fn put(self, b: &mut Batch, id: &str) {
+        b.put(Cf::Messages, keys::message(id), self.first);
+        for (i, p) in self.rest.into_iter().enumerate() {
+            b.put(Cf::Messages, keys::part(id, self.written + 1 + i as u32), p);
+        }
+        if self.written > 0 {
+            b.delete(Cf::Meta, keys::partial(id));
+        }
     }
 }
 
@@ -259,6 +342,7 @@ mod tests {
         let stored = StoredEnvelope {
             envelope: env.clone(),
             domains: vec!["one.org".into(), "two.org".into()],
+            ..Default::default()
         };
         let current = QueueEntry {
             recipients: vec![Recipient::new("a@one.org")],
@@ -301,6 +385,7 @@ mod tests {
         let kept = StoredEnvelope {
             envelope: env.clone(),
             domains: vec!["two.org".into()],
+            ..Default::default()
         };
         assert_eq!(
             b.ops(),

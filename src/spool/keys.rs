@@ -68,6 +68,49 @@ pub fn message(id: &str) -> Vec<u8> {
     id.as_bytes().to_vec()
 }
 
+/// Key of part `n` (from 1) of a large message in [`Cf::Messages`]: `id 0x00 n (u32 BE)`.
+/// Part 0, the first, is at [`message`]`(id)`; the parts of one message sort after it and
+/// before any other id (ids hold no `0x00`).
+pub fn part(id: &str, n: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(id.len() + 5);
+    k.extend_from_slice(id.as_bytes());
+    k.push(SEP);
+    k.extend_from_slice(&n.to_be_bytes());
+    k
+}
+
+/// The id of a [`Cf::Messages`] key, a [`message`] or a [`part`] key.
+pub fn message_of(key: &[u8]) -> &[u8] {
+    match key.iter().position(|&b| b == SEP) {
+        Some(i) => &key[..i],
+        None => key,
+    }
+}
+
+/// Exclusive end of every part key of `id`: `id 0x01`.
+pub fn parts_end(id: &str) -> Vec<u8> {
+    let mut k = id.as_bytes().to_vec();
+    k.push(SEP + 1);
+    k
+}
+
+/// Prefix in [`Cf::Meta`] of the messages being received in parts: `partial 0x00 id` →
+/// empty, written with the first part and deleted by the commit that queues the message.
+/// What is left at start belongs to a message that was never acknowledged.
+pub const PARTIAL_PREFIX: &[u8] = b"partial\x00";
+
+/// Key of a message being received, in [`Cf::Meta`].
+pub fn partial(id: &str) -> Vec<u8> {
+    let mut k = PARTIAL_PREFIX.to_vec();
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// The id of a [`partial`] key.
+pub fn parse_partial(key: &[u8]) -> Option<&str> {
+    std::str::from_utf8(key.strip_prefix(PARTIAL_PREFIX)?).ok()
+}
+
 /// Key of [`Cf::Queue`]: `domain 0x00 id`.
 pub fn queue(domain: &str, id: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(domain.len() + 1 + id.len());

@@ -16,6 +16,7 @@
 mod batch;
 mod keys;
 mod mark;
+mod parts;
 mod recover;
 #[cfg(test)]
 mod tests;
@@ -32,8 +33,9 @@ use rocksdb::{
 };
 use serde::{Deserialize, Serialize};
 
-pub use batch::{Batch, Op};
+pub use batch::{Batch, Op, Parts};
 pub use keys::Cf;
+pub use parts::{Message, MessageReader};
 pub use recover::{recover, Recovery};
 
 use crate::envelope::{Envelope, RcptState, Recipient};
@@ -45,8 +47,18 @@ use writer::Writer;
 /// `[queue] min_free_space` may not be less.
 pub const SPACE_FOR_ROCKSDB: u64 = 128 << 20;
 
-/// The on-disk format this build reads and writes (key `format` of the `meta` family).
-pub const FORMAT_VERSION: u32 = 1;
+/// The on-disk format this build writes (key `format` of the `meta` family). Version 2
+/// stores large messages in parts ([`keys::part`]); a version 1 spool (every message whole)
+/// is read as it is and marked version 2 when opened for writing, so an older mxspool,
+/// which would see only the first part of a message, refuses it.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// Format versions this build reads.
+const FORMATS_READ: [u32; 2] = [1, 2];
+
+/// Size of the parts a large message is stored in, and read back in: what one session or
+/// one delivery holds of a message at a time.
+pub const PART_SIZE: usize = 256 << 10;
 
 /// Why a spool operation failed. The SMTP layer maps [`SpoolError::is_no_space`] to
 /// `452 4.3.1` and everything else to `451 4.3.0`.
@@ -180,10 +192,17 @@ pub type DueScan = (Vec<(String, String)>, Option<DueCursor>);
 
 /// What `envelopes` holds for a message: the envelope and the domains that still have a
 /// queue entry for it (the message is deleted when the last one goes).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredEnvelope {
     pub envelope: Envelope,
     pub domains: Vec<String>,
+    /// Parts of the message after the first (see [`keys::part`]); 0 for a message stored
+    /// whole.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub parts: u32,
+    /// Bytes of the whole message when it has parts.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub length: u64,
 }
 
 /// What `queue` holds for one message and one recipient domain.
@@ -207,6 +226,10 @@ pub struct QueueEntry {
 }
 
 fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+fn is_zero_u32(v: &u32) -> bool {
     *v == 0
 }
 
@@ -477,13 +500,25 @@ fn check_format(db: &DB, path: &Path, create: bool) -> Result<(), SpoolError> {
         Some(v) => {
             let found = keys::parse_format(&v)
                 .ok_or_else(|| SpoolError::Corrupt(format!("bad format version {v:?}")))?;
-            if found != FORMAT_VERSION {
+            if !FORMATS_READ.contains(&found) {
                 return Err(SpoolError::Format {
                     found,
                     expected: FORMAT_VERSION,
                 });
             }
-            Ok(())
+            if found == FORMAT_VERSION || !create {
+                return Ok(());
+            }
+            // An older spool opened for writing: from now on it may hold parts.
+            let mut o = WriteOptions::default();
+            o.set_sync(true);
+            db.put_cf_opt(
+                meta,
+                keys::META_FORMAT,
+                keys::format_value(FORMAT_VERSION),
+                &o,
+            )
+            .map_err(|e| map_db_error(e, path))
         }
         None if create => {
             // The only write outside the writer thread: before it starts, on a new spool.
@@ -597,6 +632,12 @@ impl Spool {
         let db = DB::open_cf_descriptors(&db_options(true), dir, cf_descriptors())
             .map_err(|e| open_error(e, dir))?;
         check_format(&db, dir, true)?;
+        let swept = parts::sweep_partial(&db, dir)?;
+        if swept > 0 {
+            tracing::info!(
+                "spool: removed the parts of {swept} message(s) whose DATA never ended (never acknowledged)"
+            );
+        }
         let mark = mark::Mark::open(dir, db.latest_sequence_number())?;
         let db = Arc::new(db);
         let writer = Writer::start(db.clone(), dir.to_path_buf(), mark)?;
@@ -685,10 +726,20 @@ impl Spool {
         self.commit(self.enqueue_batch(env, message)?).await
     }
 
+    /// [`Spool::enqueue`] of a message some of whose parts were stored ahead
+    /// ([`Spool::write_part`]): the synced commit makes them durable with the rest.
+    pub async fn enqueue_parts(&self, env: Envelope, message: Parts) -> Result<(), SpoolError> {
+        let batch = {
+            let holds = self.inner.holds.read().unwrap_or_else(|p| p.into_inner());
+            Batch::enqueue_with(env, message, |d| holds.contains_key(d))?
+        };
+        self.commit(batch).await
+    }
+
     /// The batch that enqueues a new message; entries for held domains arrive held.
     pub fn enqueue_batch(&self, env: Envelope, message: Vec<u8>) -> Result<Batch, SpoolError> {
         let holds = self.inner.holds.read().unwrap_or_else(|p| p.into_inner());
-        Batch::enqueue_with(env, message, |d| holds.contains_key(d))
+        Batch::enqueue_with(env, Parts::whole(message), |d| holds.contains_key(d))
     }
 
     /// Whether `domain` is on hold, and since when (ms).
@@ -848,12 +899,15 @@ impl Spool {
                 b.put(Cf::Envelopes, keys::message(&id), stored.to_bytes());
             }
             None => {
+                let parts = Parts::whole(message);
                 let stored = StoredEnvelope {
                     envelope: env,
                     domains: vec![domain.to_string()],
+                    parts: parts.count(),
+                    length: if parts.count() > 0 { parts.len() } else { 0 },
                 };
                 b.put(Cf::Envelopes, keys::message(&id), stored.to_bytes());
-                b.put(Cf::Messages, keys::message(&id), message);
+                b.append(parts.into_batch(&id));
             }
         }
         match self.held_since(domain) {
@@ -1025,11 +1079,10 @@ impl Spool {
         Ok(())
     }
 
-    /// The raw bytes of message `id`, exactly as enqueued.
+    /// The raw bytes of message `id`, exactly as enqueued, whole in memory (see
+    /// [`Spool::load_message`] to read a large one part by part).
     pub fn message(&self, id: &str) -> Result<Option<Vec<u8>>, SpoolError> {
-        let db = self.db();
-        db.get_cf(cf(db, Cf::Messages)?, keys::message(id))
-            .map_err(|e| self.err(e))
+        self.load_message(id)?.map(|m| m.to_vec()).transpose()
     }
 
     pub fn envelope(&self, id: &str) -> Result<Option<Envelope>, SpoolError> {

@@ -218,7 +218,7 @@ fn check_entries(db: &DB, dir: &Path, report: &mut Recovery) -> Result<(), Spool
             Ok(kv) => kv,
             Err(_) => break,
         };
-        if !kept.contains_key(String::from_utf8_lossy(&key).as_ref()) {
+        if !kept.contains_key(String::from_utf8_lossy(keys::message_of(&key)).as_ref()) {
             wb.delete_cf(messages, &key);
             report.orphans_removed += 1;
         }
@@ -244,18 +244,26 @@ fn entry_problem(
     if let Err(e) = QueueEntry::from_bytes(value) {
         return Some(format!("its queue entry cannot be read ({e})"));
     }
-    match db.get_cf(envelopes, keys::message(id)) {
-        Ok(Some(raw)) => {
-            if let Err(e) = StoredEnvelope::from_bytes(&raw) {
-                return Some(format!("its envelope cannot be read ({e})"));
-            }
-        }
+    let parts = match db.get_cf(envelopes, keys::message(id)) {
+        Ok(Some(raw)) => match StoredEnvelope::from_bytes(&raw) {
+            Ok(stored) => stored.parts,
+            Err(e) => return Some(format!("its envelope cannot be read ({e})")),
+        },
         Ok(None) => return Some("its envelope is gone".into()),
         Err(e) => return Some(format!("its envelope cannot be read ({e})")),
+    };
+    let keys = std::iter::once(keys::message(id)).chain((1..=parts).map(|n| keys::part(id, n)));
+    for (n, key) in keys.enumerate() {
+        let what = if n == 0 {
+            "its message".to_string()
+        } else {
+            format!("part {n} of its message")
+        };
+        match db.get_pinned_cf(messages, key) {
+            Ok(Some(_)) => {}
+            Ok(None) => return Some(format!("{what} is gone")),
+            Err(e) => return Some(format!("{what} cannot be read ({e})")),
+        }
     }
-    match db.get_pinned_cf(messages, keys::message(id)) {
-        Ok(Some(_)) => None,
-        Ok(None) => Some("its message is gone".into()),
-        Err(e) => Some(format!("its message cannot be read ({e})")),
-    }
+    None
 }

@@ -226,22 +226,22 @@ fn another_format_version_is_refused_at_open() {
     {
         let spool = Spool::open(dir.path()).unwrap();
         let mut b = Batch::new();
-        b.put(Cf::Meta, keys::META_FORMAT.to_vec(), keys::format_value(2));
+        b.put(Cf::Meta, keys::META_FORMAT.to_vec(), keys::format_value(3));
         spool.commit_blocking(b).unwrap();
     }
     for result in [Spool::open(dir.path()), Spool::open_read_only(dir.path())] {
-        let err = result.err().expect("format 2 must be refused");
+        let err = result.err().expect("format 3 must be refused");
         assert!(
             matches!(
                 err,
                 SpoolError::Format {
-                    found: 2,
-                    expected: 1
+                    found: 3,
+                    expected: 2
                 }
             ),
             "{err:?}"
         );
-        assert!(err.to_string().contains("version 2"), "{err}");
+        assert!(err.to_string().contains("version 3"), "{err}");
     }
 }
 
@@ -571,4 +571,137 @@ async fn a_spool_behind_its_commit_mark_is_refused_until_recovered() {
     assert_eq!(r.entries, 1);
     let spool = Spool::open(dir.path()).unwrap();
     assert_eq!(listing(&spool, None).len(), 1);
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_message_written_in_parts_reads_back_exact_and_goes_whole() {
+    let (dir, spool) = open_tmp();
+    let id = "0000000000P01";
+    let first = b"Received: x\r\nSubject: big\r\n\r\n".to_vec();
+    let (p1, p2, tail) = (
+        pattern(PART_SIZE, 1),
+        pattern(PART_SIZE + 7, 2),
+        pattern(99, 3),
+    );
+    spool.write_part(id, 1, &p1).unwrap();
+    spool.write_part(id, 2, &p2).unwrap();
+    let parts = Parts {
+        first: first.clone(),
+        written: 2,
+        written_len: (p1.len() + p2.len()) as u64,
+        rest: vec![tail.clone()],
+    };
+    let mut e = env(id, 1, &["a@one.org", "b@two.org"]);
+    e.size = parts.len();
+    spool.enqueue_parts(e, parts).await.unwrap();
+    let whole: Vec<u8> = [&first[..], &p1, &p2, &tail].concat();
+
+    let m = spool.load_message(id).unwrap().unwrap();
+    assert_eq!(m.parts(), 3);
+    assert_eq!(m.len(), whole.len() as u64);
+    assert_eq!(m.first(), &first[..]);
+    let mut read = Vec::new();
+    std::io::Read::read_to_end(&mut m.reader(), &mut read).unwrap();
+    assert_eq!(read, whole);
+    assert_eq!(m.prefix(100).unwrap(), whole[..100]);
+    assert_eq!(spool.message(id).unwrap().unwrap(), whole);
+    // Queued: the partial mark is gone, so a restart keeps every part.
+    drop(m);
+    drop(spool);
+    let spool = Spool::open(dir.path()).unwrap();
+    assert_eq!(spool.message(id).unwrap().unwrap(), whole);
+    assert_eq!(keys_in(&spool, Cf::Messages), 4);
+
+    // Delivered to both domains: every part goes with the message.
+    for d in ["one.org", "two.org"] {
+        spool
+            .settle(d, id, |current, _| {
+                let mut next = current.clone();
+                for r in &mut next.recipients {
+                    r.state = crate::envelope::RcptState::Delivered;
+                }
+                Some((next, None))
+            })
+            .await
+            .unwrap();
+    }
+    assert!(spool.load_message(id).unwrap().is_none());
+    assert_eq!(keys_in(&spool, Cf::Messages), 0);
+}
+
+#[tokio::test]
+async fn parts_of_a_message_never_queued_are_removed_at_the_next_start() {
+    let (dir, spool) = open_tmp();
+    spool
+        .write_part("0000000000P02", 1, &pattern(1000, 1))
+        .unwrap();
+    spool
+        .write_part("0000000000P02", 2, &pattern(1000, 2))
+        .unwrap();
+    // A refused one is discarded at once.
+    spool
+        .write_part("0000000000P03", 1, &pattern(1000, 3))
+        .unwrap();
+    spool.discard_parts("0000000000P03", 1).unwrap();
+    spool
+        .enqueue(env("0000000000004", 1, &["a@one.org"]), b"small".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(keys_in(&spool, Cf::Messages), 3);
+    drop(spool);
+    let spool = Spool::open(dir.path()).unwrap();
+    assert_eq!(
+        keys_in(&spool, Cf::Messages),
+        1,
+        "only the queued message is left"
+    );
+    assert_eq!(
+        keys_in(&spool, Cf::Meta),
+        1,
+        "only the format version is left"
+    );
+    assert_eq!(spool.message("0000000000004").unwrap().unwrap(), b"small");
+}
+
+#[tokio::test]
+async fn a_whole_message_over_the_part_size_is_stored_in_parts() {
+    let (_dir, spool) = open_tmp();
+    let body = pattern(3 * PART_SIZE + 5, 9);
+    spool
+        .enqueue(env("0000000000P05", 1, &["a@one.org"]), body.clone())
+        .await
+        .unwrap();
+    let m = spool.load_message("0000000000P05").unwrap().unwrap();
+    assert_eq!(m.parts(), 3);
+    assert_eq!(m.first().len(), PART_SIZE);
+    assert_eq!(m.to_vec().unwrap(), body);
+}
+
+#[test]
+fn a_version_1_spool_is_read_and_marked_version_2() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(Spool::open(dir.path()).unwrap());
+    {
+        let db = DB::open_cf_descriptors(&db_options(false), dir.path(), cf_descriptors()).unwrap();
+        db.put_cf(
+            cf(&db, Cf::Meta).unwrap(),
+            keys::META_FORMAT,
+            keys::format_value(1),
+        )
+        .unwrap();
+    }
+    drop(Spool::open_read_only(dir.path()).unwrap());
+    let spool = Spool::open(dir.path()).unwrap();
+    let db = spool.db();
+    let v = db
+        .get_cf(cf(db, Cf::Meta).unwrap(), keys::META_FORMAT)
+        .unwrap()
+        .unwrap();
+    assert_eq!(keys::parse_format(&v), Some(FORMAT_VERSION));
 }

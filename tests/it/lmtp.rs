@@ -72,7 +72,7 @@ fn send(
         let msg = Outgoing {
             envelope: &env,
             recipients: &env.recipients,
-            message,
+            message: &mxspool::spool::Message::from(message.to_vec()),
         };
         let results = c.send(&msg).await;
         assert!(c.is_usable());
@@ -207,14 +207,16 @@ fn lmtp_per_recipient_verdicts() {
             .send(&Outgoing {
                 envelope: &env,
                 recipients: &env.recipients,
-                message: &big,
+                message: &mxspool::spool::Message::from(big.clone()),
             })
             .await;
         let again = c
             .send(&Outgoing {
                 envelope: &second,
                 recipients: &second.recipients,
-                message: b"Subject: second\r\n\r\nsecond\r\n",
+                message: &mxspool::spool::Message::from(
+                    b"Subject: second\r\n\r\nsecond\r\n".to_vec(),
+                ),
             })
             .await;
         c.quit().await;
