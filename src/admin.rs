@@ -535,12 +535,17 @@ async fn export(
             for (id, entry) in chunk {
                 let (Some(stored), Some(message)) = (
                     spool.stored_envelope(&id).map_err(|x| e(&x))?,
-                    spool.message(&id).map_err(|x| e(&x))?,
+                    spool.load_message(&id).map_err(|x| e(&x))?,
                 ) else {
                     continue;
                 };
-                w.add(&to_archived(&stored.envelope, &dd, &entry), &message)
-                    .map_err(|x| e(&x))?;
+                // Part by part: a large message is never whole in memory.
+                w.add_reader(
+                    &to_archived(&stored.envelope, &dd, &entry),
+                    message.len(),
+                    message.reader(),
+                )
+                .map_err(|x| e(&x))?;
                 ids.push(id);
                 if ids.len() % 100 == 0 {
                     progress_line(&progress, &format!("exporting {dd}"), ids.len(), 0);

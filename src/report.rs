@@ -221,7 +221,9 @@ pub fn show(spool: &Spool, id: &str, body: bool, out: &mut dyn Write) -> anyhow:
     let Some(stored) = spool.stored_envelope(id)? else {
         anyhow::bail!("{id}: no such message in the queue");
     };
-    let message = spool.message(id)?.unwrap_or_default();
+    let message = spool
+        .load_message(id)?
+        .unwrap_or_else(|| crate::spool::Message::from(Vec::new()));
     let e = &stored.envelope;
     writeln!(out, "*** ENVELOPE RECORDS {id} ***")?;
     writeln!(out, "message_size: {}", e.size)?;
@@ -287,15 +289,18 @@ pub fn show(spool: &Spool, id: &str, body: bool, out: &mut dyn Write) -> anyhow:
     }
     if body {
         writeln!(out, "*** MESSAGE CONTENTS {id} ***")?;
-        out.write_all(&message)?;
+        // Part by part: a large message is never whole in memory.
+        std::io::copy(&mut message.reader(), out)?;
     } else {
         writeln!(out, "*** MESSAGE HEADERS {id} ***")?;
-        let end = message
+        // The first part holds the header section.
+        let first = message.first();
+        let end = first
             .windows(4)
             .position(|w| w == b"\r\n\r\n")
             .map(|p| p + 2)
-            .unwrap_or(message.len());
-        out.write_all(&message[..end])?;
+            .unwrap_or(first.len());
+        out.write_all(&first[..end])?;
     }
     writeln!(out, "*** END OF MESSAGE {id} ***")?;
     out.flush()?;

@@ -50,6 +50,18 @@ impl<W: Write> ArchiveWriter<W> {
     /// Refuses an envelope that fails [`ArchivedEnvelope::validate`] and an id that is
     /// already in the archive; nothing is written then, and the writer stays usable.
     pub fn add(&mut self, env: &ArchivedEnvelope, message: &[u8]) -> Result<()> {
+        self.add_reader(env, message.len() as u64, message)
+    }
+
+    /// [`ArchiveWriter::add`] of a message read from `message`, which must give exactly
+    /// `size` bytes: it is copied into the archive (and hashed) as it is read, never held
+    /// whole in memory. A reader that fails or gives another size fails the archive.
+    pub fn add_reader(
+        &mut self,
+        env: &ArchivedEnvelope,
+        size: u64,
+        message: impl std::io::Read,
+    ) -> Result<()> {
         env.validate().map_err(|what| {
             if crate::is_valid_id(&env.id) {
                 Error::Envelope {
@@ -74,18 +86,25 @@ impl<W: Write> ArchiveWriter<W> {
             &json,
             env.arrival,
         )?;
-        append(
-            &mut self.tar,
-            &member_name(&env.id, Half::Eml),
-            message,
-            env.arrival,
-        )?;
+        let name = member_name(&env.id, Half::Eml);
+        let mut hashed = Hashed {
+            inner: message.take(size),
+            hash: Sha256::new(),
+            count: 0,
+        };
+        append_reader(&mut self.tar, &name, size, &mut hashed, env.arrival)?;
+        if hashed.count != size {
+            return Err(Error::Format(format!(
+                "{name}: the message gave {} bytes, not the {size} announced",
+                hashed.count
+            )));
+        }
         self.ids.insert(env.id.clone());
         self.entries.push(ManifestEntry {
             id: env.id.clone(),
-            eml_sha256: sha256_hex(message),
+            eml_sha256: hex(&hashed.hash.finalize()),
             json_sha256: sha256_hex(&json),
-            eml_size: message.len() as u64,
+            eml_size: size,
         });
         Ok(())
     }
@@ -147,16 +166,42 @@ fn js<T: serde::Serialize + ?Sized>(v: &T) -> String {
     serde_json::to_string(v).expect("plain values serialize")
 }
 
+/// A reader that hashes and counts what goes through it.
+struct Hashed<R> {
+    inner: R,
+    hash: Sha256,
+    count: u64,
+}
+
+impl<R: std::io::Read> std::io::Read for Hashed<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
 fn append<W: Write>(
     tar: &mut tar::Builder<W>,
     name: &str,
     data: &[u8],
     mtime: DateTime<Utc>,
 ) -> Result<()> {
+    append_reader(tar, name, data.len() as u64, data, mtime)
+}
+
+fn append_reader<W: Write>(
+    tar: &mut tar::Builder<W>,
+    name: &str,
+    size: u64,
+    data: impl std::io::Read,
+    mtime: DateTime<Utc>,
+) -> Result<()> {
     let mut h = tar::Header::new_ustar();
     h.set_path(name)
         .map_err(|e| Error::Format(format!("member name {name:?}: {e}")))?;
-    h.set_size(data.len() as u64);
+    h.set_size(size);
     h.set_mode(0o644);
     h.set_mtime(mtime.timestamp().max(0) as u64);
     h.set_uid(0);
@@ -295,6 +340,17 @@ impl FileArchiveWriter {
     /// See [`ArchiveWriter::add`].
     pub fn add(&mut self, env: &ArchivedEnvelope, message: &[u8]) -> Result<()> {
         let r = self.inner().add(env, message);
+        r.map_err(|e| self.with_path(e))
+    }
+
+    /// See [`ArchiveWriter::add_reader`].
+    pub fn add_reader(
+        &mut self,
+        env: &ArchivedEnvelope,
+        size: u64,
+        message: impl std::io::Read,
+    ) -> Result<()> {
+        let r = self.inner().add_reader(env, size, message);
         r.map_err(|e| self.with_path(e))
     }
 

@@ -25,6 +25,7 @@ mod disk_full;
 mod dns;
 mod doctor;
 mod drain;
+mod large;
 mod package;
 mod postfix;
 mod power_loss;
