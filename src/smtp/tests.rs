@@ -1043,7 +1043,7 @@ fn big_message(mib: usize) -> (Vec<u8>, Vec<u8>) {
     let mut n = 0u64;
     while plain.len() < mib << 20 {
         n += 1;
-        if n % 7 == 0 {
+        if n.is_multiple_of(7) {
             plain.extend_from_slice(format!(".dot line {n:070}\r\n").as_bytes());
         } else {
             plain.extend_from_slice(format!("line {n:072}\r\n").as_bytes());

@@ -124,7 +124,7 @@ struct Sent {
 }
 
 /// Message `seq` of `client` in `round`: a unique sender of fixed length, a body of random
-/// length (some lines start with a dot).
+/// length (some lines start with a dot); client 0's are large (0.6 to 2 MiB).
 fn message(round: usize, client: usize, seq: u32, rcpt: &str, rng: &mut Rng) -> (String, Vec<u8>) {
     let sender = format!("r{round:02}c{client:02}-{seq:05}@sender.test");
     let mut body = String::new();
@@ -136,6 +136,20 @@ fn message(round: usize, client: usize, seq: u32, rcpt: &str, rng: &mut Rng) -> 
             body.push((b'!' + (rng.next() % 94) as u8) as char);
         }
         body.push_str(&format!(" {round}/{client}/{seq}/{i}\r\n"));
+    }
+    // Client 0 sends large messages: stored in parts during DATA (unsynced), made durable
+    // only by the synced commit before the 250.
+    if client == 0 {
+        let want = (600 << 10) + (rng.next() % (1500 << 10)) as usize;
+        let mut i = 0u64;
+        while body.len() < want {
+            i += 1;
+            body.push_str(&format!(
+                "{}part line {round}/{seq}/{i} {:060}\r\n",
+                if i.is_multiple_of(9) { "." } else { "" },
+                rng.next()
+            ));
+        }
     }
     let msg = format!(
         "From: <{sender}>\r\nTo: <{rcpt}>\r\nSubject: power loss {round}/{client}/{seq}\r\n\
