@@ -1,6 +1,8 @@
 //! faultfs: a FUSE filesystem, all in memory, that keeps every write not yet fsynced
 //! apart and drops it on a simulated power cut (see [`model`] for the rules). The binary
-//! `faultfs MOUNTPOINT` mounts it; SIGUSR1 cuts the power (and remounts) in place.
+//! `faultfs MOUNTPOINT` mounts it; SIGUSR1 cuts the power (and remounts) in place; SIGUSR2
+//! turns a failing disk on and off: while on, every write, fsync, create and rename fails
+//! with `EIO` (reads still work), as on a disk going bad or a storage path that dropped.
 //!
 //! The kernel caches nothing that could outlive a cut: attributes and names have a TTL of
 //! zero and files are opened with `FOPEN_DIRECT_IO` (no page cache). POSIX locks are left
@@ -10,6 +12,7 @@ pub mod model;
 
 use std::ffi::OsStr;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -27,11 +30,26 @@ const TTL: Duration = Duration::ZERO;
 /// The FUSE side of a [`Model`] shared with whoever cuts the power.
 pub struct FaultFs {
     model: Arc<Mutex<Model>>,
+    failing: Arc<AtomicBool>,
 }
 
 impl FaultFs {
     pub fn new(model: Arc<Mutex<Model>>) -> FaultFs {
-        FaultFs { model }
+        FaultFs::with_failing(model, Arc::new(AtomicBool::new(false)))
+    }
+
+    /// While `failing` is true every change fails with `EIO`.
+    pub fn with_failing(model: Arc<Mutex<Model>>, failing: Arc<AtomicBool>) -> FaultFs {
+        FaultFs { model, failing }
+    }
+
+    /// `Err(EIO)` while the disk is failing.
+    fn check(&self) -> Result<(), Errno> {
+        if self.failing.load(Ordering::Relaxed) {
+            Err(Errno::EIO)
+        } else {
+            Ok(())
+        }
     }
 
     fn m(&self) -> MutexGuard<'_, Model> {
@@ -163,6 +181,9 @@ impl Filesystem for FaultFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        if let Err(e) = self.check() {
+            return reply.error(e);
+        }
         let Some(k) = Kind::from_mode(mode) else {
             return reply.error(Errno::EINVAL);
         };
@@ -182,12 +203,18 @@ impl Filesystem for FaultFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        if let Err(e) = self.check() {
+            return reply.error(e);
+        }
         let mut m = self.m();
         let ino = m.mkdir(parent.0, name, new_meta(req, mode, umask));
         entry(&m, ino, reply);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if let Err(e) = self.check() {
+            return reply.error(e);
+        }
         empty(self.m().unlink(parent.0, name), reply);
     }
 
@@ -203,6 +230,9 @@ impl Filesystem for FaultFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        if let Err(e) = self.check() {
+            return reply.error(e);
+        }
         let mut m = self.m();
         let ino = m.symlink(parent.0, link_name, target, new_meta(req, 0o777, 0));
         entry(&m, ino, reply);
@@ -218,6 +248,9 @@ impl Filesystem for FaultFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        if let Err(e) = self.check() {
+            return reply.error(e);
+        }
         empty(
             self.m()
                 .rename(parent.0, name, newparent.0, newname, flags.bits()),
@@ -233,6 +266,9 @@ impl Filesystem for FaultFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        if let Err(e) = self.check() {
+            return reply.error(e);
+        }
         let mut m = self.m();
         let r = m.link(ino.0, newparent.0, newname).map(|()| ino.0);
         entry(&m, r, reply);
@@ -274,6 +310,9 @@ impl Filesystem for FaultFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        if let Err(e) = self.check() {
+            return reply.error(e);
+        }
         let append = flags.0 & libc::O_APPEND != 0;
         match self.m().write(ino.0, offset, data, append) {
             Ok(n) => reply.written(n),
@@ -315,6 +354,9 @@ impl Filesystem for FaultFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        if let Err(e) = self.check() {
+            return reply.error(e);
+        }
         empty(self.m().fsync(ino.0), reply);
     }
 
@@ -375,6 +417,9 @@ impl Filesystem for FaultFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        if let Err(e) = self.check() {
+            return reply.error(e);
+        }
         empty(self.m().fsyncdir(ino.0), reply);
     }
 
@@ -398,6 +443,9 @@ impl Filesystem for FaultFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        if let Err(e) = self.check() {
+            return reply.error(e);
+        }
         let Some(k) = Kind::from_mode(mode) else {
             return reply.error(Errno::EINVAL);
         };
@@ -428,6 +476,9 @@ impl Filesystem for FaultFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        if let Err(e) = self.check() {
+            return reply.error(e);
+        }
         empty(self.m().fallocate(ino.0, offset, length, mode), reply);
     }
 }

@@ -1,6 +1,7 @@
 //! `faultfs MOUNTPOINT`: mounts the in-memory power-cut filesystem on MOUNTPOINT (as root:
 //! mount(2) on /dev/fuse, no fusermount) and stays in the foreground. Prints `ready` once
-//! mounted. SIGUSR1: a power cut in place (everything not fsynced is gone, as after a
+//! mounted. SIGUSR2: a failing disk on/off
+//! (every change fails with EIO meanwhile; prints `failing on`/`failing off`). SIGUSR1: a power cut in place (everything not fsynced is gone, as after a
 //! power loss and a remount), then prints `cut N`. SIGTERM or SIGINT: unmounts and exits.
 //! Nothing persists after the unmount.
 
@@ -24,7 +25,7 @@ fn main() {
     let set = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for sig in [libc::SIGUSR1, libc::SIGTERM, libc::SIGINT] {
+        for sig in [libc::SIGUSR1, libc::SIGUSR2, libc::SIGTERM, libc::SIGINT] {
             libc::sigaddset(&mut set, sig);
         }
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
@@ -32,13 +33,18 @@ fn main() {
     };
 
     let model = Arc::new(Mutex::new(Model::new()));
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName("faultfs".into()),
         MountOption::Subtype("faultfs".into()),
     ];
     config.acl = SessionACL::All;
-    let session = match fuser::spawn_mount(FaultFs::new(model.clone()), &mountpoint, &config) {
+    let session = match fuser::spawn_mount(
+        FaultFs::with_failing(model.clone(), failing.clone()),
+        &mountpoint,
+        &config,
+    ) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("faultfs: cannot mount {}: {e}", mountpoint.display());
@@ -62,6 +68,10 @@ fn main() {
                 (n, m.inodes())
             };
             let _ = writeln!(out, "cut {n} ({inodes} inodes left)");
+            let _ = out.flush();
+        } else if sig == libc::SIGUSR2 {
+            let was = failing.fetch_xor(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = writeln!(out, "failing {}", if was { "off" } else { "on" });
             let _ = out.flush();
         } else {
             break;

@@ -18,6 +18,7 @@ mod keys;
 mod mark;
 mod parts;
 mod recover;
+mod slot;
 #[cfg(test)]
 mod tests;
 mod writer;
@@ -337,7 +338,7 @@ struct Inner {
     reclaiming: Arc<std::sync::atomic::AtomicBool>,
     /// Unreadable entries already logged: `(domain, id)`.
     unreadable: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
-    db: Arc<DB>,
+    db: Arc<slot::DbSlot>,
     path: PathBuf,
 }
 
@@ -639,13 +640,14 @@ impl Spool {
             );
         }
         let mark = mark::Mark::open(dir, db.latest_sequence_number())?;
-        let db = Arc::new(db);
+        let holds = load_holds(&db, dir)?;
+        let db = slot::DbSlot::new(db, dir);
         let writer = Writer::start(db.clone(), dir.to_path_buf(), mark)?;
         Ok(Spool {
             inner: Arc::new(Inner {
                 writer: Some(writer),
                 locks: stripes(),
-                holds: std::sync::RwLock::new(load_holds(&db, dir)?),
+                holds: std::sync::RwLock::new(holds),
                 unreadable: Default::default(),
                 removed: Default::default(),
                 reclaiming: Default::default(),
@@ -680,7 +682,7 @@ impl Spool {
                 reclaiming: Default::default(),
                 writer: None,
                 locks: stripes(),
-                db: Arc::new(db),
+                db: slot::DbSlot::new(db, dir),
                 path: dir.to_path_buf(),
             }),
         })
@@ -696,8 +698,9 @@ impl Spool {
         max_open_files() + 64
     }
 
-    fn db(&self) -> &DB {
-        &self.inner.db
+    /// The database, for one operation (see [`slot::DbSlot`]): hold it no longer.
+    fn db(&self) -> Result<Arc<DB>, SpoolError> {
+        self.inner.db.get()
     }
 
     fn err(&self, e: rocksdb::Error) -> SpoolError {
@@ -928,7 +931,8 @@ impl Spool {
 
     /// The domains that have queue entries, sorted; one seek per domain, not a scan.
     pub fn domains(&self) -> Result<Vec<String>, SpoolError> {
-        let db = self.db();
+        let db = self.db()?;
+        let db = &*db;
         let queue = cf(db, Cf::Queue)?;
         let mut out = Vec::new();
         let mut from: Vec<u8> = Vec::new();
@@ -1018,7 +1022,8 @@ impl Spool {
         mut f: impl FnMut(QueuedMessage) -> bool,
         mut damaged: impl FnMut(Unreadable),
     ) -> Result<(), SpoolError> {
-        let db = self.db();
+        let db = self.db()?;
+        let db = &*db;
         let (queue, envelopes) = (cf(db, Cf::Queue)?, cf(db, Cf::Envelopes)?);
         let snap = db.snapshot();
         let mut ro = ReadOptions::default();
@@ -1091,7 +1096,8 @@ impl Spool {
 
     /// The envelope with the list of domains still queued.
     pub fn stored_envelope(&self, id: &str) -> Result<Option<StoredEnvelope>, SpoolError> {
-        let db = self.db();
+        let db = self.db()?;
+        let db = &*db;
         db.get_cf(cf(db, Cf::Envelopes)?, keys::message(id))
             .map_err(|e| self.err(e))?
             .map(|v| StoredEnvelope::from_bytes(&v))
@@ -1100,7 +1106,8 @@ impl Spool {
 
     /// The queue entry of message `id` for `domain`.
     pub fn queue_entry(&self, domain: &str, id: &str) -> Result<Option<QueueEntry>, SpoolError> {
-        let db = self.db();
+        let db = self.db()?;
+        let db = &*db;
         db.get_cf(cf(db, Cf::Queue)?, keys::queue(domain, id))
             .map_err(|e| self.err(e))?
             .map(|v| QueueEntry::from_bytes(&v))
@@ -1116,7 +1123,8 @@ impl Spool {
         after: Option<&DueCursor>,
         limit: usize,
     ) -> Result<DueScan, SpoolError> {
-        let db = self.db();
+        let db = self.db()?;
+        let db = &*db;
         let mut ro = ReadOptions::default();
         if let Some(end) = keys::due_end(now_ms) {
             ro.set_iterate_upper_bound(end);
@@ -1163,7 +1171,8 @@ impl Spool {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<(String, QueueEntry)>, SpoolError> {
-        let db = self.db();
+        let db = self.db()?;
+        let db = &*db;
         let mut ro = ReadOptions::default();
         ro.set_iterate_upper_bound(keys::queue_end(domain));
         let start = match after {
@@ -1231,7 +1240,8 @@ impl Spool {
 
     /// The first due time in the `due` index, if any (the scheduler sleeps until then).
     pub fn next_due(&self) -> Result<Option<u64>, SpoolError> {
-        let db = self.db();
+        let db = self.db()?;
+        let db = &*db;
         let first = db
             .iterator_cf(cf(db, Cf::Due)?, IteratorMode::Start)
             .next()
@@ -1244,7 +1254,8 @@ impl Spool {
     /// (`rocksdb.estimate-num-keys` of `queue`), which costs nothing but may be off after
     /// many deletes. [`Spool::count_exact`] scans instead.
     pub fn count(&self) -> Result<u64, SpoolError> {
-        let db = self.db();
+        let db = self.db()?;
+        let db = &*db;
         Ok(db
             .property_int_value_cf(cf(db, Cf::Queue)?, "rocksdb.estimate-num-keys")
             .map_err(|e| self.err(e))?
@@ -1253,7 +1264,8 @@ impl Spool {
 
     /// Exact number of queue entries, by a scan of the keys (cost grows with the queue).
     pub fn count_exact(&self) -> Result<u64, SpoolError> {
-        let db = self.db();
+        let db = self.db()?;
+        let db = &*db;
         let mut n = 0;
         for item in db.iterator_cf(cf(db, Cf::Queue)?, IteratorMode::Start) {
             item.map_err(|e| self.err(e))?;
@@ -1304,7 +1316,8 @@ impl Spool {
     /// the spool takes writes meanwhile.
     pub fn reclaim(&self) -> Result<(), SpoolError> {
         use std::sync::atomic::Ordering;
-        let db = self.db();
+        let db = self.db()?;
+        let db = &*db;
         let before = self.free_bytes().unwrap_or(0);
         let removed = self.inner.removed.swap(0, Ordering::Relaxed);
         let families: Vec<&ColumnFamily> = Cf::ALL

@@ -79,7 +79,8 @@ impl Message {
                 "part {n} of a message in memory"
             )));
         };
-        let db = spool.db();
+        let db = spool.db()?;
+        let db = &*db;
         db.get_cf(cf(db, Cf::Messages)?, keys::part(id, n))
             .map_err(|e| spool.err(e))?
             .ok_or_else(|| SpoolError::Corrupt(format!("{id}: part {n} of the message is missing")))
@@ -184,7 +185,8 @@ impl Spool {
         if id.is_empty() || !keys::valid_part(id) || n == 0 {
             return Err(SpoolError::Invalid(format!("bad part {n} of {id:?}")));
         }
-        let db = self.db();
+        let db = self.db()?;
+        let db = &*db;
         let mut wb = WriteBatch::default();
         if n == 1 {
             wb.put_cf(cf(db, Cf::Meta)?, keys::partial(id), b"");
@@ -197,7 +199,8 @@ impl Spool {
     /// Blocking; unsynced (a crash before the next commit leaves them to [`sweep_partial`]).
     pub fn discard_parts(&self, id: &str, written: u32) -> Result<(), SpoolError> {
         self.writer()?;
-        let db = self.db();
+        let db = self.db()?;
+        let db = &*db;
         let mut wb = WriteBatch::default();
         let messages = cf(db, Cf::Messages)?;
         for n in 1..=written {
@@ -215,7 +218,8 @@ impl Spool {
         let Some(stored) = self.stored_envelope(id)? else {
             return Ok(None);
         };
-        let db = self.db();
+        let db = self.db()?;
+        let db = &*db;
         let Some(first) = db
             .get_cf(cf(db, Cf::Messages)?, keys::message(id))
             .map_err(|e| self.err(e))?

@@ -39,7 +39,8 @@ fn listing(spool: &Spool, domain: Option<&str>) -> Vec<(String, String, Vec<Stri
 }
 
 fn keys_in(spool: &Spool, family: Cf) -> usize {
-    let db = spool.db();
+    let db = spool.db().unwrap();
+    let db = &*db;
     db.iterator_cf(cf(db, family).unwrap(), IteratorMode::Start)
         .count()
 }
@@ -486,7 +487,8 @@ async fn an_unreadable_entry_is_skipped_by_listings_and_delivery_and_removed_by_
     }
     // Damage: the second entry's record is not JSON any more.
     {
-        let db = spool.db();
+        let db = spool.db().unwrap();
+        let db = &*db;
         let mut o = WriteOptions::default();
         o.set_sync(true);
         db.put_cf_opt(
@@ -554,7 +556,7 @@ async fn a_spool_behind_its_commit_mark_is_refused_until_recovered() {
         )
         .await
         .unwrap();
-    let acknowledged = spool.db().latest_sequence_number();
+    let acknowledged = spool.db().unwrap().latest_sequence_number();
     drop(spool);
     assert_eq!(mark::read(dir.path()).unwrap(), Some(acknowledged));
     // As if the log's last commits had been cut off: the mark is ahead of the database.
@@ -698,10 +700,36 @@ fn a_version_1_spool_is_read_and_marked_version_2() {
     }
     drop(Spool::open_read_only(dir.path()).unwrap());
     let spool = Spool::open(dir.path()).unwrap();
-    let db = spool.db();
+    let db = spool.db().unwrap();
+    let db = &*db;
     let v = db
         .get_cf(cf(db, Cf::Meta).unwrap(), keys::META_FORMAT)
         .unwrap()
         .unwrap();
     assert_eq!(keys::parse_format(&v), Some(FORMAT_VERSION));
+}
+
+#[tokio::test]
+async fn a_reopened_spool_keeps_everything_and_takes_mail_again() {
+    let (_dir, spool) = open_tmp();
+    spool
+        .enqueue(env("0000000000R01", 1, &["a@one.org"]), b"before".to_vec())
+        .await
+        .unwrap();
+    spool
+        .write_part("0000000000R02", 1, b"a part in DATA")
+        .unwrap();
+    let s2 = spool.clone();
+    tokio::task::spawn_blocking(move || s2.inner.db.reopen())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(spool.message("0000000000R01").unwrap().unwrap(), b"before");
+    spool
+        .enqueue(env("0000000000R03", 2, &["a@one.org"]), b"after".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(listing(&spool, None).len(), 2);
+    // A message in DATA during the reopen keeps its parts (no sweep on reopen).
+    assert_eq!(keys_in(&spool, Cf::Messages), 3);
 }

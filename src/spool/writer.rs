@@ -19,6 +19,7 @@ use tokio::sync::oneshot;
 
 use super::batch::{Batch, Op};
 use super::mark::Mark;
+use super::slot::DbSlot;
 use super::{map_db_error, SpoolError};
 use crate::ops::metrics::Metrics;
 
@@ -49,7 +50,7 @@ pub struct Writer {
 impl Writer {
     /// Starts the writer thread; after each commit that works it records the database's
     /// sequence number in `mark` (before anyone is answered), and syncs it when it stops.
-    pub fn start(db: Arc<DB>, path: PathBuf, mark: Mark) -> std::io::Result<Writer> {
+    pub fn start(db: Arc<DbSlot>, path: PathBuf, mark: Mark) -> std::io::Result<Writer> {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(Stats::default());
         let thread_stats = stats.clone();
@@ -101,10 +102,17 @@ impl Drop for Writer {
     }
 }
 
-fn run(db: &DB, path: &std::path::Path, rx: mpsc::Receiver<Request>, stats: &Stats, mark: &Mark) {
+fn run(
+    slot: &DbSlot,
+    path: &std::path::Path,
+    rx: mpsc::Receiver<Request>,
+    stats: &Stats,
+    mark: &Mark,
+) {
     let mut opts = WriteOptions::default();
     opts.set_sync(true);
     let mut failing = Failing::default();
+    let mut reopen = Reopen::default();
     while let Ok(first) = rx.recv() {
         let mut bytes = first.batch.bytes();
         let mut group = vec![first];
@@ -119,10 +127,13 @@ fn run(db: &DB, path: &std::path::Path, rx: mpsc::Receiver<Request>, stats: &Sta
         }
 
         let started = Instant::now();
-        let result = commit(db, path, &group, &opts);
-        if result.is_ok() {
-            mark.record(db.latest_sequence_number());
-        }
+        let result = slot.get().and_then(|db| {
+            let r = commit(&db, path, &group, &opts);
+            if r.is_ok() {
+                mark.record(db.latest_sequence_number());
+            }
+            r
+        });
         if let Some(m) = stats.metrics.get() {
             m.commit_seconds.observe(started.elapsed().as_secs_f64());
         }
@@ -142,8 +153,58 @@ fn run(db: &DB, path: &std::path::Path, rx: mpsc::Receiver<Request>, stats: &Sta
                 .reply
                 .send(result.as_ref().map(|_| ()).map_err(|e| e.duplicate()));
         }
+        reopen.after(&result, slot);
     }
     mark.sync();
+}
+
+/// Reopening the database after failed commits: RocksDB keeps refusing every write after a
+/// hard background error, even once its cause (no descriptor left, an I/O error) is gone,
+/// and only a reopen clears that. Tried once commits have failed for a second, then with
+/// back-off (1 s doubling to a minute) while they keep failing. Not for a full disk:
+/// RocksDB recovers from that by itself once space is back, and opening needs room.
+#[derive(Default)]
+struct Reopen {
+    next: Option<Instant>,
+    wait: std::time::Duration,
+}
+
+impl Reopen {
+    fn after(&mut self, result: &Result<(), SpoolError>, slot: &DbSlot) {
+        use std::time::Duration;
+        let e = match result {
+            Ok(()) => {
+                self.next = None;
+                return;
+            }
+            Err(e) if e.is_no_space() => return,
+            Err(e) => e,
+        };
+        let now = Instant::now();
+        let Some(at) = self.next else {
+            self.wait = Duration::from_secs(1);
+            self.next = Some(now + self.wait);
+            return;
+        };
+        if now < at {
+            return;
+        }
+        tracing::warn!("spool: commits keep failing ({e}); closing and reopening the database");
+        match slot.reopen() {
+            Ok(()) => {
+                tracing::warn!("spool: database reopened (a RocksDB background error is cleared)");
+                self.wait = Duration::from_secs(1);
+            }
+            Err(e) => {
+                self.wait = (self.wait * 2).min(Duration::from_secs(60));
+                tracing::error!(
+                    "spool: reopen failed: {e}; next try in {}s",
+                    self.wait.as_secs()
+                );
+            }
+        }
+        self.next = Some(Instant::now() + self.wait);
+    }
 }
 
 /// Failed commits, logged when they start, once a minute while they last, and when they

@@ -25,6 +25,7 @@ mod disk_full;
 mod dns;
 mod doctor;
 mod drain;
+mod io_errors;
 mod large;
 mod package;
 mod postfix;

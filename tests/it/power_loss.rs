@@ -63,6 +63,16 @@ impl FaultMount {
         let _ = self.out.read_line(&mut line);
         assert!(line.starts_with("cut "), "faultfs after SIGUSR1: {line:?}");
     }
+
+    /// A failing disk on or off: while on, every change fails with EIO.
+    pub fn failing(&mut self, on: bool) {
+        // SAFETY: a signal to our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGUSR2) };
+        let mut line = String::new();
+        let _ = self.out.read_line(&mut line);
+        let want = if on { "failing on" } else { "failing off" };
+        assert_eq!(line.trim(), want, "faultfs after SIGUSR2");
+    }
 }
 
 impl Drop for FaultMount {
@@ -86,7 +96,7 @@ impl Drop for FaultMount {
 }
 
 /// Points the config of `env` at `spool` instead of its own spool directory.
-fn use_spool(env: &MxEnv, spool: &Path) {
+pub fn use_spool(env: &MxEnv, spool: &Path) {
     let old = format!("spool = \"{}\"", spool_dir(env).display());
     let config = fs::read_to_string(&env.config).unwrap();
     assert!(config.contains(&old), "{config}");
@@ -95,7 +105,7 @@ fn use_spool(env: &MxEnv, spool: &Path) {
 }
 
 /// mkdir + fsync of the parent, for directories that are to exist before the test.
-fn durable_dir(dir: &Path) {
+pub fn durable_dir(dir: &Path) {
     fs::create_dir(dir).unwrap();
     fs::File::open(dir.parent().unwrap())
         .unwrap()
