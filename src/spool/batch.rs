@@ -205,18 +205,19 @@ pub struct Parts {
 impl Parts {
     /// A whole message held in memory, cut into parts of [`super::PART_SIZE`] so that
     /// whoever reads it later reads it part by part.
-    pub fn whole(mut bytes: Vec<u8>) -> Parts {
-        let mut rest = Vec::new();
-        if bytes.len() > super::PART_SIZE {
-            let mut tail = bytes.split_off(super::PART_SIZE);
-            while tail.len() > super::PART_SIZE {
-                let next = tail.split_off(super::PART_SIZE);
-                rest.push(std::mem::replace(&mut tail, next));
-            }
-            rest.push(tail);
+    pub fn whole(bytes: Vec<u8>) -> Parts {
+        if bytes.len() <= super::PART_SIZE {
+            return Parts {
+                first: bytes,
+                ..Parts::default()
+            };
         }
+        // Copied part by part (each with its own exact allocation), then the whole goes.
+        let mut chunks = bytes.chunks(super::PART_SIZE).map(<[u8]>::to_vec);
+        let first = chunks.next().unwrap_or_default();
+        let rest = chunks.collect();
         Parts {
-            first: bytes,
+            first,
             written: 0,
             written_len: 0,
             rest,
