@@ -181,3 +181,69 @@ fn parts_of_a_message_whose_sender_vanished_are_removed() {
     );
     assert_eq!(env.queue(None).len(), 2);
 }
+
+#[test]
+fn a_bounce_returns_at_most_bounce_size_limit_of_a_large_message() {
+    let mut env = MxEnv::custom(
+        "[queue]\nretry_interval = \"1h\"\nbounce_size_limit = \"20KiB\"\n\n\
+         [[partner]]\ndomain = \"example.com\"\nroute = [\"127.0.0.1:1\"]\n",
+    );
+    let _server = env.start();
+    let message = big("returned", 2);
+    let id = smtp_send_with(
+        &env.addr(),
+        "MAIL FROM:<alice@sender.test> RET=FULL",
+        &["bob@example.com"],
+        &[],
+        &message,
+    );
+    // The DSN is kept where it can be read: its domain held.
+    check_ok(
+        "mxspool hold sender.test",
+        &env.mxspool(&["hold", "--force", "sender.test"]),
+    );
+    check_ok("mxspool bounce", &env.mxspool(&["bounce", &id]));
+    let q = env.queue(None);
+    let dsn = q
+        .iter()
+        .find(|e| e.domain == "sender.test")
+        .unwrap_or_else(|| panic!("no DSN queued for the sender: {q:?}"));
+    assert!(
+        dsn.size < 40 << 10,
+        "the DSN of a 2 MiB message is {} bytes (bounce_size_limit 20 KiB)",
+        dsn.size
+    );
+    let out = env.mxspool(&["show", "--body", &dsn.id]);
+    check_ok("mxspool show --body DSN", &out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("message/rfc822"), "{text}");
+    // The returned part is the start of the message, cut after a whole line.
+    let at = find(&out.stdout, b"X-Test: returned").expect("the original in the DSN");
+    let returned_end = find(&out.stdout[at..], b"\r\n--").expect("the end of the returned part");
+    let returned = &out.stdout[at..at + returned_end];
+    assert!(
+        returned.len() <= 20 << 10,
+        "{} bytes returned",
+        returned.len()
+    );
+    assert!(
+        returned.len() > 10 << 10,
+        "{} bytes returned",
+        returned.len()
+    );
+    let same = returned
+        .iter()
+        .zip(&message)
+        .take_while(|(a, b)| a == b)
+        .count();
+    assert!(
+        message.starts_with(returned),
+        "the returned part ({} bytes) differs from the message after {same} bytes: {:?} / {:?}",
+        returned.len(),
+        String::from_utf8_lossy(
+            &returned[same.saturating_sub(40)..(same + 40).min(returned.len())]
+        ),
+        String::from_utf8_lossy(&message[same.saturating_sub(40)..same + 40])
+    );
+    assert!(returned.ends_with(b"\r\n"));
+}
