@@ -83,6 +83,8 @@ fuzz_target!(|data: &[u8]| {
                 }
                 Step::Store(incoming) => s.stored(&incoming.envelope.id, Ok(()), now),
                 Step::Etrn { domain, .. } => s.etrn_done(&domain, 0, false, now),
+                Step::WritePart { .. } => s.part_written(Ok(()), now),
+                Step::Discard { .. } => s.resume(now),
             };
         }
         if closed {

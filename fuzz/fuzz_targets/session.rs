@@ -68,6 +68,19 @@ impl Harness {
                     let held = self.rng.below(4) == 0;
                     step = self.session.etrn_done(&domain, queued, held, self.now);
                 }
+                Step::WritePart { n, bytes, .. } => {
+                    assert!(n >= 1, "parts are numbered from 1");
+                    assert!(!bytes.is_empty(), "an empty part");
+                    let result = match self.rng.below(8) {
+                        0 => Err(StoreFailure::NoSpace),
+                        _ => Ok(()),
+                    };
+                    step = self.session.part_written(result, self.now);
+                }
+                Step::Discard { written, .. } => {
+                    assert!(written >= 1, "a discard of nothing");
+                    step = self.session.resume(self.now);
+                }
                 Step::Store(incoming) => {
                     assert!(
                         self.awaiting_dot_reply,
