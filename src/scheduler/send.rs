@@ -14,7 +14,7 @@ use tracing::{error, info, warn};
 use super::settle::{deferred, failed, Outcome};
 use super::Scheduler;
 use crate::config::Transport;
-use crate::delivery::client::{Connection, LmtpTarget, Outgoing, RcptResult};
+use crate::delivery::client::{ClientConfig, Connection, LmtpTarget, Outgoing, RcptResult};
 use crate::delivery::link::{Link, MaildirTarget};
 use crate::delivery::mx::{ResolveError, Route};
 use crate::delivery::{Reply, Transcript};
@@ -206,6 +206,7 @@ impl Scheduler {
             }
             let link = session.link.as_mut().expect("a usable session");
             let relay = link.relay();
+            let tls = link.tls_state();
             let rcpts: Vec<Recipient> = todo.iter().map(|&i| pending[i].clone()).collect();
             let results = link
                 .send(&Outgoing {
@@ -226,6 +227,7 @@ impl Scheduler {
                     RcptResult::Sent(reply) => Some(Outcome::Sent {
                         reply,
                         relay: relay.clone(),
+                        tls: tls.clone(),
                     }),
                     RcptResult::Deferred(reply) => Some(Outcome::Deferred {
                         status: reply.dsn_status(),
@@ -416,12 +418,26 @@ impl Scheduler {
             let first = addrs.remove(at);
             addrs.insert(0, first);
         }
+        // The partner's TLS policy, else [delivery] tls.
+        let tls = self
+            .config()
+            .partner(domain)
+            .and_then(|p| p.tls)
+            .unwrap_or(self.client.tls);
+        let client = ClientConfig {
+            tls,
+            ..self.client.clone()
+        };
         for (name, addr) in addrs {
             trace(
                 &transcript,
-                &format!("connecting to {name}[{}]:{}", addr.ip(), addr.port()),
+                &format!(
+                    "connecting to {name}[{}]:{} (tls = {tls})",
+                    addr.ip(),
+                    addr.port()
+                ),
             );
-            match Connection::connect(addr, name, &self.client, transcript.clone()).await {
+            match Connection::connect(addr, name, &client, transcript.clone()).await {
                 Ok(c) => return Ok(Link::Remote(Box::new(c))),
                 Err(e) => {
                     let why = format!("connect to {name}[{}]:{}: {e}", addr.ip(), addr.port());
