@@ -139,6 +139,15 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// The status of a deferral for this error: `4.7.5` (a cryptographic failure, RFC 3463)
+    /// when the TLS policy cannot be met, else `4.4.1` (no answer from host).
+    pub fn dsn_status(&self) -> &'static str {
+        match self {
+            ClientError::TlsPolicy(_) | ClientError::TlsHandshake(_) => "4.7.5",
+            _ => "4.4.1",
+        }
+    }
+
     /// A 5xx banner or HELO refusal: this host will not take mail from us (the recipients
     /// may still go to the next MX host).
     pub fn is_permanent(&self) -> bool {

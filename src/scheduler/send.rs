@@ -405,6 +405,7 @@ impl Scheduler {
             Err(ResolveError::Temporary(e)) => return Err(deferred(e, "4.4.3", None)),
         };
         let mut last = format!("no reachable next hop for {domain}");
+        let mut last_status = "4.4.1";
         let mut permanent = None;
         let mut addrs: Vec<(&str, SocketAddr)> = hops
             .iter()
@@ -447,6 +448,7 @@ impl Scheduler {
                         permanent = Some(why.clone());
                     }
                     last = why;
+                    last_status = e.dsn_status();
                 }
             }
         }
@@ -454,7 +456,7 @@ impl Scheduler {
         // unless the domain has a single hop that refuses us for good.
         match permanent {
             Some(why) if hops.len() == 1 && hops[0].addrs.len() == 1 => Err(failed(why, "5.4.0")),
-            _ => Err(deferred(last, "4.4.1", None)),
+            _ => Err(deferred(last, last_status, None)),
         }
     }
 }

@@ -195,3 +195,68 @@ impl tokio::io::AsyncWrite for Conn {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A self-signed certificate for `names`, written as `DIR/STEM.pem` and `DIR/STEM.key`.
+    fn pair(dir: &Path, stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(names)
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (c, k) = (
+            dir.join(format!("{stem}.pem")),
+            dir.join(format!("{stem}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+
+    fn names_of(k: &CertifiedKey) -> bool {
+        let c = webpki::EndEntityCert::try_from(k.end_entity_cert().unwrap()).unwrap();
+        c.verify_is_valid_for_subject_name(&ServerName::try_from("b.test").unwrap())
+            .is_ok()
+    }
+
+    #[test]
+    fn sni_picks_the_certificate_valid_for_the_name_else_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = pair(dir.path(), "a", &["a.test"]);
+        let b = pair(dir.path(), "b", &["b.test", "*.b.test"]);
+        let certs = Certificates::load(&[a, b]).unwrap();
+        let sni = BySni {
+            keys: certs.keys.clone(),
+        };
+        assert!(names_of(&sni.pick(Some("b.test")).unwrap()));
+        assert!(names_of(&sni.pick(Some("mx.b.test")).unwrap()));
+        assert!(!names_of(&sni.pick(Some("a.test")).unwrap()));
+        assert!(!names_of(&sni.pick(Some("c.test")).unwrap()));
+        assert!(!names_of(&sni.pick(None).unwrap()));
+        let _ = certs.server_config();
+    }
+
+    #[test]
+    fn bad_files_are_one_line_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a_cert, a_key) = pair(dir.path(), "a", &["a.test"]);
+        let (_, b_key) = pair(dir.path(), "b", &["b.test"]);
+        let err = load_pair(&a_cert, &b_key).unwrap_err();
+        assert!(
+            err.contains("b.key does not belong to the certificate"),
+            "{err}"
+        );
+        let err = load_pair(&a_key, &a_key).unwrap_err();
+        assert!(err.contains("a.key: no CERTIFICATE"), "{err}");
+        let err = load_pair(&a_cert, &a_cert).unwrap_err();
+        assert!(err.contains("TLS key") && err.contains("a.pem"), "{err}");
+        let err = load_pair(&dir.path().join("none.pem"), &a_key).unwrap_err();
+        assert!(err.starts_with("cannot read TLS certificate"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+        assert!(load_pair(&a_cert, &a_key).is_ok());
+    }
+}

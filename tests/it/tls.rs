@@ -557,6 +557,7 @@ fn tls_outbound_verify_defers_on_a_wrong_name_and_encrypt_without_starttls() {
             .unwrap()
             .to_string();
         assert!(line.contains("TLS handshake"), "{line}");
+        assert!(line.contains("dsn=4.7.5"), "{line}");
     }
     {
         // encrypt toward a primary without a certificate: no STARTTLS, deferred.
