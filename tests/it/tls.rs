@@ -6,7 +6,9 @@
 //! with a broken key. Outbound: mxspool delivering to a second mxspool with a certificate
 //! (a primary with a local Maildir) under `may`, `verify` (right CA and name; wrong name;
 //! untrusted CA), `encrypt` toward a peer without STARTTLS, and `may` toward a peer whose
-//! handshake fails (tried again in clear).
+//! handshake fails (tried again in clear). Postfix on the other side: as the primary with
+//! `smtpd_tls_cert_file` (mxspool under `verify`), and as the sender with
+//! `smtp_tls_security_level = verify` and the test CA.
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -674,4 +676,143 @@ fn tls_outbound_may_falls_back_to_clear_when_the_handshake_fails() {
     assert!(b.log().contains("again without TLS"), "{}", b.log());
     assert!(b.log().contains("tls=none"), "{}", b.log());
     assert!(backup.queue(None).is_empty());
+}
+
+// ---- Postfix on the other side ----
+
+/// Postfix's TLS session cache and entropy service, which its smtp and smtpd need for TLS.
+const TLSMGR: &str = "tlsmgr    unix  -       -       n       1000?   1       tlsmgr\n";
+
+/// Postfix as the primary with `smtpd_tls_cert_file`: mxspool under `verify` (the test CA,
+/// the route's host name through DNS) delivers over TLS, and Postfix's `Received:` says so.
+#[test]
+fn tls_postfix_primary_gets_mail_over_verified_tls() {
+    let ca = TestCa::new("mxspool primary CA");
+    let certs = public_tempdir("mxspool-tls-pf.");
+    let (cert, key) = ca.issue(
+        certs.path(),
+        "mail",
+        "mail.example.com",
+        &["mail.example.com"],
+    );
+    let ca_file = certs.path().join("ca.pem");
+    ca.write_ca(&ca_file);
+    let zone = "$ORIGIN example.com.\n$TTL 60\n\
+         @ IN SOA ns.example.com. hostmaster.example.com. 1 3600 600 86400 60\n\
+         @ IN NS ns.example.com.\nns IN A 127.0.0.1\nmail IN A 127.0.0.2\n";
+    let dns = TestDns::start(&[("example.com.", zone)]);
+    let pf_port = free_port_at("127.0.0.2");
+    let mailbase = public_tempdir("mxspool-maildir.");
+    check_ok(
+        "chown nobody maildir base",
+        &run(
+            Command::new("chown")
+                .arg("nobody:nogroup")
+                .arg(mailbase.path()),
+            10,
+        ),
+    );
+    let postfix = Postfix::start(
+        &format!(
+            "mynetworks = 127.0.0.0/8\n\
+             smtpd_recipient_restrictions = permit_mynetworks, reject\n\
+             virtual_mailbox_domains = example.com\n\
+             virtual_mailbox_base = {base}\n\
+             virtual_mailbox_maps = static:mail/\n\
+             virtual_uid_maps = static:65534\n\
+             virtual_gid_maps = static:65534\n\
+             virtual_transport = virtual\n\
+             smtpd_tls_cert_file = {cert}\n\
+             smtpd_tls_key_file = {key}\n\
+             smtpd_tls_security_level = may\n\
+             smtpd_tls_received_header = yes\n\
+             smtpd_tls_loglevel = 1\n",
+            base = mailbase.path().display(),
+            cert = cert.display(),
+            key = key.display(),
+        ),
+        &format!(
+            "127.0.0.2:{pf_port} inet n - n - - smtpd\n\
+             virtual   unix  -       n       n       -       -       virtual\n{TLSMGR}"
+        ),
+    );
+    let mut backup = MxEnv::custom(&format!(
+        "[queue]\nretry_interval = \"1h\"\n\n[delivery]\nconnect_timeout = \"2s\"\nnameservers = [\"{}\"]\ntls = \"verify\"\ntls_ca_file = \"{}\"\n\n[[partner]]\ndomain = \"example.com\"\nroute = [\"mail.example.com:{pf_port}\"]\n",
+        dns.addr,
+        ca_file.display()
+    ));
+    let b = backup.start();
+    let t = send_and_flush(&backup);
+    let maildir = mailbase.path().join("mail");
+    let mut got = Vec::new();
+    let arrived = wait_for(Duration::from_secs(15), Duration::from_millis(100), || {
+        got = maildir_messages(&maildir);
+        !got.is_empty()
+    });
+    assert!(
+        arrived,
+        "nothing in Postfix's Maildir:\n{t}\n--- mxspool\n{}\n--- postfix\n{}",
+        b.log(),
+        postfix.log()
+    );
+    assert!(got[0].contains("(using TLSv1."), "{}", got[0]);
+    assert!(got[0].contains("with ESMTPS"), "{}", got[0]);
+    assert!(
+        b.log().contains(&format!(
+            "Verified TLS connection established to mail.example.com[127.0.0.2]:{pf_port}"
+        )),
+        "{}",
+        b.log()
+    );
+    assert!(
+        postfix.log().contains("TLS connection established from"),
+        "{}",
+        postfix.log()
+    );
+}
+
+/// Postfix as the sender with `smtp_tls_security_level = verify` and the test CA: it
+/// verifies mxspool's certificate and the mail is queued intact.
+#[test]
+fn tls_postfix_sender_verifies_mxspool() {
+    let (mut env, _ca, ca_file) = inbound();
+    let server = env.start();
+    let postfix = Postfix::start(
+        &format!(
+            "relayhost = [127.0.0.1]:{port}\n\
+             smtp_tls_security_level = verify\n\
+             smtp_tls_CAfile = {ca}\n\
+             smtp_tls_policy_maps = inline:{{ {{[127.0.0.1]:{port} = verify match=mx2.test}} }}\n\
+             smtp_tls_loglevel = 1\n",
+            port = env.port,
+            ca = ca_file.display()
+        ),
+        TLSMGR,
+    );
+    let message = b"From: <alice@mta1.test>\r\nTo: <u@example.com>\r\nSubject: from postfix\r\n\r\nVerified all the way.\r\n";
+    postfix.sendmail("alice@mta1.test", &["u@example.com"], message);
+    let mut queue = Vec::new();
+    let queued = wait_for(Duration::from_secs(20), Duration::from_millis(200), || {
+        queue = env.queue(None);
+        !queue.is_empty()
+    });
+    assert!(
+        queued,
+        "nothing queued\n--- mxspool\n{}\n--- postfix\n{}",
+        server.log(),
+        postfix.log()
+    );
+    assert!(
+        postfix
+            .log()
+            .contains("Verified TLS connection established to 127.0.0.1[127.0.0.1]"),
+        "{}",
+        postfix.log()
+    );
+    let show = env.show(&queue[0].id).unwrap();
+    assert!(
+        received_header(&show).unwrap().contains("with ESMTPS"),
+        "{show}"
+    );
+    assert!(show.contains("Subject: from postfix"), "{show}");
 }
