@@ -83,6 +83,7 @@ fuzz_target!(|data: &[u8]| {
                 }
                 Step::Store(incoming) => s.stored(&incoming.envelope.id, Ok(()), now),
                 Step::Etrn { domain, .. } => s.etrn_done(&domain, 0, false, now),
+                Step::StartTls => s.tls_started(common::tls13()),
             };
         }
         if closed {
