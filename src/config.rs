@@ -131,6 +131,27 @@ fn networks<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
         .collect()
 }
 
+/// A path or a list of paths.
+fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        One(PathBuf),
+        Many(Vec<PathBuf>),
+    }
+    Ok(match Raw::deserialize(d)? {
+        Raw::One(p) if p.as_os_str().is_empty() => Vec::new(),
+        Raw::One(p) => vec![p],
+        Raw::Many(v) => v,
+    })
+}
+
+/// A path, where `""` means none.
+fn optional_path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+    let p = PathBuf::deserialize(d)?;
+    Ok((!p.as_os_str().is_empty()).then_some(p))
+}
+
 fn secs(n: u64) -> HumanDuration {
     HumanDuration(Duration::from_secs(n))
 }
@@ -290,6 +311,22 @@ pub struct SmtpConfig {
     /// RCPTs past `max_recipients` that get `452 4.5.3` without counting as errors
     /// (Postfix's `smtpd_recipient_overshoot_limit`); beyond them each one is an error.
     pub recipient_overshoot: usize,
+    /// STARTTLS certificate chains (PEM), one path or a list (chosen by SNI); relative:
+    /// from the configuration file's directory. STARTTLS is offered when set.
+    #[serde(
+        deserialize_with = "one_or_many",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub tls_certificate: Vec<PathBuf>,
+    /// The private key of each `tls_certificate` (PEM), in the same order.
+    #[serde(
+        deserialize_with = "one_or_many",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub tls_key: Vec<PathBuf>,
+    /// The certificates, loaded by [`Config::load`] (re-read by every reload).
+    #[serde(skip)]
+    pub tls: Option<std::sync::Arc<crate::tls::server::Certificates>>,
 }
 
 impl Default for SmtpConfig {
@@ -304,6 +341,9 @@ impl Default for SmtpConfig {
             etrn_clients: Vec::new(),
             max_errors: 20,
             recipient_overshoot: 1000,
+            tls_certificate: Vec::new(),
+            tls_key: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -351,6 +391,17 @@ pub struct DeliveryConfig {
     /// unset: the system chooses.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bind_address: Option<IpAddr>,
+    /// The outbound STARTTLS policy (Postfix's `smtp_tls_security_level`).
+    pub tls: crate::tls::client::TlsPolicy,
+    /// Extra trust anchors (PEM) for `verify`, beside the system's roots; `""`: none.
+    #[serde(
+        deserialize_with = "optional_path",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tls_ca_file: Option<PathBuf>,
+    /// The certificates of `tls_ca_file`, loaded by [`Config::load`].
+    #[serde(skip)]
+    pub tls_ca: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 impl Default for DeliveryConfig {
@@ -361,6 +412,9 @@ impl Default for DeliveryConfig {
             helo_timeout: secs(300),
             nameservers: Vec::new(),
             bind_address: None,
+            tls: Default::default(),
+            tls_ca_file: None,
+            tls_ca: Vec::new(),
         }
     }
 }
@@ -379,6 +433,9 @@ pub struct Partner {
     /// Whether the domain may be flushed with ETRN.
     #[serde(default)]
     pub etrn: bool,
+    /// The outbound TLS policy toward this partner's next hops (else `[delivery] tls`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<crate::tls::client::TlsPolicy>,
     /// The recipient list, loaded by [`Config::load`]: lower-cased local parts.
     #[serde(skip)]
     pub users: Option<HashSet<String>>,
@@ -399,6 +456,7 @@ impl Config {
         let base = config_dir(path);
         config.spool = relative_to(&base, &config.spool);
         config.load_lists(&base).map_err(invalid)?;
+        config.load_tls(&base).map_err(invalid)?;
         Ok(config)
     }
 
@@ -455,6 +513,18 @@ impl Config {
             if v == 0 {
                 return Err(at(key, "must be at least 1".into()));
             }
+        }
+        let (certs, keys) = (self.smtp.tls_certificate.len(), self.smtp.tls_key.len());
+        if certs != keys {
+            let (key, msg) = match (certs, keys) {
+                (0, _) => ("tls_key", "is set without tls_certificate".to_string()),
+                (_, 0) => ("tls_certificate", "is set without tls_key".to_string()),
+                _ => (
+                    "tls_key",
+                    format!("{keys} key(s) for {certs} tls_certificate file(s): give one key per certificate"),
+                ),
+            };
+            return Err(at_in("smtp", key, msg.to_string()));
         }
         if self.smtp.max_message_size.0 < 1024 {
             return Err(at("max_message_size", "must be at least 1024 bytes".into()));
@@ -583,6 +653,28 @@ impl Config {
                 Some(_) => {}
                 None => self.user = Some((*first).clone()),
             }
+        }
+        Ok(())
+    }
+
+    /// Reads the STARTTLS certificates and keys and the outbound trust anchors.
+    fn load_tls(&mut self, base: &Path) -> Result<(), String> {
+        let smtp = &mut self.smtp;
+        if !smtp.tls_certificate.is_empty() {
+            let pairs: Vec<(PathBuf, PathBuf)> = smtp
+                .tls_certificate
+                .iter()
+                .zip(&smtp.tls_key)
+                .map(|(c, k)| (relative_to(base, c), relative_to(base, k)))
+                .collect();
+            let certs = crate::tls::server::Certificates::load(&pairs)
+                .map_err(|e| format!("[smtp] {e}"))?;
+            smtp.tls = Some(std::sync::Arc::new(certs));
+        }
+        if let Some(file) = &self.delivery.tls_ca_file {
+            let file = relative_to(base, file);
+            self.delivery.tls_ca = crate::tls::server::load_chain(&file)
+                .map_err(|e| format!("[delivery] tls_ca_file: {e}"))?;
         }
         Ok(())
     }

@@ -17,6 +17,7 @@
 //!   queue operations, the control socket and the reports behind them.
 //! - [`ops`]: the operator's surface around them: the live configuration snapshot and its
 //!   reload, the privilege drop and the private spool, what reaches a terminal.
+//! - [`tls`]: STARTTLS in (certificates, the acceptor) and out (the policy, the connectors).
 
 pub mod admin;
 pub mod cli;
@@ -34,4 +35,5 @@ pub mod report;
 pub mod scheduler;
 pub mod smtp;
 pub mod spool;
+pub mod tls;
 pub mod virtual_table;

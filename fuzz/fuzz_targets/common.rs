@@ -73,7 +73,16 @@ fn primary_policy() -> Arc<Policy> {
     Arc::new(Policy::new(&c))
 }
 
-/// A session chosen by `choice`: partner or primary policy, client inside or outside the
+/// What the driver tells the session after a STARTTLS handshake.
+pub fn tls13() -> mxspool::tls::TlsInfo {
+    mxspool::tls::TlsInfo {
+        version: "TLSv1.3".into(),
+        cipher: "TLS13_AES_256_GCM_SHA384".into(),
+        bits: 256,
+    }
+}
+
+/// A session chosen by `choice` (bit 0x80: a certificate, so STARTTLS is offered): partner or primary policy, client inside or outside the
 /// relay networks (or loopback, allowed ETRN), a small or a normal size limit.
 pub fn session(choice: u8) -> Session {
     let config = Arc::new(SessionConfig {
@@ -83,6 +92,7 @@ pub fn session(choice: u8) -> Session {
         max_errors: 20,
         recipient_overshoot: if choice & 8 != 0 { 2 } else { 1000 },
         min_free_space: 1 << 20,
+        starttls: choice & 0x80 != 0,
     });
     let policy = if choice & 1 != 0 {
         primary_policy()

@@ -63,6 +63,8 @@ impl Harness {
                     self.closed = true;
                     return;
                 }
+                // The handshake worked: the session starts over.
+                Step::StartTls => step = self.session.tls_started(common::tls13()),
                 Step::Etrn { domain, .. } => {
                     let queued = self.rng.below(3);
                     let held = self.rng.below(4) == 0;

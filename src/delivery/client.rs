@@ -26,6 +26,8 @@ use tokio::time::{timeout, timeout_at, Instant};
 
 use super::{Reply, Transcript};
 use crate::envelope::{Body, Envelope, Notify, Recipient, Ret};
+use crate::tls::client::{Connectors, TlsPolicy, Verified};
+use crate::tls::TlsInfo;
 
 /// A reply longer than this (all lines) is a protocol error.
 const MAX_REPLY: usize = 64 * 1024;
@@ -87,6 +89,11 @@ pub struct ClientConfig {
     pub timeouts: Timeouts,
     /// The local address TCP connections come from (`[delivery] bind_address`).
     pub bind: Option<std::net::IpAddr>,
+    /// The STARTTLS policy of this connection (`[delivery] tls`, a partner's `tls`).
+    pub tls: TlsPolicy,
+    /// The TLS client configurations; without them no STARTTLS is tried (and `encrypt`
+    /// or `verify` fail).
+    pub tls_connectors: Option<std::sync::Arc<Connectors>>,
 }
 
 impl ClientConfig {
@@ -97,6 +104,8 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(30),
             timeouts: Timeouts::default(),
             bind: None,
+            tls: TlsPolicy::None,
+            tls_connectors: None,
         }
     }
 }
@@ -120,9 +129,25 @@ pub enum ClientError {
     /// The message could not be read from the spool while it was being sent.
     #[error("cannot read the message from the spool: {0}")]
     Spool(String),
+    /// The TLS policy cannot be met (STARTTLS not offered or refused, a certificate that
+    /// does not verify): a temporary failure, never a bounce.
+    #[error("{0}")]
+    TlsPolicy(String),
+    /// The TLS handshake failed (under `may`, tried again in clear).
+    #[error("{0}")]
+    TlsHandshake(String),
 }
 
 impl ClientError {
+    /// The status of a deferral for this error: `4.7.5` (a cryptographic failure, RFC 3463)
+    /// when the TLS policy cannot be met, else `4.4.1` (no answer from host).
+    pub fn dsn_status(&self) -> &'static str {
+        match self {
+            ClientError::TlsPolicy(_) | ClientError::TlsHandshake(_) => "4.7.5",
+            _ => "4.4.1",
+        }
+    }
+
     /// A 5xx banner or HELO refusal: this host will not take mail from us (the recipients
     /// may still go to the next MX host).
     pub fn is_permanent(&self) -> bool {
@@ -147,6 +172,8 @@ pub struct Extensions {
     pub smtputf8: bool,
     pub dsn: bool,
     pub enhanced_status_codes: bool,
+    /// STARTTLS (RFC 3207).
+    pub starttls: bool,
 }
 
 impl Extensions {
@@ -168,6 +195,7 @@ impl Extensions {
                 "SMTPUTF8" => ext.smtputf8 = true,
                 "DSN" => ext.dsn = true,
                 "ENHANCEDSTATUSCODES" => ext.enhanced_status_codes = true,
+                "STARTTLS" => ext.starttls = true,
                 _ => {}
             }
         }
@@ -274,6 +302,8 @@ impl fmt::Display for LmtpTarget {
 enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// After STARTTLS.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 impl Stream {
@@ -281,6 +311,10 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.write_all(bytes).await,
             Stream::Unix(s) => s.write_all(bytes).await,
+            Stream::Tls(s) => {
+                s.write_all(bytes).await?;
+                s.flush().await
+            }
         }
     }
 
@@ -288,6 +322,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.read_buf(buf).await,
             Stream::Unix(s) => s.read_buf(buf).await,
+            Stream::Tls(s) => s.read_buf(buf).await,
         }
     }
 
@@ -295,6 +330,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.shutdown().await,
             Stream::Unix(s) => s.shutdown().await,
+            Stream::Tls(s) => s.shutdown().await,
         }
     }
 }
@@ -338,6 +374,8 @@ pub struct Connection {
     broken: bool,
     /// Transactions this session brought to a reply after the final dot.
     completed: u32,
+    /// The TLS session after STARTTLS, and how the certificate was checked.
+    tls: Option<(TlsInfo, Verified)>,
 }
 
 /// A TCP connection to `addr`, from `bind` when given (any port).
@@ -355,11 +393,37 @@ async fn tcp_connect(addr: SocketAddr, bind: Option<std::net::IpAddr>) -> io::Re
 }
 
 impl Connection {
-    /// Connects, reads the greeting and says EHLO (HELO if EHLO is refused with 5xx).
+    /// Connects, reads the greeting and says EHLO (HELO if EHLO is refused with 5xx), then
+    /// STARTTLS and EHLO again as `cfg.tls` says. Under `may` a failed handshake is tried
+    /// again in clear on a new connection, as Postfix does.
     pub async fn connect(
         addr: SocketAddr,
         host_name: &str,
         cfg: &ClientConfig,
+        transcript: Option<Transcript>,
+    ) -> Result<Connection, ClientError> {
+        match Connection::connect_with(addr, host_name, cfg, cfg.tls, transcript.clone()).await {
+            Err(ClientError::TlsHandshake(e)) if cfg.tls == TlsPolicy::May => {
+                let why = format!(
+                    "{e}; trying {host_name}[{}]:{} again without TLS",
+                    addr.ip(),
+                    addr.port()
+                );
+                tracing::warn!("{why}");
+                if let Some(t) = &transcript {
+                    t(&why);
+                }
+                Connection::connect_with(addr, host_name, cfg, TlsPolicy::None, transcript).await
+            }
+            other => other,
+        }
+    }
+
+    async fn connect_with(
+        addr: SocketAddr,
+        host_name: &str,
+        cfg: &ClientConfig,
+        tls: TlsPolicy,
         transcript: Option<Transcript>,
     ) -> Result<Connection, ClientError> {
         let stream = dial(cfg, tcp_connect(addr, cfg.bind)).await?;
@@ -371,7 +435,121 @@ impl Connection {
             "",
             &format!("connected to {}, waiting for the greeting", c.relay()),
         );
-        c.hello(cfg).await
+        c.hello(cfg).await?.starttls(cfg, tls).await
+    }
+
+    /// STARTTLS after EHLO as `policy` says, then EHLO again (RFC 3207 4.2).
+    async fn starttls(
+        mut self,
+        cfg: &ClientConfig,
+        policy: TlsPolicy,
+    ) -> Result<Connection, ClientError> {
+        if policy == TlsPolicy::None {
+            return Ok(self);
+        }
+        let relay = self.relay();
+        let connectors = match (&cfg.tls_connectors, self.ext.starttls) {
+            (Some(c), true) => c.clone(),
+            _ if policy.allows_clear() => return Ok(self),
+            (None, _) => {
+                self.say_quit().await;
+                return Err(ClientError::TlsPolicy(format!(
+                    "TLS is required (tls = \"{policy}\"), but no TLS client is configured"
+                )));
+            }
+            (Some(_), false) => {
+                self.say_quit().await;
+                return Err(ClientError::TlsPolicy(format!(
+                    "TLS is required (tls = \"{policy}\"), but was not offered by host {relay}"
+                )));
+            }
+        };
+        let other = self.timeouts.other;
+        let (reply, _) = self.command("STARTTLS", "STARTTLS", other).await?;
+        if reply.code != 220 {
+            if policy.allows_clear() && !self.broken {
+                self.trace(
+                    "",
+                    &format!("STARTTLS refused by {relay}; going on in clear"),
+                );
+                return Ok(self);
+            }
+            self.say_quit().await;
+            return Err(ClientError::TlsPolicy(format!(
+                "TLS is required (tls = \"{policy}\"), but host {relay} refused STARTTLS: {reply}"
+            )));
+        }
+        // Whatever came in clear behind the 220 is not the server's word over TLS.
+        self.buf.clear();
+        let (connector, verified) = connectors.for_policy(policy);
+        let name = crate::tls::client::server_name(&self.host_name, self.peer.ip());
+        let Stream::Tcp(tcp) = self.stream else {
+            return Err(ClientError::Protocol(
+                "STARTTLS needs a TCP connection".into(),
+            ));
+        };
+        let tls = match timeout(other, connector.connect(name, tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                let why = format!("TLS handshake with {relay} failed: {e}");
+                if let Some(t) = &self.transcript {
+                    t(&why);
+                }
+                let certificate = e
+                    .get_ref()
+                    .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                    .is_some_and(|r| {
+                        matches!(
+                            r,
+                            rustls::Error::InvalidCertificate(_)
+                                | rustls::Error::NoCertificatesPresented
+                        )
+                    });
+                return Err(if certificate && verified == Verified::Pkix {
+                    ClientError::TlsPolicy(format!("{why} (tls = \"verify\")"))
+                } else {
+                    ClientError::TlsHandshake(why)
+                });
+            }
+            Err(_) => {
+                let why = format!("TLS handshake with {relay} timed out");
+                if let Some(t) = &self.transcript {
+                    t(&why);
+                }
+                return Err(ClientError::TlsHandshake(why));
+            }
+        };
+        let info = TlsInfo::of(tls.get_ref().1);
+        self.stream = Stream::Tls(Box::new(tls));
+        let line = format!(
+            "{} TLS connection established to {relay}: {}",
+            if verified == Verified::Pkix {
+                "Verified"
+            } else {
+                "Untrusted"
+            },
+            info.summary()
+        );
+        tracing::info!("{line}");
+        self.trace("", &line);
+        self.tls = Some((info, verified));
+        let (ehlo, lines) = self
+            .command(&format!("EHLO {}", cfg.helo_name), "EHLO", other)
+            .await?;
+        if ehlo.code / 100 != 2 {
+            self.say_quit().await;
+            return Err(ClientError::Hello(ehlo));
+        }
+        self.ext = Extensions::from_ehlo(&lines);
+        Ok(self)
+    }
+
+    /// For logs: `tls=TLSv1.3 verified=pkix`, or `tls=none`.
+    pub fn tls_state(&self) -> String {
+        match &self.tls {
+            Some((info, verified)) => format!("tls={} verified={verified}", info.version),
+            None => "tls=none".to_string(),
+        }
     }
 
     /// Connects to an LMTP server (RFC 2033), reads the greeting and says LHLO (there is no
@@ -418,6 +596,7 @@ impl Connection {
             in_transaction: false,
             broken: false,
             completed: 0,
+            tls: None,
         }
     }
 
@@ -1394,6 +1573,8 @@ mod tests {
             connect_timeout: Duration::from_secs(5),
             timeouts: Timeouts::all(t),
             bind: None,
+            tls: TlsPolicy::None,
+            tls_connectors: None,
         }
     }
 
@@ -1499,6 +1680,7 @@ mod tests {
                 smtputf8: true,
                 dsn: true,
                 enhanced_status_codes: true,
+                starttls: false,
             }
         );
         let msg = Outgoing {

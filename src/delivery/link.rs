@@ -35,6 +35,15 @@ impl Link {
         }
     }
 
+    /// The TLS state of an SMTP connection for the log (`tls=TLSv1.3 verified=pkix`,
+    /// `tls=none`); `None` for LMTP and Maildir.
+    pub fn tls_state(&self) -> Option<String> {
+        match self {
+            Link::Remote(c) if !c.is_lmtp() => Some(c.tls_state()),
+            _ => None,
+        }
+    }
+
     /// Whether replies come from another server (their text is quoted as `host said`).
     pub fn is_remote(&self) -> bool {
         matches!(self, Link::Remote(_))

@@ -22,6 +22,9 @@ pub struct Snapshot {
     pub config: Arc<Config>,
     pub policy: Arc<Policy>,
     pub session: Arc<SessionConfig>,
+    /// The STARTTLS acceptor, when `[smtp] tls_certificate` is set (its files were read
+    /// with the configuration, so a reload re-reads them).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Snapshot {
@@ -33,8 +36,15 @@ impl Snapshot {
             max_errors: config.smtp.max_errors,
             recipient_overshoot: config.smtp.recipient_overshoot,
             min_free_space: config.queue.min_free_space.0,
+            starttls: config.smtp.tls.is_some(),
         };
+        let tls = config
+            .smtp
+            .tls
+            .as_ref()
+            .map(|certs| tokio_rustls::TlsAcceptor::from(certs.server_config()));
         Snapshot {
+            tls,
             policy: Arc::new(Policy::new(&config)),
             session: Arc::new(session),
             config: Arc::new(config),

@@ -141,6 +141,12 @@ impl Scheduler {
                 ..Timeouts::default()
             },
             bind: config.delivery.bind_address,
+            tls: config.delivery.tls,
+            // The system's roots and tls_ca_file, read once: [delivery] is start-only.
+            tls_connectors: Some(Arc::new(
+                crate::tls::client::Connectors::new(&config.delivery.tls_ca, true)
+                    .map_err(|e| anyhow::anyhow!("[delivery] {e}"))?,
+            )),
         };
         Ok(Arc::new(Scheduler {
             deliveries: Arc::new(Semaphore::new(config.queue.max_deliveries)),

@@ -302,10 +302,11 @@ impl Scheduler {
         for ((i, r), o) in pending.zip(outcomes) {
             let became = next.recipients[i].state;
             match o {
-                Outcome::Sent { reply, relay } => {
+                Outcome::Sent { reply, relay, tls } => {
                     counted("sent");
+                    let tls = tls.as_deref().map(|t| format!("{t}, ")).unwrap_or_default();
                     info!(
-                    "{id}: to=<{}>, relay={relay}, delay={delay}, dsn={}, status=sent ({reply})",
+                    "{id}: to=<{}>, relay={relay}, delay={delay}, {tls}dsn={}, status=sent ({reply})",
                     r.address,
                     reply.dsn_status()
                     )

@@ -14,7 +14,7 @@ use tracing::{error, info, warn};
 use super::settle::{deferred, failed, Outcome};
 use super::Scheduler;
 use crate::config::Transport;
-use crate::delivery::client::{Connection, LmtpTarget, Outgoing, RcptResult};
+use crate::delivery::client::{ClientConfig, Connection, LmtpTarget, Outgoing, RcptResult};
 use crate::delivery::link::{Link, MaildirTarget};
 use crate::delivery::mx::{ResolveError, Route};
 use crate::delivery::{Reply, Transcript};
@@ -206,6 +206,7 @@ impl Scheduler {
             }
             let link = session.link.as_mut().expect("a usable session");
             let relay = link.relay();
+            let tls = link.tls_state();
             let rcpts: Vec<Recipient> = todo.iter().map(|&i| pending[i].clone()).collect();
             let results = link
                 .send(&Outgoing {
@@ -226,6 +227,7 @@ impl Scheduler {
                     RcptResult::Sent(reply) => Some(Outcome::Sent {
                         reply,
                         relay: relay.clone(),
+                        tls: tls.clone(),
                     }),
                     RcptResult::Deferred(reply) => Some(Outcome::Deferred {
                         status: reply.dsn_status(),
@@ -403,6 +405,7 @@ impl Scheduler {
             Err(ResolveError::Temporary(e)) => return Err(deferred(e, "4.4.3", None)),
         };
         let mut last = format!("no reachable next hop for {domain}");
+        let mut last_status = "4.4.1";
         let mut permanent = None;
         let mut addrs: Vec<(&str, SocketAddr)> = hops
             .iter()
@@ -416,12 +419,26 @@ impl Scheduler {
             let first = addrs.remove(at);
             addrs.insert(0, first);
         }
+        // The partner's TLS policy, else [delivery] tls.
+        let tls = self
+            .config()
+            .partner(domain)
+            .and_then(|p| p.tls)
+            .unwrap_or(self.client.tls);
+        let client = ClientConfig {
+            tls,
+            ..self.client.clone()
+        };
         for (name, addr) in addrs {
             trace(
                 &transcript,
-                &format!("connecting to {name}[{}]:{}", addr.ip(), addr.port()),
+                &format!(
+                    "connecting to {name}[{}]:{} (tls = {tls})",
+                    addr.ip(),
+                    addr.port()
+                ),
             );
-            match Connection::connect(addr, name, &self.client, transcript.clone()).await {
+            match Connection::connect(addr, name, &client, transcript.clone()).await {
                 Ok(c) => return Ok(Link::Remote(Box::new(c))),
                 Err(e) => {
                     let why = format!("connect to {name}[{}]:{}: {e}", addr.ip(), addr.port());
@@ -431,6 +448,7 @@ impl Scheduler {
                         permanent = Some(why.clone());
                     }
                     last = why;
+                    last_status = e.dsn_status();
                 }
             }
         }
@@ -438,7 +456,7 @@ impl Scheduler {
         // unless the domain has a single hop that refuses us for good.
         match permanent {
             Some(why) if hops.len() == 1 && hops[0].addrs.len() == 1 => Err(failed(why, "5.4.0")),
-            _ => Err(deferred(last, "4.4.1", None)),
+            _ => Err(deferred(last, last_status, None)),
         }
     }
 }

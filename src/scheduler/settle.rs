@@ -16,6 +16,8 @@ pub enum Outcome {
     Sent {
         reply: Reply,
         relay: String,
+        /// For the log: `tls=TLSv1.3 verified=pkix`, `tls=none` (SMTP and LMTP only).
+        tls: Option<String>,
     },
     Deferred {
         reason: String,
@@ -278,6 +280,7 @@ mod tests {
                 text: "ok".into(),
             },
             relay: "mail[127.0.0.2]:25".into(),
+            tls: None,
         }
     }
 

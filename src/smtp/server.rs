@@ -24,6 +24,8 @@ use crate::ops::live::Live;
 use crate::ops::metrics::{label, Metrics};
 use crate::scheduler::Scheduler;
 use crate::spool::Spool;
+use crate::tls::server::Conn;
+use crate::tls::TlsInfo;
 
 /// Shared by every connection.
 struct Shared {
@@ -386,7 +388,7 @@ fn admit(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, socket: Owned
 async fn session(
     shared: Arc<Shared>,
     snapshot: Arc<crate::ops::live::Snapshot>,
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     _permit: OwnedSemaphorePermit,
     _slot: IpSlot,
@@ -404,6 +406,8 @@ async fn session(
         "421 4.3.2 {} Service shutting down, closing transmission channel\r\n",
         snapshot.session.hostname
     );
+    // Clear until STARTTLS; the rest of the loop does not care which.
+    let mut stream = Conn::Plain(stream);
     let mut buf = vec![0u8; 16 * 1024];
     let mut parts = StoredParts::new(shared.spool.clone(), shared.gauge.clone());
     let mut step = Step::Read;
@@ -549,6 +553,36 @@ async fn session(
                     if held { ", domain on hold" } else { "" }
                 );
                 s.etrn_done(&domain, started, held, SystemTime::now())
+            }
+            Step::StartTls => {
+                // The 220 (and the replies before it) go out in clear; what the client sent
+                // behind STARTTLS was dropped by the session, and nothing is read from the
+                // socket but the handshake.
+                let out = s.take_output();
+                stream.write_all(&out).await?;
+                let (Conn::Plain(tcp), Some(acceptor)) = (stream, snapshot.tls.clone()) else {
+                    return Ok(());
+                };
+                match tokio::time::timeout(idle_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let info = TlsInfo::of(tls.get_ref().1);
+                        info!(
+                            "Anonymous TLS connection established from unknown[{}]: {}",
+                            peer.ip(),
+                            info.summary()
+                        );
+                        stream = Conn::Tls(Box::new(tls));
+                        s.tls_started(info)
+                    }
+                    Ok(Err(e)) => {
+                        warn!("TLS handshake failed with unknown[{}]: {e}", peer.ip());
+                        return Ok(());
+                    }
+                    Err(_) => {
+                        warn!("TLS handshake with unknown[{}] timed out", peer.ip());
+                        return Ok(());
+                    }
+                }
             }
             Step::Close => {
                 let out = s.take_output();

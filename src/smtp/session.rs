@@ -18,6 +18,7 @@ use super::path;
 use super::data::{DataReader, Verdict};
 use crate::envelope::{Body, Envelope, Notify, Recipient, Ret};
 use crate::policy::{EtrnRefusal, Policy, Refusal};
+use crate::tls::TlsInfo;
 
 /// RFC 5321 4.5.3.1.4: a command line is at most 512 octets including CRLF.
 pub const MAX_COMMAND_LINE: usize = 512;
@@ -44,6 +45,8 @@ pub struct SessionConfig {
     pub recipient_overshoot: usize,
     /// Free bytes that must stay on the spool's file system.
     pub min_free_space: u64,
+    /// A certificate is configured: STARTTLS is offered (until TLS is up).
+    pub starttls: bool,
 }
 
 /// Free bytes on the spool's file system, refreshed by the server in the background so the
@@ -148,6 +151,11 @@ pub enum Step {
     /// Start delivery of `domain`'s queue (and its subdomains' with `subdomains`) for an
     /// authorised ETRN; then call [`Session::etrn_done`].
     Etrn { domain: String, subdomains: bool },
+    /// Send the pending output (ending with `220 2.0.0 Ready to start TLS`), then do the
+    /// TLS handshake and call [`Session::tls_started`] (or close if it fails). Whatever the
+    /// client sent after the STARTTLS line has been dropped (CVE-2011-0411); the driver
+    /// must not hand the session anything read before the handshake.
+    StartTls,
     /// Send the pending output and close the connection.
     Close,
 }
@@ -265,6 +273,8 @@ pub struct Session {
     output: Vec<u8>,
     errors: usize,
     events: Vec<Event>,
+    /// The TLS session, once the handshake after STARTTLS is done.
+    tls: Option<TlsInfo>,
 }
 
 impl Session {
@@ -288,6 +298,7 @@ impl Session {
             output: Vec::new(),
             errors: 0,
             events: Vec::new(),
+            tls: None,
         };
         let banner = format!("220 {} ESMTP mxspool", s.config.hostname);
         s.reply(&banner);
@@ -317,6 +328,24 @@ impl Session {
     /// Whether the session is reading a message (the driver may use a longer timeout).
     pub fn in_data(&self) -> bool {
         matches!(self.state, State::Data(..))
+    }
+
+    /// The TLS handshake after [`Step::StartTls`] is done: the session starts over (RFC 3207
+    /// 4.2), as if just greeted but without a new greeting: the client must EHLO again,
+    /// and nothing it sent before the handshake counts.
+    pub fn tls_started(&mut self, info: TlsInfo) -> Step {
+        self.input.clear();
+        self.discarding = false;
+        self.helo = None;
+        self.esmtp = false;
+        self.state = State::Fresh;
+        self.tls = Some(info);
+        Step::Read
+    }
+
+    /// The TLS session, if the handshake after STARTTLS is done.
+    pub fn tls(&self) -> Option<&TlsInfo> {
+        self.tls.as_ref()
     }
 
     /// Client bytes arrived.
@@ -561,6 +590,7 @@ impl Session {
                 self.error("501 5.5.4 Syntax: ETRN domain")
             }
             Request::Etrn { name } => self.etrn(&name),
+            Request::StartTls => self.starttls(line),
             _ => self.error("502 5.5.1 Error: command not implemented"),
         }
     }
@@ -586,6 +616,35 @@ impl Session {
             }
         };
         self.error(&r)
+    }
+
+    /// STARTTLS (RFC 3207): `220`, then everything the client pipelined behind it is
+    /// dropped (CVE-2011-0411: it was sent in clear and must not be executed as if it had
+    /// come over TLS).
+    fn starttls(&mut self, line: &[u8]) -> Option<Step> {
+        if !self.config.starttls {
+            return self.error("502 5.5.1 Error: command not implemented");
+        }
+        if self.tls.is_some() {
+            return self.error("503 5.5.1 Error: TLS already active");
+        }
+        let args = line
+            .get(8..)
+            .unwrap_or_default()
+            .iter()
+            .any(|b| !b.is_ascii_whitespace());
+        if args {
+            return self.error("501 5.5.4 Syntax: STARTTLS");
+        }
+        match self.state {
+            State::Fresh => return self.error("503 5.5.1 Error: send HELO/EHLO first"),
+            State::Mail(_) => return self.error("503 5.5.1 Error: MAIL transaction in progress"),
+            _ => {}
+        }
+        self.reply("220 2.0.0 Ready to start TLS");
+        self.input.clear();
+        self.discarding = false;
+        Some(Step::StartTls)
     }
 
     /// ETRN (RFC 1985): `domain` or `@domain` (the domain and its subdomains).
@@ -652,8 +711,13 @@ impl Session {
             self.reply(&r);
             return None;
         }
+        let starttls = if self.config.starttls && self.tls.is_none() {
+            "250-STARTTLS\r\n"
+        } else {
+            ""
+        };
         let r = format!(
-            "250-{name}\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250-DSN\r\n250-ETRN\r\n250 SMTPUTF8",
+            "250-{name}\r\n250-PIPELINING\r\n250-SIZE {}\r\n{starttls}250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250-DSN\r\n250-ETRN\r\n250 SMTPUTF8",
             self.config.max_message_size
         );
         self.reply(&r);
@@ -976,10 +1040,19 @@ impl Session {
     }
 
     fn received_header(&self, tx: &Transaction, id: &str, now: SystemTime) -> String {
-        let with = match (self.esmtp, tx.smtputf8) {
-            (true, true) => "UTF8SMTP",
-            (true, false) => "ESMTP",
-            _ => "SMTP",
+        // RFC 3848 and RFC 6531: an S for TLS.
+        let with = match (self.esmtp, tx.smtputf8, self.tls.is_some()) {
+            (true, true, false) => "UTF8SMTP",
+            (true, true, true) => "UTF8SMTPS",
+            (true, false, false) => "ESMTP",
+            (true, false, true) => "ESMTPS",
+            (false, _, false) => "SMTP",
+            (false, _, true) => "SMTPS",
+        };
+        // Like Postfix: `(using TLSv1.3 with cipher ... (256/256 bits))` after `from`.
+        let using = match &self.tls {
+            Some(t) => format!("\r\n\t(using {})", t.summary()),
+            None => String::new(),
         };
         let date = chrono::DateTime::<chrono::Local>::from(now).to_rfc2822();
         let helo = printable(self.helo.as_deref().unwrap_or("unknown"));
@@ -989,7 +1062,7 @@ impl Session {
             _ => String::new(),
         };
         format!(
-            "Received: from {helo} ([{}])\r\n\tby {} (mxspool) with {with} id {id}{for_clause};\r\n\t{date}\r\n",
+            "Received: from {helo} ([{}]){using}\r\n\tby {} (mxspool) with {with} id {id}{for_clause};\r\n\t{date}\r\n",
             self.client, self.config.hostname
         )
     }

@@ -38,6 +38,8 @@ struct Client {
     store_result: Result<(), StoreFailure>,
     closed: bool,
     gauge: Arc<SpoolGauge>,
+    /// The session asked for the TLS handshake ([`Step::StartTls`]).
+    starttls: bool,
 }
 
 fn config(max_size: usize) -> Arc<SessionConfig> {
@@ -48,6 +50,7 @@ fn config(max_size: usize) -> Arc<SessionConfig> {
         max_errors: 20,
         recipient_overshoot: 1000,
         min_free_space: 1 << 20,
+        starttls: false,
     })
 }
 
@@ -100,6 +103,7 @@ impl Client {
             store_result: Ok(()),
             closed: false,
             gauge,
+            starttls: false,
         };
         c.collect();
         c
@@ -127,6 +131,10 @@ impl Client {
                 Step::Read => return,
                 Step::Close => {
                     self.closed = true;
+                    return;
+                }
+                Step::StartTls => {
+                    self.starttls = true;
                     return;
                 }
                 Step::Etrn { domain, .. } => {
@@ -1150,4 +1158,115 @@ fn a_part_that_cannot_be_stored_fails_the_message_with_452_at_its_end() {
     c.expect(&["452 4.3.1"]);
     assert!(c.stored.is_empty());
     assert_eq!(c.discarded.len(), 1, "the parts that were stored go");
+}
+
+fn tls_config() -> Arc<SessionConfig> {
+    Arc::new(SessionConfig {
+        starttls: true,
+        ..(*config(1 << 20)).clone()
+    })
+}
+
+fn tls13() -> crate::tls::TlsInfo {
+    crate::tls::TlsInfo {
+        version: "TLSv1.3".into(),
+        cipher: "TLS13_AES_256_GCM_SHA384".into(),
+        bits: 256,
+    }
+}
+
+#[test]
+fn starttls_is_offered_only_with_a_certificate() {
+    let mut c = check(&format!("{EHLO}\nC: STARTTLS\nS: 502 5.5.1"));
+    assert!(!c.starttls);
+    c = Client::with(tls_config());
+    check_with(
+        &mut c,
+        "S: 220 mx2.example.net ESMTP mxspool
+         C: STARTTLS
+         S: 503 5.5.1 Error: send HELO/EHLO first
+         C: EHLO client.example
+         S: 250-mx2.example.net
+         S: 250-PIPELINING
+         S: 250-SIZE 1048576
+         S: 250-STARTTLS
+         S: 250-ENHANCEDSTATUSCODES
+         S: 250-8BITMIME
+         S: 250-DSN
+         S: 250-ETRN
+         S: 250 SMTPUTF8
+         C: STARTTLS now
+         S: 501 5.5.4 Syntax: STARTTLS
+         C: MAIL FROM:<a@b.test>
+         S: 250
+         C: STARTTLS
+         S: 503 5.5.1 Error: MAIL transaction in progress
+         C: RSET
+         S: 250
+         C: STARTTLS
+         S: 220 2.0.0 Ready to start TLS",
+    );
+    assert!(c.starttls);
+}
+
+#[test]
+fn commands_pipelined_behind_starttls_are_dropped_and_the_session_starts_over() {
+    let mut c = Client::with(tls_config());
+    // CVE-2011-0411: MAIL and RCPT came in clear in the same packet; never executed.
+    c.send(b"EHLO client.example\r\nSTARTTLS\r\nMAIL FROM:<evil@b.test>\r\nRCPT TO:<u@example.com>\r\n");
+    assert!(c.starttls);
+    c.pending.retain(|l| !l.starts_with("250"));
+    c.expect(&["220 mx2.example.net ESMTP", "220 2.0.0 Ready to start TLS"]);
+    c.expect_nothing_more();
+    let step = c.session.tls_started(tls13());
+    assert!(matches!(step, Step::Read));
+    assert_eq!(c.session.tls(), Some(&tls13()));
+    check_with(
+        &mut c,
+        "C: RCPT TO:<u@example.com>
+         S: 503 5.5.1 Error: need MAIL command
+         C: MAIL FROM:<a@b.test>
+         S: 503 5.5.1 Error: send HELO/EHLO first
+         C: EHLO client.example
+         S: 250-mx2.example.net
+         S: 250-PIPELINING
+         S: 250-SIZE 1048576
+         S: 250-ENHANCEDSTATUSCODES
+         S: 250-8BITMIME
+         S: 250-DSN
+         S: 250-ETRN
+         S: 250 SMTPUTF8
+         C: STARTTLS
+         S: 503 5.5.1 Error: TLS already active
+         C: MAIL FROM:<a@b.test>
+         S: 250
+         C: RCPT TO:<u@example.com>
+         S: 250
+         C: DATA
+         S: 354
+         C: Subject: x
+         C:
+         C: hi
+         C: .
+         S: 250 2.0.0 Ok: queued as",
+    );
+    let stored = &c.stored[0];
+    assert_eq!(stored.envelope.sender, "a@b.test");
+    let text = String::from_utf8_lossy(&stored.message);
+    assert!(
+        text.starts_with("Received: from client.example ([192.0.2.7])\r\n\t(using TLSv1.3 with cipher TLS13_AES_256_GCM_SHA384 (256/256 bits))\r\n\tby mx2.example.net (mxspool) with ESMTPS id "),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_partial_line_behind_starttls_is_dropped_too() {
+    let mut c = Client::with(tls_config());
+    c.send(b"EHLO client.example\r\nSTARTTLS\r\nMAIL FR");
+    assert!(c.starttls);
+    c.session.tls_started(tls13());
+    c.pending.clear();
+    // "OM:<a@b.test>" must not complete the line sent in clear.
+    c.send(b"OM:<a@b.test>\r\n");
+    c.expect(&["500 5.5.2"]);
 }

@@ -18,7 +18,7 @@ fn config() -> ClientConfig {
         helo_name: "mx2.test".to_string(),
         connect_timeout: Duration::from_secs(10),
         timeouts: Timeouts::all(Duration::from_secs(30)),
-        bind: None,
+        ..ClientConfig::new("mx2.test")
     }
 }
 
