@@ -14,6 +14,8 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::policy::rates::Rate;
+
 /// Default configuration path.
 pub const DEFAULT_PATH: &str = "/etc/mxspool/mxspool.toml";
 
@@ -290,6 +292,15 @@ pub struct SmtpConfig {
     /// RCPTs past `max_recipients` that get `452 4.5.3` without counting as errors
     /// (Postfix's `smtpd_recipient_overshoot_limit`); beyond them each one is an error.
     pub recipient_overshoot: usize,
+    /// New connections per client address (`421 4.7.0` beyond); unset: no limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connection_rate: Option<Rate>,
+    /// MAIL commands per client address (`450 4.7.1` beyond); unset: no limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_message_rate: Option<Rate>,
+    /// DNS blocklists asked about each client at connect (`554 5.7.1` when listed).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dnsbl: Vec<String>,
 }
 
 impl Default for SmtpConfig {
@@ -304,6 +315,9 @@ impl Default for SmtpConfig {
             etrn_clients: Vec::new(),
             max_errors: 20,
             recipient_overshoot: 1000,
+            max_connection_rate: None,
+            max_message_rate: None,
+            dnsbl: Vec::new(),
         }
     }
 }
@@ -476,6 +490,10 @@ impl Config {
         }
         for ns in &self.delivery.nameservers {
             parse_listen(ns).map_err(|e| at("nameservers", e))?;
+        }
+        for list in &mut self.smtp.dnsbl {
+            *list = normal_domain(list)
+                .ok_or_else(|| at("dnsbl", format!("{list:?} is not a domain name")))?;
         }
         // A domain is a partner, a local domain or a route: once, in normal form.
         let mut seen = HashSet::new();

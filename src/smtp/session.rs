@@ -93,6 +93,12 @@ impl SpoolGauge {
     }
 }
 
+/// Asked at each MAIL whether the client may start one more message (the server's
+/// `max_message_rate`); `false` refuses it with `450 4.7.1`. Shared state, no I/O.
+pub trait MessageGate: Send + Sync {
+    fn allow_message(&self, client: IpAddr) -> bool;
+}
+
 /// A message the client finished, to be stored before it is acknowledged.
 #[derive(Debug)]
 pub struct Incoming {
@@ -121,7 +127,7 @@ pub enum Event {
     RefusedRecipient(&'static str),
     /// A message refused at MAIL, at DATA or after the final dot: `size`, `no_space`,
     /// `syntax`, `no_recipients`, `bare_line_ending`, `nul`, `line_too_long`, `loop`,
-    /// `spool_error`.
+    /// `spool_error`, `rate`.
     RefusedMessage(&'static str),
 }
 
@@ -183,6 +189,7 @@ pub struct Session {
     output: Vec<u8>,
     errors: usize,
     events: Vec<Event>,
+    message_gate: Option<Arc<dyn MessageGate>>,
 }
 
 impl Session {
@@ -206,10 +213,16 @@ impl Session {
             output: Vec::new(),
             errors: 0,
             events: Vec::new(),
+            message_gate: None,
         };
         let banner = format!("220 {} ESMTP mxspool", s.config.hostname);
         s.reply(&banner);
         s
+    }
+
+    /// Every MAIL asks `gate` first (see [`MessageGate`]).
+    pub fn set_message_gate(&mut self, gate: Arc<dyn MessageGate>) {
+        self.message_gate = Some(gate);
     }
 
     /// Bytes to send to the client, taken out of the session.
@@ -583,6 +596,13 @@ impl Session {
         let needed = self.config.min_free_space.saturating_add(from.size as u64);
         if self.gauge.get() < needed {
             return self.refused_message("no_space", "452 4.3.1 Insufficient system storage");
+        }
+        if let Some(gate) = &self.message_gate {
+            if !gate.allow_message(self.client) {
+                let r = format!("450 4.7.1 Error: too much mail from {}", self.client);
+                tracing::info!("NOQUEUE: reject: MAIL from [{}]: {r}", self.client);
+                return self.refused_message("rate", &r);
+            }
         }
         let ret = if from.flags & MAIL_RET_FULL != 0 {
             Some(Ret::Full)

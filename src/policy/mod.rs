@@ -14,6 +14,8 @@
 //! unknown users with `550 5.1.1`, never with a later bounce. Pure code: the lists and the
 //! table are loaded with the configuration.
 
+pub mod rates;
+
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 

@@ -1,0 +1,230 @@
+//! The defences the driver applies around a session, before its greeting and at MAIL:
+//! client rate limits ([`crate::policy::rates`]) and DNS blocklists
+//! ([`crate::policy::dnsbl`]). Clients in `[relay] networks` are exempt from both.
+//!
+//! [`Screen`] lives in the server's shared state, so the counts and the cache outlive a
+//! reload; each check takes its limits and lists from the session's configuration snapshot.
+//! The session itself stays sans-IO: a refused connection never gets one (the driver writes
+//! the refusal), and the message rate reaches it as a [`MessageGate`].
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tracing::warn;
+
+use super::session::MessageGate;
+use crate::ops::live::Snapshot;
+use crate::policy::rates::{Rate, Rates};
+
+/// A connection refused before the session: the reply to send instead of the greeting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refused {
+    /// The metrics label: `rate` or `dnsbl`.
+    pub reason: &'static str,
+    pub reply: String,
+    /// After a `554` greeting the server waits for QUIT (RFC 5321 3.1); after a `421` it
+    /// closes at once.
+    pub wait_for_quit: bool,
+}
+
+/// The server's defence state.
+#[derive(Default)]
+pub struct Screen {
+    rates: Rates,
+}
+
+impl Screen {
+    /// The refusal for a new connection from `client`, if any (counting the connection).
+    pub async fn at_connect(&self, snapshot: &Snapshot, client: IpAddr) -> Option<Refused> {
+        if snapshot.policy.is_trusted(client) {
+            return None;
+        }
+        let smtp = &snapshot.config.smtp;
+        if let Some(rate) = smtp.max_connection_rate {
+            if !self.rates.connections.admit(client, rate, Instant::now()) {
+                let reply = format!(
+                    "421 4.7.0 {} Error: too many connections from {client}",
+                    snapshot.session.hostname
+                );
+                warn!("NOQUEUE: reject: CONNECT from [{client}]: {reply} (max_connection_rate {rate})");
+                return Some(Refused {
+                    reason: "rate",
+                    reply,
+                    wait_for_quit: false,
+                });
+            }
+        }
+        None
+    }
+
+    /// What the session of `client` asks at each MAIL, if its messages are limited.
+    pub fn message_gate(
+        self: &Arc<Self>,
+        snapshot: &Snapshot,
+        client: IpAddr,
+    ) -> Option<Arc<dyn MessageGate>> {
+        let rate = snapshot.config.smtp.max_message_rate?;
+        if snapshot.policy.is_trusted(client) {
+            return None;
+        }
+        Some(Arc::new(MessageRate {
+            screen: self.clone(),
+            rate,
+        }))
+    }
+}
+
+/// `max_message_rate` for one session.
+struct MessageRate {
+    screen: Arc<Screen>,
+    rate: Rate,
+}
+
+impl MessageGate for MessageRate {
+    fn allow_message(&self, client: IpAddr) -> bool {
+        let ok = self
+            .screen
+            .rates
+            .messages
+            .admit(client, self.rate, Instant::now());
+        if !ok {
+            warn!(
+                "client [{client}] over max_message_rate {}: MAIL refused",
+                self.rate
+            );
+        }
+        ok
+    }
+}
+
+/// How long a refused client may take to say QUIT, and how many commands it may send.
+const QUIT_WAIT: Duration = Duration::from_secs(10);
+const QUIT_COMMANDS: usize = 10;
+
+/// Sends the refusal and closes the connection; after a `554` greeting, answers
+/// `503 5.5.1` to every command until QUIT (`221`), within bounds.
+pub async fn refuse(mut stream: TcpStream, refused: &Refused) {
+    let mut line = refused.reply.clone();
+    line.push_str("\r\n");
+    let sent =
+        tokio::time::timeout(Duration::from_secs(5), stream.write_all(line.as_bytes())).await;
+    if !matches!(sent, Ok(Ok(()))) {
+        return;
+    }
+    if refused.wait_for_quit {
+        let _ = tokio::time::timeout(QUIT_WAIT, async {
+            let (r, mut w) = stream.split();
+            let mut lines = BufReader::new(r.take(QUIT_COMMANDS as u64 * 512)).lines();
+            for _ in 0..QUIT_COMMANDS {
+                let Ok(Some(cmd)) = lines.next_line().await else {
+                    break;
+                };
+                let quit = cmd.trim().eq_ignore_ascii_case("quit");
+                let answer: &[u8] = if quit {
+                    b"221 2.0.0 Bye\r\n"
+                } else {
+                    b"503 5.5.1 Error: command not accepted, send QUIT\r\n"
+                };
+                if w.write_all(answer).await.is_err() || quit {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.shutdown()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::smtp::session::{Session, SpoolGauge, Step};
+    use std::time::SystemTime;
+
+    fn snapshot(extra: &str) -> Snapshot {
+        Snapshot::new(
+            Config::parse(&format!(
+                "hostname = \"mx2.test\"\nspool = \"/x\"\n[smtp]\n{extra}\n[relay]\nnetworks = [\"192.0.2.0/24\"]\n[[partner]]\ndomain = \"example.com\"\n"
+            ))
+            .unwrap(),
+        )
+    }
+
+    fn output(s: &mut Session) -> String {
+        String::from_utf8(s.take_output()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn connection_rate_spares_the_relay_networks() {
+        let snap = snapshot("max_connection_rate = \"2/1h\"");
+        let screen = Screen::default();
+        let out: IpAddr = "198.51.100.7".parse().unwrap();
+        let relay: IpAddr = "192.0.2.9".parse().unwrap();
+        assert_eq!(screen.at_connect(&snap, out).await, None);
+        assert_eq!(screen.at_connect(&snap, out).await, None);
+        let r = screen.at_connect(&snap, out).await.unwrap();
+        assert_eq!(
+            r.reply,
+            "421 4.7.0 mx2.test Error: too many connections from 198.51.100.7"
+        );
+        assert_eq!(r.reason, "rate");
+        for _ in 0..10 {
+            assert_eq!(screen.at_connect(&snap, relay).await, None);
+        }
+        // No limit configured: nothing counted.
+        let open = snapshot("");
+        assert_eq!(screen.at_connect(&open, out).await, None);
+    }
+
+    #[test]
+    fn message_rate_at_mail() {
+        let snap = snapshot("max_message_rate = \"2/1h\"");
+        let screen = Arc::new(Screen::default());
+        let client: IpAddr = "198.51.100.7".parse().unwrap();
+        assert!(screen
+            .message_gate(&snap, "192.0.2.9".parse().unwrap())
+            .is_none());
+        assert!(screen.message_gate(&snapshot(""), client).is_none());
+        let mut s = Session::new(
+            snap.session.clone(),
+            snap.policy.clone(),
+            Arc::new(SpoolGauge::new(u64::MAX)),
+            client,
+        );
+        s.set_message_gate(screen.message_gate(&snap, client).unwrap());
+        let now = SystemTime::now();
+        assert!(output(&mut s).starts_with("220 "));
+        let say = |s: &mut Session, line: &str| {
+            let step = s.receive(format!("{line}\r\n").as_bytes(), now);
+            assert!(matches!(step, Step::Read));
+            output(s)
+        };
+        say(&mut s, "EHLO c.test");
+        assert_eq!(say(&mut s, "MAIL FROM:<a@b.test>"), "250 2.1.0 Ok\r\n");
+        say(&mut s, "RSET");
+        assert_eq!(say(&mut s, "MAIL FROM:<a@b.test>"), "250 2.1.0 Ok\r\n");
+        say(&mut s, "RSET");
+        assert_eq!(
+            say(&mut s, "MAIL FROM:<a@b.test>"),
+            "450 4.7.1 Error: too much mail from 198.51.100.7\r\n"
+        );
+        assert!(s
+            .take_events()
+            .contains(&crate::smtp::session::Event::RefusedMessage("rate")));
+        // The count is per client, not per session.
+        let mut s2 = Session::new(
+            snap.session.clone(),
+            snap.policy.clone(),
+            Arc::new(SpoolGauge::new(u64::MAX)),
+            client,
+        );
+        s2.set_message_gate(screen.message_gate(&snap, client).unwrap());
+        output(&mut s2);
+        say(&mut s2, "EHLO c.test");
+        assert!(say(&mut s2, "MAIL FROM:<>").starts_with("450 4.7.1"));
+    }
+}

@@ -1,0 +1,140 @@
+//! Backup-MX defences (issue 13) against real clients on loopback: client rate limits seen
+//! from two source addresses (127.0.0.2 limited, 127.0.0.3 in `[relay] networks`), DNS
+//! blocklists served by a real DNS server on loopback (hickory-server, [`TestDns`]).
+
+use crate::harness::*;
+
+const LIMITED: &str = "127.0.0.2";
+const RELAY: &str = "127.0.0.3";
+const OTHER: &str = "127.0.0.4";
+
+/// The backup MX of `example.com` (mail stays queued), with `smtp` in `[smtp]` and
+/// 127.0.0.3 in the relay networks; `tail` after the partner.
+fn env(smtp: &str, tail: &str) -> MxEnv {
+    MxEnv::custom(&format!(
+        "{smtp}\n\n[relay]\nnetworks = [\"{RELAY}/32\"]\n\n[queue]\nretry_interval = \"1h\"\n\n\
+         [[partner]]\ndomain = \"example.com\"\nroute = [\"127.0.0.1:1\"]\n\n{tail}"
+    ))
+}
+
+fn connect(addr: &str, source: &str) -> (Smtp, Reply) {
+    Smtp::connect_from(addr, source).unwrap_or_else(|e| panic!("connect from {source}: {e}"))
+}
+
+/// EHLO, then `MAIL FROM` `n` times (RSET after each accepted one): the replies' codes.
+fn mails(c: &mut Smtp, n: usize) -> Vec<Reply> {
+    let ehlo = c.cmd("EHLO client.test").unwrap();
+    assert_eq!(ehlo.code, 250, "{ehlo}");
+    (0..n)
+        .map(|_| {
+            let r = c.cmd("MAIL FROM:<sender@client.test>").unwrap();
+            if r.code == 250 {
+                assert_eq!(c.cmd("RSET").unwrap().code, 250);
+            }
+            r
+        })
+        .collect()
+}
+
+/// A message to u@example.com in a fresh transaction; the reply to the final dot.
+fn send_one(c: &mut Smtp) -> Reply {
+    let r = c.cmd("MAIL FROM:<sender@client.test>").unwrap();
+    assert_eq!(r.code, 250, "{r}");
+    let r = c.cmd("RCPT TO:<u@example.com>").unwrap();
+    assert_eq!(r.code, 250, "{r}");
+    c.data(b"Subject: defences\r\n\r\nhello\r\n")
+        .unwrap()
+        .expect("DATA accepted")
+}
+
+fn closed(c: &mut Smtp) -> bool {
+    c.reply().is_err()
+}
+
+#[test]
+fn rate_limits_per_client_address_spare_the_relay_networks() {
+    let mut env = env(
+        "max_connection_rate = \"3/1h\"\nmax_message_rate = \"2/1h\"",
+        "",
+    );
+    let server = env.start();
+    let addr = env.addr();
+
+    // The limited client: two messages, then 450 at MAIL, in this session and the next.
+    let (mut c, banner) = connect(&addr, LIMITED);
+    assert_eq!(banner.code, 220, "{banner}");
+    let ehlo = c.cmd("EHLO client.test").unwrap();
+    assert_eq!(ehlo.code, 250);
+    let r = send_one(&mut c);
+    assert_eq!(r.code, 250, "{r}");
+    let r = send_one(&mut c);
+    assert_eq!(r.code, 250, "{r}");
+    let r = c.cmd("MAIL FROM:<sender@client.test>").unwrap();
+    assert_eq!(r.code, 450, "{r}");
+    assert_eq!(
+        r.lines[0],
+        format!("4.7.1 Error: too much mail from {LIMITED}"),
+        "{r}"
+    );
+    assert_eq!(c.cmd("QUIT").unwrap().code, 221);
+
+    let (mut c, banner) = connect(&addr, LIMITED);
+    assert_eq!(banner.code, 220, "{banner}");
+    let r = mails(&mut c, 1);
+    assert_eq!(r[0].code, 450, "{}", r[0]);
+    assert_eq!(c.cmd("QUIT").unwrap().code, 221);
+
+    // Third connection in the window: still greeted; the fourth gets 421 and is closed.
+    let (mut c, banner) = connect(&addr, LIMITED);
+    assert_eq!(banner.code, 220, "{banner}");
+    assert_eq!(c.cmd("QUIT").unwrap().code, 221);
+    let (mut c, banner) = connect(&addr, LIMITED);
+    assert_eq!(banner.code, 421, "{banner}");
+    assert_eq!(
+        banner.lines[0],
+        format!("4.7.0 {HOSTNAME} Error: too many connections from {LIMITED}"),
+        "{banner}"
+    );
+    assert!(closed(&mut c), "the connection stays open after 421");
+
+    // Another address has its own count; the relay network has none.
+    let (mut c, banner) = connect(&addr, OTHER);
+    assert_eq!(banner.code, 220, "{banner}");
+    assert!(mails(&mut c, 2).iter().all(|r| r.code == 250));
+    for _ in 0..6 {
+        let (mut c, banner) = connect(&addr, RELAY);
+        assert_eq!(banner.code, 220, "{banner}");
+        let r = mails(&mut c, 4);
+        assert!(r.iter().all(|r| r.code == 250), "{r:?}");
+        let r = send_one(&mut c);
+        assert_eq!(r.code, 250, "{r}");
+        assert_eq!(c.cmd("QUIT").unwrap().code, 221);
+    }
+
+    // Two messages from the limited client and six from the relay network are queued.
+    assert_eq!(env.queue(None).len(), 8);
+    let log = server.log();
+    assert!(
+        log.contains(&format!(
+            "NOQUEUE: reject: CONNECT from [{LIMITED}]: 421 4.7.0"
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "NOQUEUE: reject: MAIL from [{LIMITED}]: 450 4.7.1"
+        )),
+        "{log}"
+    );
+}
+
+#[test]
+fn bad_rates_are_refused_in_one_line() {
+    let env = env("max_connection_rate = \"lots\"", "");
+    let out = env.mxspool(&["check-config"]);
+    let err = assert_clean_failure("check-config with a bad rate", &out);
+    assert!(
+        err.contains("invalid rate") && err.contains("lots"),
+        "{err}"
+    );
+}
