@@ -14,6 +14,7 @@
 //! unknown users with `550 5.1.1`, never with a later bounce. Pure code: the lists and the
 //! table are loaded with the configuration.
 
+pub mod dnsbl;
 pub mod rates;
 
 use std::collections::{HashMap, HashSet};

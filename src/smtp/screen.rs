@@ -1,6 +1,7 @@
 //! The defences the driver applies around a session, before its greeting and at MAIL:
 //! client rate limits ([`crate::policy::rates`]) and DNS blocklists
-//! ([`crate::policy::dnsbl`]). Clients in `[relay] networks` are exempt from both.
+//! ([`crate::policy::dnsbl`]: `554 5.7.1` instead of the greeting, then only QUIT is
+//! accepted). Clients in `[relay] networks` are exempt from both.
 //!
 //! [`Screen`] lives in the server's shared state, so the counts and the cache outlive a
 //! reload; each check takes its limits and lists from the session's configuration snapshot.
@@ -8,7 +9,7 @@
 //! the refusal), and the message rate reaches it as a [`MessageGate`].
 
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -16,7 +17,10 @@ use tokio::net::TcpStream;
 use tracing::warn;
 
 use super::session::MessageGate;
+use crate::config::Config;
+use crate::delivery::mx::Resolver;
 use crate::ops::live::Snapshot;
+use crate::policy::dnsbl::{self, Dnsbl};
 use crate::policy::rates::{Rate, Rates};
 
 /// A connection refused before the session: the reply to send instead of the greeting.
@@ -34,6 +38,10 @@ pub struct Refused {
 #[derive(Default)]
 pub struct Screen {
     rates: Rates,
+    dnsbl: Dnsbl,
+    /// The resolver, built as delivery's, and the `[delivery] nameservers` it was built for
+    /// (rebuilt when a reload changes them).
+    resolver: Mutex<Option<(Vec<String>, Resolver)>>,
 }
 
 impl Screen {
@@ -57,7 +65,42 @@ impl Screen {
                 });
             }
         }
+        if !smtp.dnsbl.is_empty() {
+            let resolver = self.resolver(&snapshot.config)?;
+            if let Some(listing) = self.dnsbl.check(&snapshot.config, &resolver, client).await {
+                let reply = dnsbl::reply(client, &listing);
+                warn!(
+                    "NOQUEUE: reject: CONNECT from [{client}]: {reply} (answer {})",
+                    listing.code
+                );
+                return Some(Refused {
+                    reason: "dnsbl",
+                    reply,
+                    wait_for_quit: true,
+                });
+            }
+        }
         None
+    }
+
+    /// The resolver for `config`'s nameservers; `None` (and logged) when it cannot be set up.
+    fn resolver(&self, config: &Config) -> Option<Resolver> {
+        let mut slot = self.resolver.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((servers, r)) = slot.as_ref() {
+            if *servers == config.delivery.nameservers {
+                return Some(r.clone());
+            }
+        }
+        match Resolver::new(config) {
+            Ok(r) => {
+                *slot = Some((config.delivery.nameservers.clone(), r.clone()));
+                Some(r)
+            }
+            Err(e) => {
+                warn!("{e}: DNS blocklists and callouts skipped");
+                None
+            }
+        }
     }
 
     /// What the session of `client` asks at each MAIL, if its messages are limited.

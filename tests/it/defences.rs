@@ -2,6 +2,10 @@
 //! from two source addresses (127.0.0.2 limited, 127.0.0.3 in `[relay] networks`), DNS
 //! blocklists served by a real DNS server on loopback (hickory-server, [`TestDns`]).
 
+use std::net::{TcpListener, UdpSocket};
+use std::time::{Duration, Instant};
+
+use crate::dns::TestDns;
 use crate::harness::*;
 
 const LIMITED: &str = "127.0.0.2";
@@ -137,4 +141,120 @@ fn bad_rates_are_refused_in_one_line() {
         err.contains("invalid rate") && err.contains("lots"),
         "{err}"
     );
+}
+
+/// The blocklist `bl.test`: 127.0.0.2 and 127.0.0.3 listed (with the usual TXT), and a
+/// record outside 127/8 for 127.0.0.5, which is no listing.
+const BL_TEST: &str = r#"
+$ORIGIN bl.test.
+$TTL 300
+@           IN SOA   ns hostmaster ( 1 3600 600 432000 60 )
+            IN NS    ns
+ns          IN A     127.0.0.53
+2.0.0.127   IN A     127.0.0.2
+            IN TXT   "listed for the test"
+3.0.0.127   IN A     127.0.0.2
+5.0.0.127   IN A     192.0.2.1
+"#;
+
+fn assert_served(addr: &str, source: &str) {
+    let (mut c, banner) = connect(addr, source);
+    assert_eq!(banner.code, 220, "{source}: {banner}");
+    assert_eq!(c.cmd("EHLO client.test").unwrap().code, 250);
+    let r = send_one(&mut c);
+    assert_eq!(r.code, 250, "{source}: {r}");
+    assert_eq!(c.cmd("QUIT").unwrap().code, 221);
+}
+
+#[test]
+fn dnsbl_listed_clients_get_554_naming_the_list() {
+    let dns = TestDns::start(&[("bl.test.", BL_TEST)]);
+    // `down.test` is not served there: the server refuses the query, the list is skipped.
+    let mut env = env(
+        "dnsbl = [\"down.test\", \"bl.test\"]",
+        &format!("[delivery]\nnameservers = [\"{}\"]\n", dns.addr),
+    );
+    let server = env.start();
+    let addr = env.addr();
+
+    let (mut c, banner) = connect(&addr, LIMITED);
+    assert_eq!(banner.code, 554, "{banner}");
+    assert_eq!(
+        banner.lines[0],
+        format!("5.7.1 Service unavailable; Client host [{LIMITED}] blocked using bl.test"),
+        "{banner}"
+    );
+    // RFC 5321 3.1: after a 554 greeting, only QUIT.
+    let r = c.cmd("EHLO client.test").unwrap();
+    assert_eq!(r.code, 503, "{r}");
+    let r = c.cmd("MAIL FROM:<sender@client.test>").unwrap();
+    assert_eq!(r.code, 503, "{r}");
+    assert_eq!(c.cmd("QUIT").unwrap().code, 221);
+    assert!(closed(&mut c));
+
+    // Not listed (NXDOMAIN), listed but a relay network, an answer outside 127/8: served.
+    assert_served(&addr, OTHER);
+    assert_served(&addr, RELAY);
+    assert_served(&addr, "127.0.0.5");
+
+    // The answer is cached for its TTL: with the DNS server gone the client is still
+    // refused, and at once.
+    drop(dns);
+    let t = Instant::now();
+    let (mut c, banner) = connect(&addr, LIMITED);
+    assert_eq!(banner.code, 554, "{banner}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert_eq!(c.cmd("QUIT").unwrap().code, 221);
+
+    let log = server.log();
+    assert!(
+        log.contains(&format!(
+            "NOQUEUE: reject: CONNECT from [{LIMITED}]: 554 5.7.1"
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains("dnsbl down.test"),
+        "the failing list is not logged:\n{log}"
+    );
+    assert_eq!(env.queue(None).len(), 3);
+}
+
+#[test]
+fn dnsbl_that_does_not_answer_is_skipped() {
+    // A nameserver that never answers: a UDP socket nobody reads and a TCP listener that
+    // never accepts, on the same port.
+    let (udp, _tcp) = loop {
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        if let Ok(tcp) = TcpListener::bind(udp.local_addr().unwrap()) {
+            break (udp, tcp);
+        }
+    };
+    let mut env = env(
+        "dnsbl = [\"bl.test\"]",
+        &format!(
+            "[delivery]\nnameservers = [\"{}\"]\n",
+            udp.local_addr().unwrap()
+        ),
+    );
+    let server = env.start();
+    let t = Instant::now();
+    assert_served(&env.addr(), LIMITED);
+    let waited = t.elapsed();
+    // Skipped after the resolver's own timeout or the 5 s bound, whichever is first.
+    assert!(
+        waited >= Duration::from_secs(1) && waited < Duration::from_secs(12),
+        "the greeting came after {waited:?}"
+    );
+    let skipped = |log: &str| {
+        log.contains("dnsbl") && (log.contains("did not answer") || log.contains("list skipped"))
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), Duration::from_millis(100), || {
+            skipped(&server.log())
+        }),
+        "{}",
+        server.log()
+    );
+    assert_eq!(env.queue(None).len(), 1);
 }
