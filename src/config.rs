@@ -375,6 +375,14 @@ impl Default for DeliveryConfig {
     }
 }
 
+/// `[[partner]] verify`: how a partner's recipients are verified at RCPT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verify {
+    /// Ask the partner's primary ([`crate::policy::callout`]).
+    Callout,
+}
+
 /// A domain we are backup MX for.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -389,6 +397,9 @@ pub struct Partner {
     /// Whether the domain may be flushed with ETRN.
     #[serde(default)]
     pub etrn: bool,
+    /// How recipients are verified at RCPT beyond the recipients list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<Verify>,
     /// The recipient list, loaded by [`Config::load`]: lower-cased local parts.
     #[serde(skip)]
     pub users: Option<HashSet<String>>,

@@ -1,7 +1,9 @@
 //! The defences the driver applies around a session, before its greeting and at MAIL:
 //! client rate limits ([`crate::policy::rates`]) and DNS blocklists
 //! ([`crate::policy::dnsbl`]: `554 5.7.1` instead of the greeting, then only QUIT is
-//! accepted). Clients in `[relay] networks` are exempt from both.
+//! accepted). Clients in `[relay] networks` are exempt from both. At RCPT, the session's
+//! [`super::session::Step::Verify`] comes here for the recipient callout
+//! ([`crate::policy::callout`]).
 //!
 //! [`Screen`] lives in the server's shared state, so the counts and the cache outlive a
 //! reload; each check takes its limits and lists from the session's configuration snapshot.
@@ -20,6 +22,7 @@ use super::session::MessageGate;
 use crate::config::Config;
 use crate::delivery::mx::Resolver;
 use crate::ops::live::Snapshot;
+use crate::policy::callout::{Callout, Verdict};
 use crate::policy::dnsbl::{self, Dnsbl};
 use crate::policy::rates::{Rate, Rates};
 
@@ -39,6 +42,7 @@ pub struct Refused {
 pub struct Screen {
     rates: Rates,
     dnsbl: Dnsbl,
+    callout: Callout,
     /// The resolver, built as delivery's, and the `[delivery] nameservers` it was built for
     /// (rebuilt when a reload changes them).
     resolver: Mutex<Option<(Vec<String>, Resolver)>>,
@@ -81,6 +85,22 @@ impl Screen {
             }
         }
         None
+    }
+
+    /// The callout's verdict on a recipient (`[[partner]] verify = "callout"`): `Err` is
+    /// the refusal to give at RCPT.
+    pub async fn verify(&self, snapshot: &Snapshot, address: &str) -> Result<(), String> {
+        let Some(resolver) = self.resolver(&snapshot.config) else {
+            return Ok(());
+        };
+        match self
+            .callout
+            .verify(&snapshot.config, &resolver, address)
+            .await
+        {
+            Verdict::Accept => Ok(()),
+            Verdict::Refuse(reply) => Err(reply),
+        }
     }
 
     /// The resolver for `config`'s nameservers; `None` (and logged) when it cannot be set up.
@@ -269,5 +289,80 @@ mod tests {
         output(&mut s2);
         say(&mut s2, "EHLO c.test");
         assert!(say(&mut s2, "MAIL FROM:<>").starts_with("450 4.7.1"));
+    }
+
+    #[test]
+    fn rcpt_of_a_callout_partner_waits_for_the_verdict() {
+        let snap = Snapshot::new(
+            Config::parse(
+                "hostname = \"mx2.test\"\nspool = \"/x\"\n\
+                 [[partner]]\ndomain = \"example.com\"\nverify = \"callout\"\n\
+                 [[partner]]\ndomain = \"example.org\"\n",
+            )
+            .unwrap(),
+        );
+        assert!(snap.config.to_toml().contains("verify = \"callout\""));
+        let mut s = Session::new(
+            snap.session.clone(),
+            snap.policy.clone(),
+            Arc::new(SpoolGauge::new(u64::MAX)),
+            "198.51.100.7".parse().unwrap(),
+        );
+        let now = SystemTime::now();
+        output(&mut s);
+        s.receive(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\n", now);
+        output(&mut s);
+        // Pipelined: the first RCPT is verified before the others are read.
+        let step = s.receive(
+            b"RCPT TO:<Bob@Example.com>\r\nRCPT TO:<x@example.org>\r\nRCPT TO:<eve@example.com>\r\nDATA\r\n",
+            now,
+        );
+        assert!(
+            matches!(&step, Step::Verify(a) if a == "Bob@Example.com"),
+            "{step:?}"
+        );
+        assert_eq!(output(&mut s), "");
+        let step = s.verified(Ok(()), now);
+        // example.org does not verify; eve is asked next.
+        assert!(
+            matches!(&step, Step::Verify(a) if a == "eve@example.com"),
+            "{step:?}"
+        );
+        assert_eq!(output(&mut s), "250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n");
+        let step = s.verified(
+            Err("550 5.1.1 <eve@example.com>: Recipient address rejected: undeliverable address: no".into()),
+            now,
+        );
+        assert!(matches!(step, Step::Read), "{step:?}");
+        assert_eq!(
+            output(&mut s),
+            "550 5.1.1 <eve@example.com>: Recipient address rejected: undeliverable address: no\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
+        );
+        assert!(s
+            .take_events()
+            .contains(&crate::smtp::session::Event::RefusedRecipient("callout")));
+        let step = s.receive(b"hi\r\n.\r\n", now);
+        let Step::Store(incoming) = step else {
+            panic!("{step:?}")
+        };
+        let rcpts: Vec<&str> = incoming
+            .envelope
+            .recipients
+            .iter()
+            .map(|r| r.address.as_str())
+            .collect();
+        assert_eq!(rcpts, ["Bob@Example.com", "x@example.org"]);
+    }
+
+    #[test]
+    fn a_bad_verify_value_is_one_line() {
+        let e = Config::parse(
+            "hostname = \"mx2.test\"\nspool = \"/x\"\n[[partner]]\ndomain = \"example.com\"\nverify = \"ask\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            !e.contains('\n') && e.contains("line 5") && e.contains("callout"),
+            "{e}"
+        );
     }
 }

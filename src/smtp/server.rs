@@ -464,6 +464,10 @@ async fn session(
                 );
                 s.etrn_done(&domain, started, held, SystemTime::now())
             }
+            Step::Verify(address) => {
+                let verdict = shared.screen.verify(&snapshot, &address).await;
+                s.verified(verdict, SystemTime::now())
+            }
             Step::Close => {
                 let out = s.take_output();
                 if !out.is_empty() {

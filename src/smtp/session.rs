@@ -123,7 +123,7 @@ pub enum Event {
     /// A message stored and acknowledged `250`.
     Accepted,
     /// A RCPT refused: `relay`, `routing`, `unknown_user`, `bad_mailbox`, `virtual`, `loop`,
-    /// `config`, `too_many_recipients`, `syntax`.
+    /// `config`, `too_many_recipients`, `syntax`, `callout`.
     RefusedRecipient(&'static str),
     /// A message refused at MAIL, at DATA or after the final dot: `size`, `no_space`,
     /// `syntax`, `no_recipients`, `bare_line_ending`, `nul`, `line_too_long`, `loop`,
@@ -141,6 +141,9 @@ pub enum Step {
     /// Start delivery of `domain`'s queue (and its subdomains' with `subdomains`) for an
     /// authorised ETRN; then call [`Session::etrn_done`].
     Etrn { domain: String, subdomains: bool },
+    /// Ask the primary whether it takes this recipient (`[[partner]] verify = "callout"`);
+    /// then call [`Session::verified`]. Input is not processed meanwhile.
+    Verify(String),
     /// Send the pending output and close the connection.
     Close,
 }
@@ -190,6 +193,8 @@ pub struct Session {
     errors: usize,
     events: Vec<Event>,
     message_gate: Option<Arc<dyn MessageGate>>,
+    /// The recipient a [`Step::Verify`] is out for, and the address the client gave.
+    verifying: Option<(Recipient, String)>,
 }
 
 impl Session {
@@ -214,6 +219,7 @@ impl Session {
             errors: 0,
             events: Vec::new(),
             message_gate: None,
+            verifying: None,
         };
         let banner = format!("220 {} ESMTP mxspool", s.config.hostname);
         s.reply(&banner);
@@ -731,8 +737,22 @@ impl Session {
             notify,
             state: Default::default(),
         };
+        if self
+            .policy
+            .verifies(&crate::envelope::domain_of(&recipient.address))
+        {
+            let address = recipient.address.clone();
+            self.verifying = Some((recipient, addr.to_string()));
+            return Some(Step::Verify(address));
+        }
+        self.add_recipient(recipient, addr.to_string());
+        None
+    }
+
+    /// Takes an accepted recipient into the transaction and says `250`.
+    fn add_recipient(&mut self, recipient: Recipient, given: String) {
         let State::Mail(tx) = &mut self.state else {
-            unreachable!()
+            return;
         };
         // A repeated recipient is acknowledged but kept once.
         if !tx
@@ -741,10 +761,35 @@ impl Session {
             .any(|r| r.address.eq_ignore_ascii_case(&recipient.address))
         {
             tx.recipients.push(recipient);
-            tx.given.push(addr.to_string());
+            tx.given.push(given);
         }
         self.reply("250 2.1.5 Ok");
-        None
+    }
+
+    /// The outcome of a [`Step::Verify`]: `Err(reply)` refuses the recipient with the
+    /// primary's answer; processing of buffered input resumes.
+    pub fn verified(&mut self, result: Result<(), String>, now: SystemTime) -> Step {
+        if let Some((recipient, given)) = self.verifying.take() {
+            match result {
+                Ok(()) => self.add_recipient(recipient, given),
+                Err(r) => {
+                    let sender = match &self.state {
+                        State::Mail(tx) => printable(&tx.sender),
+                        _ => String::new(),
+                    };
+                    tracing::info!(
+                        "NOQUEUE: reject: RCPT from [{}]: {r}; from=<{sender}> to=<{}> helo=<{}>",
+                        self.client,
+                        printable(&given),
+                        printable(self.helo.as_deref().unwrap_or(""))
+                    );
+                    if let Some(step) = self.refused_rcpt("callout", &r) {
+                        return step;
+                    }
+                }
+            }
+        }
+        self.process(now)
     }
 
     fn data(&mut self) -> Option<Step> {

@@ -1,12 +1,14 @@
 //! Backup-MX defences (issue 13) against real clients on loopback: client rate limits seen
 //! from two source addresses (127.0.0.2 limited, 127.0.0.3 in `[relay] networks`), DNS
-//! blocklists served by a real DNS server on loopback (hickory-server, [`TestDns`]).
+//! blocklists served by a real DNS server on loopback (hickory-server, [`TestDns`]), and
+//! the recipient callout against a scripted aiosmtpd primary that refuses unknown users.
 
 use std::net::{TcpListener, UdpSocket};
 use std::time::{Duration, Instant};
 
 use crate::dns::TestDns;
 use crate::harness::*;
+use crate::peers::{AioOptions, AioSmtpd, Primary};
 
 const LIMITED: &str = "127.0.0.2";
 const RELAY: &str = "127.0.0.3";
@@ -257,4 +259,121 @@ fn dnsbl_that_does_not_answer_is_skipped() {
         server.log()
     );
     assert_eq!(env.queue(None).len(), 1);
+}
+
+/// The primary of `example.com` for the callout tests: aiosmtpd knowing alice and carol.
+fn callout_primary(ip: &str, port: u16) -> AioSmtpd {
+    AioSmtpd::start(
+        ip,
+        port,
+        AioOptions {
+            users: Some(vec!["alice".into(), "carol".into()]),
+            ..AioOptions::default()
+        },
+    )
+}
+
+fn rcpt(c: &mut Smtp, to: &str) -> Reply {
+    c.cmd(&format!("RCPT TO:<{to}>")).unwrap()
+}
+
+#[test]
+fn callout_asks_the_primary_and_caches_its_answer() {
+    let ip = "127.0.70.1";
+    let port = free_port_at(ip);
+    let primary = callout_primary(ip, port);
+    let mut env = MxEnv::custom(&format!(
+        "\n[queue]\nretry_interval = \"1h\"\n\n[[partner]]\ndomain = \"example.com\"\n\
+         route = [\"{ip}:{port}\"]\nverify = \"callout\"\nrecipients = \"{{dir}}/users\"\n\n\
+         [[partner]]\ndomain = \"example.org\"\nroute = [\"{ip}:{port}\"]\n"
+    ));
+    // The recipients list comes first: zed is refused without asking the primary.
+    std::fs::write(env.dir.path().join("users"), "alice\nmallory\ncarol\n").unwrap();
+    let server = env.start();
+    let addr = env.addr();
+    // Queued mail stays queued: the primary's sessions are the callouts only.
+    for d in ["example.com", "example.org"] {
+        check_ok("mxspool hold", &env.mxspool(&["hold", d]));
+    }
+
+    let (mut c, banner) = connect(&addr, OTHER);
+    assert_eq!(banner.code, 220, "{banner}");
+    assert_eq!(c.cmd("EHLO client.test").unwrap().code, 250);
+    assert_eq!(c.cmd("MAIL FROM:<sender@client.test>").unwrap().code, 250);
+    let r = rcpt(&mut c, "alice@example.com");
+    assert_eq!(r.code, 250, "{r}");
+    let r = rcpt(&mut c, "mallory@example.com");
+    assert_eq!(r.code, 550, "{r}");
+    assert!(
+        r.lines[0].starts_with("5.1.1 <mallory@example.com>: Recipient address rejected")
+            && r.lines[0].contains("User unknown in local recipient table"),
+        "{r}"
+    );
+    let r = rcpt(&mut c, "zed@example.com");
+    assert_eq!(r.code, 550, "{r}");
+    // A partner without verify is not asked.
+    let r = rcpt(&mut c, "anyone@example.org");
+    assert_eq!(r.code, 250, "{r}");
+    assert_eq!(primary.sessions(), 2, "{}", primary.log());
+
+    // Asked again (other case, next transaction): the cache answers, no new callout.
+    let r = rcpt(&mut c, "Alice@example.com");
+    assert_eq!(r.code, 250, "{r}");
+    let r = c
+        .data(b"Subject: callout\r\n\r\nhello\r\n")
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.code, 250, "{r}");
+    assert_eq!(c.cmd("MAIL FROM:<sender@client.test>").unwrap().code, 250);
+    assert_eq!(rcpt(&mut c, "alice@example.com").code, 250);
+    assert_eq!(rcpt(&mut c, "MALLORY@example.com").code, 550);
+    assert_eq!(primary.sessions(), 2, "{}", primary.log());
+    assert_eq!(c.cmd("RSET").unwrap().code, 250);
+
+    // The primary goes away: cached answers hold (the negative one still refuses), an
+    // address never asked is accepted and queued.
+    drop(primary);
+    assert!(port_closed_at(ip, port));
+    assert_eq!(c.cmd("MAIL FROM:<sender@client.test>").unwrap().code, 250);
+    assert_eq!(rcpt(&mut c, "alice@example.com").code, 250);
+    assert_eq!(rcpt(&mut c, "mallory@example.com").code, 550);
+    let t = Instant::now();
+    let r = rcpt(&mut c, "carol@example.com");
+    assert_eq!(r.code, 250, "{r}");
+    assert!(t.elapsed() < Duration::from_secs(11), "{:?}", t.elapsed());
+    let r = c
+        .data(b"Subject: callout 2\r\n\r\nhello\r\n")
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.code, 250, "{r}");
+    assert_eq!(c.cmd("QUIT").unwrap().code, 221);
+
+    let queued: Vec<String> = env
+        .queue(None)
+        .iter()
+        .flat_map(|e| e.recipients.iter().map(|r| r.address.to_ascii_lowercase()))
+        .collect();
+    assert!(
+        queued.contains(&"carol@example.com".to_string()),
+        "{queued:?}"
+    );
+    assert!(
+        !queued.iter().any(|a| a.starts_with("mallory")),
+        "{queued:?}"
+    );
+    let log = server.log();
+    assert!(
+        log.contains("callout carol@example.com: primary unreachable"),
+        "{log}"
+    );
+    assert!(
+        log.contains("NOQUEUE: reject: RCPT from [127.0.0.4]: 550 5.1.1 <mallory@example.com>"),
+        "{log}"
+    );
+}
+
+fn port_closed_at(ip: &str, port: u16) -> bool {
+    wait_for(Duration::from_secs(10), Duration::from_millis(50), || {
+        std::net::TcpStream::connect((ip, port)).is_err()
+    })
 }
