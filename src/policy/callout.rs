@@ -289,13 +289,30 @@ async fn dialog(
         read_reply(r).await
     };
     let ehlo = say(format!("EHLO {}\r\n", config.hostname), &mut r).await?;
+    let smtputf8 = ehlo.code == 250
+        && ehlo
+            .text
+            .split_ascii_whitespace()
+            .any(|w| w.eq_ignore_ascii_case("SMTPUTF8"));
     if ehlo.code != 250 {
         let helo = say(format!("HELO {}\r\n", config.hostname), &mut r).await?;
         if helo.code != 250 {
             return Err(format!("HELO: {} {}", helo.code, helo.text));
         }
     }
-    let mail = say("MAIL FROM:<>\r\n".into(), &mut r).await?;
+    // A non-ASCII address needs SMTPUTF8 (RFC 6531): without it the primary's refusal
+    // would say nothing about the user.
+    let mail = if address.is_ascii() {
+        "MAIL FROM:<>\r\n"
+    } else if smtputf8 {
+        "MAIL FROM:<> SMTPUTF8\r\n"
+    } else {
+        let _ = say("QUIT\r\n".into(), &mut r).await;
+        return Ok(Outcome::Undecided(
+            "the primary does not offer SMTPUTF8 for a non-ASCII address".into(),
+        ));
+    };
+    let mail = say(mail.into(), &mut r).await?;
     if mail.code != 250 {
         let _ = say("QUIT\r\n".into(), &mut r).await;
         return Ok(Outcome::Undecided(format!(
@@ -566,6 +583,13 @@ mod tests {
         ));
         assert_eq!(count.load(Ordering::SeqCst), 2);
 
+        // A non-ASCII address to a primary without SMTPUTF8: no refusal from it.
+        assert_eq!(
+            callout.verify(&config, &resolver, "jörg@example.com").await,
+            Verdict::Accept
+        );
+        assert_eq!(count.load(Ordering::SeqCst), 3);
+
         // Many addresses at once: at most PER_PRIMARY sessions to the primary together.
         let mut tasks = Vec::new();
         for i in 0..(3 * PER_PRIMARY) {
@@ -579,7 +603,7 @@ mod tests {
         for t in tasks {
             assert!(matches!(t.await.unwrap(), Verdict::Refuse(_)));
         }
-        assert_eq!(count.load(Ordering::SeqCst), 2 + 3 * PER_PRIMARY);
+        assert_eq!(count.load(Ordering::SeqCst), 3 + 3 * PER_PRIMARY);
         assert!(most.load(Ordering::SeqCst) <= PER_PRIMARY, "{most:?}");
     }
 }
