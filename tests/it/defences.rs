@@ -57,11 +57,24 @@ fn closed(c: &mut Smtp) -> bool {
     c.reply().is_err()
 }
 
+/// `GET /metrics` from `[metrics] listen = addr`: the exposition text.
+fn metrics(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}
+
 #[test]
 fn rate_limits_per_client_address_spare_the_relay_networks() {
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
     let mut env = env(
         "max_connection_rate = \"3/1h\"\nmax_message_rate = \"2/1h\"",
-        "",
+        &format!("[metrics]\nlisten = \"{metrics_addr}\"\n"),
     );
     let server = env.start();
     let addr = env.addr();
@@ -119,6 +132,15 @@ fn rate_limits_per_client_address_spare_the_relay_networks() {
 
     // Two messages from the limited client and six from the relay network are queued.
     assert_eq!(env.queue(None).len(), 8);
+    let m = metrics(&metrics_addr);
+    assert!(
+        m.contains("mxspool_smtp_refused_connections_total{reason=\"rate\"} 1\n"),
+        "{m}"
+    );
+    assert!(
+        m.contains("mxspool_smtp_refused_messages_total{reason=\"rate\"} 2\n"),
+        "{m}"
+    );
     let log = server.log();
     assert!(
         log.contains(&format!(
