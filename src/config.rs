@@ -14,6 +14,8 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::policy::rates::Rate;
+
 /// Default configuration path.
 pub const DEFAULT_PATH: &str = "/etc/mxspool/mxspool.toml";
 
@@ -327,6 +329,15 @@ pub struct SmtpConfig {
     /// The certificates, loaded by [`Config::load`] (re-read by every reload).
     #[serde(skip)]
     pub tls: Option<std::sync::Arc<crate::tls::server::Certificates>>,
+    /// New connections per client address (`421 4.7.0` beyond); unset: no limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connection_rate: Option<Rate>,
+    /// MAIL commands per client address (`450 4.7.1` beyond); unset: no limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_message_rate: Option<Rate>,
+    /// DNS blocklists asked about each client at connect (`554 5.7.1` when listed).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dnsbl: Vec<String>,
 }
 
 impl Default for SmtpConfig {
@@ -344,6 +355,9 @@ impl Default for SmtpConfig {
             tls_certificate: Vec::new(),
             tls_key: Vec::new(),
             tls: None,
+            max_connection_rate: None,
+            max_message_rate: None,
+            dnsbl: Vec::new(),
         }
     }
 }
@@ -419,6 +433,14 @@ impl Default for DeliveryConfig {
     }
 }
 
+/// `[[partner]] verify`: how a partner's recipients are verified at RCPT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verify {
+    /// Ask the partner's primary ([`crate::policy::callout`]).
+    Callout,
+}
+
 /// A domain we are backup MX for.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -436,6 +458,9 @@ pub struct Partner {
     /// The outbound TLS policy toward this partner's next hops (else `[delivery] tls`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<crate::tls::client::TlsPolicy>,
+    /// How recipients are verified at RCPT beyond the recipients list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<Verify>,
     /// The recipient list, loaded by [`Config::load`]: lower-cased local parts.
     #[serde(skip)]
     pub users: Option<HashSet<String>>,
@@ -550,6 +575,10 @@ impl Config {
         }
         for ns in &self.delivery.nameservers {
             parse_listen(ns).map_err(|e| at("nameservers", e))?;
+        }
+        for list in &mut self.smtp.dnsbl {
+            *list = normal_domain(list)
+                .ok_or_else(|| at("dnsbl", format!("{list:?} is not a domain name")))?;
         }
         // A domain is a partner, a local domain or a route: once, in normal form.
         let mut seen = HashSet::new();

@@ -223,6 +223,12 @@ impl Resolver {
         &self.servers
     }
 
+    /// The hickory resolver itself, for other lookups made as delivery's are (the DNS
+    /// blocklists of [`crate::policy::dnsbl`]).
+    pub fn dns(&self) -> &TokioResolver {
+        &self.dns
+    }
+
     /// The addresses of this machine: every interface address (read now, so a changed
     /// address is seen) and the specific `[smtp] listen` addresses.
     pub fn local_addrs(&self) -> HashSet<IpAddr> {

@@ -31,6 +31,9 @@ pub struct Metrics {
     pub refused_recipients: Family<Labels, Counter>,
     /// Messages refused at MAIL or after DATA, by `reason`.
     pub refused_messages: Family<Labels, Counter>,
+    /// Connections refused before the greeting, by `reason` (`max_connections`,
+    /// `max_connections_per_ip`, `rate`, `dnsbl`).
+    pub refused_connections: Family<Labels, Counter>,
     /// Delivery outcomes per recipient, by `domain` and `status` (sent, deferred, bounced).
     pub deliveries: Family<Labels, Counter>,
     /// SMTP connections open now (a drop guard per accepted connection).
@@ -63,6 +66,7 @@ impl Metrics {
             accepted_messages: Counter::default(),
             refused_recipients: Family::default(),
             refused_messages: Family::default(),
+            refused_connections: Family::default(),
             deliveries: Family::default(),
             connections: Gauge::default(),
             commit_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 16)),
@@ -87,6 +91,11 @@ impl Metrics {
             "smtp_refused_messages",
             "Messages refused, by reason",
             m.refused_messages.clone(),
+        );
+        registry.register(
+            "smtp_refused_connections",
+            "Connections refused before the greeting, by reason",
+            m.refused_connections.clone(),
         );
         registry.register(
             "deliveries",

@@ -18,6 +18,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, error, info, warn};
 
 use super::counts::CommandCounts;
+use super::screen::{self, Screen};
 use super::session::{Event, Session, SpoolGauge, Step, StoreFailure};
 use crate::config::Config;
 use crate::ops::live::Live;
@@ -38,6 +39,8 @@ struct Shared {
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     shutdown: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
+    /// Rate limits and blocklists: their state outlives reloads.
+    screen: Arc<Screen>,
 }
 
 /// Counts a connection in the `smtp_connections` gauge while it is open (whichever way it
@@ -251,6 +254,7 @@ pub async fn run(
         per_ip: Mutex::new(HashMap::new()),
         shutdown: shutdown.clone(),
         metrics,
+        screen: Arc::new(Screen::default()),
     });
 
     // Free space is read once a second, off the sessions' path.
@@ -354,7 +358,14 @@ fn admit(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, socket: Owned
             (Some(permit), Some(slot)) => {
                 info!("connect from unknown[{}]", peer.ip());
                 let mut counts = CommandCounts::default();
-                if let Err(e) =
+                if let Some(refused) = shared.screen.at_connect(&snapshot, peer.ip()).await {
+                    shared
+                        .metrics
+                        .refused_connections
+                        .get_or_create(&label("reason", refused.reason))
+                        .inc();
+                    screen::refuse(stream, &refused).await;
+                } else if let Err(e) =
                     session(shared, snapshot, stream, peer, permit, slot, &mut counts).await
                 {
                     debug!("connection from {peer}: {e}");
@@ -366,11 +377,19 @@ fn admit(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, socket: Owned
                 );
             }
             (permit, _) => {
-                let why = if permit.is_none() {
-                    "too many connections"
+                let (why, reason) = if permit.is_none() {
+                    ("too many connections", "max_connections")
                 } else {
-                    "too many connections from your address"
+                    (
+                        "too many connections from your address",
+                        "max_connections_per_ip",
+                    )
                 };
+                shared
+                    .metrics
+                    .refused_connections
+                    .get_or_create(&label("reason", reason))
+                    .inc();
                 warn!("refused connection from {peer}: {why}");
                 let msg = format!("421 4.7.0 {} Error: {why}\r\n", snapshot.session.hostname);
                 let mut stream = stream;
@@ -400,6 +419,9 @@ async fn session(
         shared.gauge.clone(),
         peer.ip(),
     );
+    if let Some(gate) = shared.screen.message_gate(&snapshot, peer.ip()) {
+        s.set_message_gate(gate);
+    }
     let idle_timeout = snapshot.config.smtp.command_timeout.0;
     let mut stop = shared.shutdown.clone();
     let shutting_down = format!(
@@ -583,6 +605,10 @@ async fn session(
                         return Ok(());
                     }
                 }
+            }
+            Step::Verify(address) => {
+                let verdict = shared.screen.verify(&snapshot, &address).await;
+                s.verified(verdict, SystemTime::now())
             }
             Step::Close => {
                 let out = s.take_output();

@@ -102,6 +102,12 @@ impl SpoolGauge {
     }
 }
 
+/// Asked at each MAIL whether the client may start one more message (the server's
+/// `max_message_rate`); `false` refuses it with `450 4.7.1`. Shared state, no I/O.
+pub trait MessageGate: Send + Sync {
+    fn allow_message(&self, client: IpAddr) -> bool;
+}
+
 /// A message the client finished, to be stored before it is acknowledged.
 #[derive(Debug)]
 pub struct Incoming {
@@ -127,11 +133,11 @@ pub enum Event {
     /// A message stored and acknowledged `250`.
     Accepted,
     /// A RCPT refused: `relay`, `routing`, `unknown_user`, `bad_mailbox`, `virtual`, `loop`,
-    /// `config`, `too_many_recipients`, `syntax`.
+    /// `config`, `too_many_recipients`, `syntax`, `callout`.
     RefusedRecipient(&'static str),
     /// A message refused at MAIL, at DATA or after the final dot: `size`, `no_space`,
     /// `syntax`, `no_recipients`, `bare_line_ending`, `nul`, `line_too_long`, `loop`,
-    /// `spool_error`.
+    /// `spool_error`, `rate`.
     RefusedMessage(&'static str),
 }
 
@@ -156,6 +162,9 @@ pub enum Step {
     /// client sent after the STARTTLS line has been dropped (CVE-2011-0411); the driver
     /// must not hand the session anything read before the handshake.
     StartTls,
+    /// Ask the primary whether it takes this recipient (`[[partner]] verify = "callout"`);
+    /// then call [`Session::verified`]. Input is not processed meanwhile.
+    Verify(String),
     /// Send the pending output and close the connection.
     Close,
 }
@@ -275,6 +284,9 @@ pub struct Session {
     events: Vec<Event>,
     /// The TLS session, once the handshake after STARTTLS is done.
     tls: Option<TlsInfo>,
+    message_gate: Option<Arc<dyn MessageGate>>,
+    /// The recipient a [`Step::Verify`] is out for, and the address the client gave.
+    verifying: Option<(Recipient, String)>,
 }
 
 impl Session {
@@ -299,10 +311,17 @@ impl Session {
             errors: 0,
             events: Vec::new(),
             tls: None,
+            message_gate: None,
+            verifying: None,
         };
         let banner = format!("220 {} ESMTP mxspool", s.config.hostname);
         s.reply(&banner);
         s
+    }
+
+    /// Every MAIL asks `gate` first (see [`MessageGate`]).
+    pub fn set_message_gate(&mut self, gate: Arc<dyn MessageGate>) {
+        self.message_gate = Some(gate);
     }
 
     /// Bytes to send to the client, taken out of the session.
@@ -765,6 +784,13 @@ impl Session {
         if self.gauge.get() < needed {
             return self.refused_message("no_space", "452 4.3.1 Insufficient system storage");
         }
+        if let Some(gate) = &self.message_gate {
+            if !gate.allow_message(self.client) {
+                let r = format!("450 4.7.1 Error: too much mail from {}", self.client);
+                tracing::info!("NOQUEUE: reject: MAIL from [{}]: {r}", self.client);
+                return self.refused_message("rate", &r);
+            }
+        }
         let ret = if from.flags & MAIL_RET_FULL != 0 {
             Some(Ret::Full)
         } else if from.flags & MAIL_RET_HDRS != 0 {
@@ -892,8 +918,22 @@ impl Session {
             notify,
             state: Default::default(),
         };
+        if self
+            .policy
+            .verifies(&crate::envelope::domain_of(&recipient.address))
+        {
+            let address = recipient.address.clone();
+            self.verifying = Some((recipient, addr.to_string()));
+            return Some(Step::Verify(address));
+        }
+        self.add_recipient(recipient, addr.to_string());
+        None
+    }
+
+    /// Takes an accepted recipient into the transaction and says `250`.
+    fn add_recipient(&mut self, recipient: Recipient, given: String) {
         let State::Mail(tx) = &mut self.state else {
-            unreachable!()
+            return;
         };
         // A repeated recipient is acknowledged but kept once.
         if !tx
@@ -902,10 +942,35 @@ impl Session {
             .any(|r| r.address.eq_ignore_ascii_case(&recipient.address))
         {
             tx.recipients.push(recipient);
-            tx.given.push(addr.to_string());
+            tx.given.push(given);
         }
         self.reply("250 2.1.5 Ok");
-        None
+    }
+
+    /// The outcome of a [`Step::Verify`]: `Err(reply)` refuses the recipient with the
+    /// primary's answer; processing of buffered input resumes.
+    pub fn verified(&mut self, result: Result<(), String>, now: SystemTime) -> Step {
+        if let Some((recipient, given)) = self.verifying.take() {
+            match result {
+                Ok(()) => self.add_recipient(recipient, given),
+                Err(r) => {
+                    let sender = match &self.state {
+                        State::Mail(tx) => printable(&tx.sender),
+                        _ => String::new(),
+                    };
+                    tracing::info!(
+                        "NOQUEUE: reject: RCPT from [{}]: {r}; from=<{sender}> to=<{}> helo=<{}>",
+                        self.client,
+                        printable(&given),
+                        printable(self.helo.as_deref().unwrap_or(""))
+                    );
+                    if let Some(step) = self.refused_rcpt("callout", &r) {
+                        return step;
+                    }
+                }
+            }
+        }
+        self.process(now)
     }
 
     fn data(&mut self) -> Option<Step> {

@@ -19,6 +19,10 @@ Per-session limits, each replied exactly as listed:
   --greeting-delay SECS          wait before the 220 greeting
   --no-greeting                  accept the TCP connection and never greet (reads and
                                  discards whatever the client sends until it closes)
+  --users FILE                   the known recipients (local parts or addresses, one a
+                                 line, case-insensitive); any other RCPT gets "550 5.1.1
+                                 <ADDR>: Recipient address rejected: User unknown in local
+                                 recipient table"
 
 Other replies are aiosmtpd's own, except MAIL/RCPT "250 2.1.0 Ok" / "250 2.1.5 Ok" and the
 end of DATA "250 2.0.0 Ok: queued as NNNNNN" (the file's number). Data lines longer than
@@ -38,6 +42,7 @@ import sys
 from aiosmtpd.smtp import SMTP
 
 ARGS = None
+USERS = None
 SESSIONS = 0
 STORED = 0
 
@@ -55,6 +60,13 @@ class Handler:
         return "250 2.1.0 Ok"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if USERS is not None:
+            a = address.lower()
+            if a not in USERS and a.rsplit("@", 1)[0] not in USERS:
+                return (
+                    "550 5.1.1 <%s>: Recipient address rejected: "
+                    "User unknown in local recipient table" % address
+                )
         if ARGS.max_rcpt is not None and len(envelope.rcpt_tos) >= ARGS.max_rcpt:
             return "452 4.5.3 Error: too many recipients"
         envelope.rcpt_tos.append(address)
@@ -151,7 +163,12 @@ def main():
     p.add_argument("--data-421-after", type=int)
     p.add_argument("--greeting-delay", type=float, default=0.0)
     p.add_argument("--no-greeting", action="store_true")
+    p.add_argument("--users")
     ARGS = p.parse_args()
+    global USERS
+    if ARGS.users is not None:
+        with open(ARGS.users) as f:
+            USERS = {l.strip().lower() for l in f if l.strip()}
     ip, _, port = ARGS.listen.rpartition(":")
 
     loop = asyncio.new_event_loop()

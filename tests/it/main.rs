@@ -17,6 +17,7 @@ mod harness;
 
 mod crash;
 mod damage;
+mod defences;
 mod delivery;
 mod delivery_crash;
 mod delivery_postfix;

@@ -676,6 +676,8 @@ pub struct AioOptions {
     pub greeting_delay: Option<Duration>,
     /// Accept TCP and never greet.
     pub no_greeting: bool,
+    /// Known recipients (local parts or addresses): any other RCPT gets `550 5.1.1`.
+    pub users: Option<Vec<String>>,
 }
 
 impl AioOptions {
@@ -737,6 +739,11 @@ impl AioSmtpd {
         }
         if opts.no_greeting {
             cmd.arg("--no-greeting");
+        }
+        if let Some(users) = &opts.users {
+            let file = dir.path().join("users");
+            fs::write(&file, users.join("\n")).unwrap();
+            cmd.arg("--users").arg(file);
         }
         cmd.env("PYTHONUNBUFFERED", "1");
         let log_path = dir.path().join("aiosmtpd.log");

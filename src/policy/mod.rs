@@ -14,6 +14,10 @@
 //! unknown users with `550 5.1.1`, never with a later bounce. Pure code: the lists and the
 //! table are loaded with the configuration.
 
+pub mod callout;
+pub mod dnsbl;
+pub mod rates;
+
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
@@ -75,6 +79,8 @@ pub struct Policy {
     etrn_domains: HashSet<String>,
     /// Clients allowed to send ETRN, besides loopback.
     etrn_clients: Vec<ipnet::IpNet>,
+    /// Partners with `verify = "callout"`.
+    callout_domains: HashSet<String>,
 }
 
 /// Why an ETRN is refused.
@@ -118,7 +124,19 @@ impl Policy {
                 .map(|p| p.domain.clone())
                 .collect(),
             etrn_clients: config.smtp.etrn_clients.clone(),
+            callout_domains: config
+                .partner
+                .iter()
+                .filter(|p| p.verify == Some(crate::config::Verify::Callout))
+                .map(|p| p.domain.clone())
+                .collect(),
         }
+    }
+
+    /// Whether an accepted recipient of `domain` (lower case) is verified with a callout
+    /// before RCPT is answered.
+    pub fn verifies(&self, domain: &str) -> bool {
+        self.callout_domains.contains(domain)
     }
 
     /// Whether `client` may flush the queue of `domain` (a partner with `etrn = true`)
