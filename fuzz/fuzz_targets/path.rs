@@ -85,6 +85,7 @@ fuzz_target!(|data: &[u8]| {
                 Step::Etrn { domain, .. } => s.etrn_done(&domain, 0, false, now),
                 Step::WritePart { .. } => s.part_written(Ok(()), now),
                 Step::Discard { .. } => s.resume(now),
+                Step::Verify(_) => s.verified(Ok(()), now),
                 Step::StartTls => s.tls_started(common::tls13()),
             };
         }

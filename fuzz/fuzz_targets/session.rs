@@ -79,6 +79,14 @@ impl Harness {
                     };
                     step = self.session.part_written(result, self.now);
                 }
+                Step::Verify(address) => {
+                    assert!(!address.is_empty(), "a callout for no address");
+                    let result = match self.rng.below(3) {
+                        0 => Err(format!("550 5.1.1 <{address}>: Recipient address rejected")),
+                        _ => Ok(()),
+                    };
+                    step = self.session.verified(result, self.now);
+                }
                 Step::Discard { written, .. } => {
                     assert!(written >= 1, "a discard of nothing");
                     step = self.session.resume(self.now);
