@@ -311,7 +311,10 @@ impl Scheduler {
         let loaded = tokio::task::spawn_blocking(move || -> Result<_, crate::spool::SpoolError> {
             let entry = spool.queue_entry(&d, &i)?;
             let stored = spool.stored_envelope(&i)?;
-            let message = spool.load_message(&i)?;
+            let message = match &stored {
+                Some(s) => spool.message_of(&i, s)?,
+                None => None,
+            };
             Ok((entry, stored, message))
         })
         .await;

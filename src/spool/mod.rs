@@ -491,6 +491,20 @@ fn cf(db: &DB, cf: Cf) -> Result<&ColumnFamily, SpoolError> {
         .ok_or_else(|| SpoolError::Corrupt(format!("column family {} is missing", cf.name())))
 }
 
+/// Stores our format version, synced: the only write outside the writer thread, made
+/// before it starts (a new spool, or an older one opened for writing).
+fn write_format(db: &DB, meta: &ColumnFamily, path: &Path) -> Result<(), SpoolError> {
+    let mut o = WriteOptions::default();
+    o.set_sync(true);
+    db.put_cf_opt(
+        meta,
+        keys::META_FORMAT,
+        keys::format_value(FORMAT_VERSION),
+        &o,
+    )
+    .map_err(|e| map_db_error(e, path))
+}
+
 /// Check the stored format version; a new spool (`create`) gets ours.
 fn check_format(db: &DB, path: &Path, create: bool) -> Result<(), SpoolError> {
     let meta = cf(db, Cf::Meta)?;
@@ -511,28 +525,9 @@ fn check_format(db: &DB, path: &Path, create: bool) -> Result<(), SpoolError> {
                 return Ok(());
             }
             // An older spool opened for writing: from now on it may hold parts.
-            let mut o = WriteOptions::default();
-            o.set_sync(true);
-            db.put_cf_opt(
-                meta,
-                keys::META_FORMAT,
-                keys::format_value(FORMAT_VERSION),
-                &o,
-            )
-            .map_err(|e| map_db_error(e, path))
+            write_format(db, meta, path)
         }
-        None if create => {
-            // The only write outside the writer thread: before it starts, on a new spool.
-            let mut o = WriteOptions::default();
-            o.set_sync(true);
-            db.put_cf_opt(
-                meta,
-                keys::META_FORMAT,
-                keys::format_value(FORMAT_VERSION),
-                &o,
-            )
-            .map_err(|e| map_db_error(e, path))
-        }
+        None if create => write_format(db, meta, path),
         None => Err(SpoolError::Corrupt(format!(
             "{} has no spool format version",
             path.display()

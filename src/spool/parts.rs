@@ -17,7 +17,7 @@ use std::io::Read;
 use rocksdb::{WriteBatch, WriteOptions, DB};
 
 use super::keys::{self, Cf};
-use super::{cf, map_db_error, Spool, SpoolError};
+use super::{cf, map_db_error, Spool, SpoolError, StoredEnvelope};
 
 /// A stored message, ready to be read part by part: the first part in memory, the others
 /// read when asked for.
@@ -215,9 +215,18 @@ impl Spool {
     /// Message `id`, its first part read (the rest is read when asked for); `None` when it
     /// is not in the spool.
     pub fn load_message(&self, id: &str) -> Result<Option<Message>, SpoolError> {
-        let Some(stored) = self.stored_envelope(id)? else {
-            return Ok(None);
-        };
+        match self.stored_envelope(id)? {
+            Some(stored) => self.message_of(id, &stored),
+            None => Ok(None),
+        }
+    }
+
+    /// [`Spool::load_message`] for a caller that has just read the envelope record.
+    pub fn message_of(
+        &self,
+        id: &str,
+        stored: &StoredEnvelope,
+    ) -> Result<Option<Message>, SpoolError> {
         let db = self.db()?;
         let db = &*db;
         let Some(first) = db
