@@ -372,14 +372,16 @@ async fn run(ctx: &Ctx, req: Request, out: &Out) -> Result<i32, String> {
         } => export(ctx, &domain, output, remove, force, out).await,
         Request::Import { input } => import(ctx, input, out).await,
         Request::Queue { domain, json } => {
+            let quotas = crate::policy::quota::of_config(&ctx.config());
             report(ctx, out, false, move |s, w| {
-                crate::report::queue(s, domain.as_deref(), json, w)
+                crate::report::queue(s, domain.as_deref(), json, &quotas, w)
             })
             .await
         }
         Request::Shape { json } => {
+            let quotas = crate::policy::quota::of_config(&ctx.config());
             report(ctx, out, false, move |s, w| {
-                crate::report::shape(s, json, w)
+                crate::report::shape(s, json, &quotas, w)
             })
             .await
         }

@@ -213,11 +213,12 @@ fn report(config: Config, req: Request) -> anyhow::Result<ExitCode> {
     }
     let spool = Spool::open_read_only(&config.spool)?;
     let mut out = crate::ops::output::stdout();
+    let quotas = crate::policy::quota::of_config(&config);
     match req {
         Request::Queue { domain, json } => {
-            crate::report::queue(&spool, domain.as_deref(), json, &mut out)?
+            crate::report::queue(&spool, domain.as_deref(), json, &quotas, &mut out)?
         }
-        Request::Shape { json } => crate::report::shape(&spool, json, &mut out)?,
+        Request::Shape { json } => crate::report::shape(&spool, json, &quotas, &mut out)?,
         Request::Show { id, body } => crate::report::show(&spool, &id, body, &mut out)?,
         Request::HoldList => crate::report::holds(&spool, &mut out)?,
         _ => anyhow::bail!("not a report"),
@@ -411,6 +412,7 @@ fn serve(
                 listener,
                 metrics.clone(),
                 spool.clone(),
+                live.clone(),
                 stop_rx.clone(),
             ));
         }

@@ -461,6 +461,12 @@ pub struct Partner {
     /// How recipients are verified at RCPT beyond the recipients list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify: Option<Verify>,
+    /// Quota: at most this many messages queued for the domain (else `452 4.3.1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_messages: Option<u64>,
+    /// Quota: at most this many bytes queued for the domain (else `452 4.3.1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<ByteSize>,
     /// The recipient list, loaded by [`Config::load`]: lower-cased local parts.
     #[serde(skip)]
     pub users: Option<HashSet<String>>,
@@ -596,6 +602,20 @@ impl Config {
         };
         for p in &mut self.partner {
             claim(&mut p.domain)?;
+            if p.max_messages == Some(0) || p.max_bytes.is_some_and(|b| b.0 == 0) {
+                let key = if p.max_messages == Some(0) {
+                    "max_messages"
+                } else {
+                    "max_bytes"
+                };
+                return Err(at(
+                    key,
+                    format!(
+                        "partner {}: a quota of 0 refuses all its mail; leave it out for no quota",
+                        p.domain
+                    ),
+                ));
+            }
             for hop in &p.route {
                 parse_hop(hop).map_err(|e| at("route", e))?;
             }

@@ -6,13 +6,23 @@ use std::collections::BTreeMap;
 use std::io::Write;
 
 use crate::envelope::{Body, Notify, RcptState, Ret};
+use crate::policy::quota::Quota;
 use crate::scheduler::now_ms;
 use crate::spool::{QueuedMessage, Spool};
+
+/// The partners' quotas, by domain ([`crate::policy::quota::of_config`]).
+pub type Quotas = BTreeMap<String, Quota>;
+
+/// `quota 1%: 12 of 200000 messages, 3 of 1000 bytes`.
+fn quota_line(q: &Quota, used: crate::spool::Usage) -> String {
+    format!("quota {}%: {}", q.percent(used), q.describe(used))
+}
 
 pub fn queue(
     spool: &Spool,
     domain: Option<&str>,
     json: bool,
+    quotas: &Quotas,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
     let domain = domain.map(|d| d.trim_end_matches('.').to_ascii_lowercase());
@@ -23,7 +33,11 @@ pub fn queue(
         domain.as_deref(),
         |m| {
             let r = if json {
-                writeln!(out, "{}", m.to_json())
+                let mut line = m.to_json();
+                if let Some(q) = quotas.get(&m.domain) {
+                    line["quota"] = q.to_json(spool.usage(&m.domain));
+                }
+                writeln!(out, "{line}")
             } else {
                 if n == 0 {
                     let _ = table_header(out);
@@ -49,6 +63,11 @@ pub fn queue(
             writeln!(out, "Mail queue is empty")?;
         } else {
             writeln!(out, "-- {n} message(s)")?;
+        }
+        for (d, q) in quotas {
+            if domain.as_deref().is_none_or(|x| x == d) {
+                writeln!(out, "-- {d}: {}", quota_line(q, spool.usage(d)))?;
+            }
         }
         for (d, since) in spool.held_domains() {
             if domain.as_deref().is_none_or(|x| x == d) {
@@ -146,7 +165,13 @@ fn table_row(out: &mut dyn Write, m: &QueuedMessage) -> std::io::Result<()> {
 const BUCKETS: [u64; 9] = [5, 10, 20, 40, 80, 160, 320, 640, 1280];
 
 /// Messages per domain by age (qshape): a TOTAL row, then domains by count.
-pub fn shape(spool: &Spool, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
+/// Partners with a quota are listed with what they use of it, even with nothing queued.
+pub fn shape(
+    spool: &Spool,
+    json: bool,
+    quotas: &Quotas,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
     let now = now_ms();
     let mut rows: BTreeMap<String, [u64; 10]> = BTreeMap::new();
     let mut unreadable = Vec::new();
@@ -160,6 +185,9 @@ pub fn shape(spool: &Spool, json: bool, out: &mut dyn Write) -> anyhow::Result<(
         },
         |u| unreadable.push(u),
     )?;
+    for d in quotas.keys() {
+        rows.entry(d.clone()).or_insert([0; 10]);
+    }
     let mut total = [0u64; 10];
     for r in rows.values() {
         for (t, v) in total.iter_mut().zip(r) {
@@ -181,12 +209,15 @@ pub fn shape(spool: &Spool, json: bool, out: &mut dyn Write) -> anyhow::Result<(
                 buckets.insert(lim.to_string(), r[i].into());
             }
             buckets.insert(format!("{}+", BUCKETS[8]), r[9].into());
-            let line = serde_json::json!({
+            let mut line = serde_json::json!({
                 "domain": d,
                 "total": r.iter().sum::<u64>(),
                 "buckets": buckets,
                 "held": is_held(d),
             });
+            if let Some(q) = quotas.get(d) {
+                line["quota"] = q.to_json(spool.usage(d));
+            }
             writeln!(out, "{line}")?;
         }
     } else {
@@ -208,6 +239,9 @@ pub fn shape(spool: &Spool, json: bool, out: &mut dyn Write) -> anyhow::Result<(
             }
             if is_held(d) {
                 write!(out, "  (on hold)")?;
+            }
+            if let Some(q) = quotas.get(d) {
+                write!(out, "  ({})", quota_line(q, spool.usage(d)))?;
             }
             writeln!(out)?;
         }

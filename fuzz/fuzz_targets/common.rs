@@ -82,7 +82,8 @@ pub fn tls13() -> mxspool::tls::TlsInfo {
     }
 }
 
-/// A session chosen by `choice` (bit 0x80: a certificate, so STARTTLS is offered): partner or primary policy, client inside or outside the
+/// A session chosen by `choice` (bit 0x80: a certificate, so STARTTLS is offered; bit 0x40:
+/// partner quotas): partner or primary policy, client inside or outside the
 /// relay networks (or loopback, allowed ETRN), a small or a normal size limit.
 pub fn session(choice: u8) -> Session {
     let config = Arc::new(SessionConfig {
@@ -112,7 +113,25 @@ pub fn session(choice: u8) -> Session {
     } else {
         u64::MAX
     };
-    Session::new(config, policy, Arc::new(SpoolGauge::new(free)), ip)
+    let mut s = Session::new(config, policy, Arc::new(SpoolGauge::new(free)), ip);
+    if choice & 0x40 != 0 {
+        s.set_quota_gate(Arc::new(Quotas));
+    }
+    s
+}
+
+/// Partner quotas that some domains are always over, and every domain past 400 kB (so RCPT,
+/// the parts of DATA and the final dot meet `452 4.3.1` for a quota).
+struct Quotas;
+
+impl mxspool::smtp::session::QuotaGate for Quotas {
+    fn room(&self, domain: &str, bytes: u64) -> Result<(), String> {
+        if domain.len() % 3 == 0 || bytes > 400_000 {
+            Err(format!("the queue of {domain} is full"))
+        } else {
+            Ok(())
+        }
+    }
 }
 
 /// Checks one batch of output and returns its reply lines (without CRLF). Every line is

@@ -101,14 +101,15 @@ impl Harness {
                         "stored with no recipients"
                     );
                     self.stores += 1;
-                    let result = match self.rng.below(4) {
+                    let result = match self.rng.below(5) {
                         0 => Err(StoreFailure::NoSpace),
                         1 => Err(StoreFailure::Spool),
+                        2 => Err(StoreFailure::Quota("the queue of x.test is full".into())),
                         _ => Ok(()),
                     };
                     let id = format!("FUZZ{:04}", self.stores);
-                    step = self.session.stored(&id, result, self.now);
                     from_store_ok = result.is_ok();
+                    step = self.session.stored(&id, result, self.now);
                 }
             }
         }

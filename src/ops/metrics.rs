@@ -48,6 +48,12 @@ pub struct Metrics {
     pub held_domains: Gauge,
     /// Bytes free on the spool's file system (set at scrape).
     pub spool_free_bytes: Gauge,
+    /// Per partner `domain` with a quota: its limits and what its queue uses of them, from
+    /// the spool's counters (set at scrape).
+    pub quota_max_messages: Family<Labels, Gauge>,
+    pub quota_max_bytes: Family<Labels, Gauge>,
+    pub quota_used_messages: Family<Labels, Gauge>,
+    pub quota_used_bytes: Family<Labels, Gauge>,
     /// One scrape at a time: the per-domain gauges are cleared, set and encoded together.
     scrape: std::sync::Mutex<()>,
 }
@@ -75,6 +81,10 @@ impl Metrics {
             oldest_age_seconds: Family::default(),
             held_domains: Gauge::default(),
             spool_free_bytes: Gauge::default(),
+            quota_max_messages: Family::default(),
+            quota_max_bytes: Family::default(),
+            quota_used_messages: Family::default(),
+            quota_used_bytes: Family::default(),
             scrape: std::sync::Mutex::new(()),
         };
         registry.register(
@@ -133,6 +143,30 @@ impl Metrics {
             "Bytes free on the spool's file system",
             m.spool_free_bytes.clone(),
         );
+        for (name, help, family) in [
+            (
+                "quota_max_messages",
+                "A partner's max_messages quota",
+                &m.quota_max_messages,
+            ),
+            (
+                "quota_max_bytes",
+                "A partner's max_bytes quota",
+                &m.quota_max_bytes,
+            ),
+            (
+                "quota_used_messages",
+                "Messages queued for a partner with a quota",
+                &m.quota_used_messages,
+            ),
+            (
+                "quota_used_bytes",
+                "Bytes queued for a partner with a quota",
+                &m.quota_used_bytes,
+            ),
+        ] {
+            registry.register(name, help, family.clone());
+        }
         Metrics { registry, ..m }
     }
 
@@ -147,7 +181,12 @@ impl Metrics {
     /// domain, held domains, free space), then encode everything. Reads the whole queue
     /// (like `shape`): call it from a blocking task. A domain with nothing queued is not
     /// listed.
-    pub fn scrape(&self, spool: &Spool, now_ms: u64) -> Result<String, SpoolError> {
+    pub fn scrape(
+        &self,
+        spool: &Spool,
+        quotas: &crate::report::Quotas,
+        now_ms: u64,
+    ) -> Result<String, SpoolError> {
         let _one = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
         let mut domains: std::collections::HashMap<String, QueueFigures> = Default::default();
         spool.for_each(None, |m| {
@@ -172,6 +211,30 @@ impl Metrics {
             self.queued_bytes.get_or_create(&l).set(f.bytes as i64);
             let age = now_ms.saturating_sub(f.oldest_ms) / 1000;
             self.oldest_age_seconds.get_or_create(&l).set(age as i64);
+        }
+        for family in [
+            &self.quota_max_messages,
+            &self.quota_max_bytes,
+            &self.quota_used_messages,
+            &self.quota_used_bytes,
+        ] {
+            family.clear();
+        }
+        let gauge = |n: u64| n.min(i64::MAX as u64) as i64;
+        for (domain, q) in quotas {
+            let (l, used) = (label("domain", domain), spool.usage(domain));
+            if let Some(m) = q.max_messages {
+                self.quota_max_messages.get_or_create(&l).set(gauge(m));
+            }
+            if let Some(b) = q.max_bytes {
+                self.quota_max_bytes.get_or_create(&l).set(gauge(b));
+            }
+            self.quota_used_messages
+                .get_or_create(&l)
+                .set(gauge(used.messages));
+            self.quota_used_bytes
+                .get_or_create(&l)
+                .set(gauge(used.bytes));
         }
         self.held_domains.set(spool.held_domains().len() as i64);
         match spool.free_bytes() {
@@ -284,8 +347,23 @@ mod tests {
             )
             .unwrap();
         let m = Metrics::new();
-        let text = m.scrape(&spool, now).unwrap();
+        let quotas: crate::report::Quotas = [(
+            "a.test".to_string(),
+            crate::policy::quota::Quota {
+                max_messages: Some(10),
+                max_bytes: None,
+            },
+        )]
+        .into();
+        let text = m.scrape(&spool, &quotas, now).unwrap();
+        assert_eq!(
+            value(&text, "mxspool_quota_max_bytes{domain=\"a.test\"}"),
+            None
+        );
         for (sample, want) in [
+            ("mxspool_quota_max_messages{domain=\"a.test\"}", "10"),
+            ("mxspool_quota_used_messages{domain=\"a.test\"}", "2"),
+            ("mxspool_quota_used_bytes{domain=\"a.test\"}", "150"),
             ("mxspool_queue_messages{domain=\"a.test\"}", "2"),
             ("mxspool_queue_bytes{domain=\"a.test\"}", "150"),
             ("mxspool_queue_oldest_age_seconds{domain=\"a.test\"}", "90"),
@@ -307,7 +385,7 @@ mod tests {
             .block_on(spool.remove("b.test", "0000000000001"))
             .unwrap());
         rt.block_on(spool.hold("a.test", now)).unwrap();
-        let text = m.scrape(&spool, now).unwrap();
+        let text = m.scrape(&spool, &Default::default(), now).unwrap();
         assert_eq!(
             value(&text, "mxspool_queue_messages{domain=\"b.test\"}"),
             None,

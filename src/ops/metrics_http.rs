@@ -118,6 +118,7 @@ pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     spool: Spool,
+    live: Arc<crate::ops::live::Live>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     if let Ok(addr) = listener.local_addr() {
@@ -139,8 +140,9 @@ pub async fn serve(
         match accepted {
             Ok((stream, peer)) => {
                 let (metrics, spool) = (metrics.clone(), spool.clone());
+                let quotas = crate::policy::quota::of_config(&live.config());
                 tokio::spawn(async move {
-                    if let Err(e) = respond(stream, &metrics, spool).await {
+                    if let Err(e) = respond(stream, &metrics, spool, quotas).await {
                         debug!("metrics request from {peer}: {e}");
                     }
                     drop(permit);
@@ -159,6 +161,7 @@ async fn respond(
     mut stream: TcpStream,
     metrics: &Arc<Metrics>,
     spool: Spool,
+    quotas: crate::report::Quotas,
 ) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let head = tokio::time::timeout(HEAD_TIMEOUT, async {
@@ -187,7 +190,7 @@ async fn respond(
     let (status, content_type, body, head_only) = match answer {
         Answer::Metrics { head } => {
             let (m, now) = (metrics.clone(), crate::scheduler::now_ms());
-            match tokio::task::spawn_blocking(move || m.scrape(&spool, now)).await {
+            match tokio::task::spawn_blocking(move || m.scrape(&spool, &quotas, now)).await {
                 Ok(Ok(text)) => ("200 OK", CONTENT_TYPE, text, head),
                 Ok(Err(e)) => {
                     error!("metrics: cannot read the spool: {e}");

@@ -235,6 +235,20 @@ pub fn refusal(address: &str, code: u16, status: Option<&str>, text: &str) -> St
     )
 }
 
+/// What the primary of `address`'s domain says of it, asked now (no cache, within
+/// [`TOTAL_TIMEOUT`]), for `mxspool doctor`: `Ok(Accept)` or `Ok(Refuse(reply))` for a
+/// definite answer, `Err(why)` for none (the callout would accept then).
+pub async fn probe(config: &Config, resolver: &Resolver, address: &str) -> Result<Verdict, String> {
+    let domain = domain_of(address);
+    let outcome = tokio::time::timeout(TOTAL_TIMEOUT, ask(config, resolver, &domain, address))
+        .await
+        .unwrap_or_else(|_| Outcome::Unreachable(format!("no answer within {TOTAL_TIMEOUT:?}")));
+    match outcome {
+        Outcome::Undecided(why) | Outcome::Unreachable(why) => Err(why),
+        definite => Ok(verdict(address, &definite)),
+    }
+}
+
 /// Asks the primary of `domain` about `address` (no time limit of its own: see
 /// [`Callout::limited`]).
 async fn ask(config: &Config, resolver: &Resolver, domain: &str, address: &str) -> Outcome {

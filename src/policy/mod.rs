@@ -16,6 +16,7 @@
 
 pub mod callout;
 pub mod dnsbl;
+pub mod quota;
 pub mod rates;
 
 use std::collections::{HashMap, HashSet};
@@ -81,6 +82,8 @@ pub struct Policy {
     etrn_clients: Vec<ipnet::IpNet>,
     /// Partners with `verify = "callout"`.
     callout_domains: HashSet<String>,
+    /// Partners with `max_messages` or `max_bytes`.
+    quotas: HashMap<String, quota::Quota>,
 }
 
 /// Why an ETRN is refused.
@@ -130,7 +133,18 @@ impl Policy {
                 .filter(|p| p.verify == Some(crate::config::Verify::Callout))
                 .map(|p| p.domain.clone())
                 .collect(),
+            quotas: quota::of_config(config).into_iter().collect(),
         }
+    }
+
+    /// Whether any partner has a quota.
+    pub fn has_quotas(&self) -> bool {
+        !self.quotas.is_empty()
+    }
+
+    /// The quota of partner `domain` (lower case), if it has one.
+    pub fn quota(&self, domain: &str) -> Option<quota::Quota> {
+        self.quotas.get(domain).copied()
     }
 
     /// Whether an accepted recipient of `domain` (lower case) is verified with a callout

@@ -23,6 +23,7 @@ use super::session::{Event, Session, SpoolGauge, Step, StoreFailure};
 use crate::config::Config;
 use crate::ops::live::Live;
 use crate::ops::metrics::{label, Metrics};
+use crate::policy::quota::Quotas;
 use crate::scheduler::Scheduler;
 use crate::spool::Spool;
 use crate::tls::server::Conn;
@@ -41,6 +42,8 @@ struct Shared {
     metrics: Arc<Metrics>,
     /// Rate limits and blocklists: their state outlives reloads.
     screen: Arc<Screen>,
+    /// Per-partner quotas: the places taken by messages being stored.
+    quotas: Arc<Quotas>,
 }
 
 /// Counts a connection in the `smtp_connections` gauge while it is open (whichever way it
@@ -255,6 +258,7 @@ pub async fn run(
         shutdown: shutdown.clone(),
         metrics,
         screen: Arc::new(Screen::default()),
+        quotas: Quotas::new(spool.clone()),
     });
 
     // Free space is read once a second, off the sessions' path.
@@ -403,6 +407,16 @@ fn admit(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, socket: Owned
     });
 }
 
+/// How a failed store answers the client, and what to log.
+fn store_failure(e: crate::spool::SpoolError) -> (StoreFailure, String) {
+    let f = if e.is_no_space() {
+        StoreFailure::NoSpace
+    } else {
+        StoreFailure::Spool
+    };
+    (f, e.to_string())
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn session(
     shared: Arc<Shared>,
@@ -421,6 +435,9 @@ async fn session(
     );
     if let Some(gate) = shared.screen.message_gate(&snapshot, peer.ip()) {
         s.set_message_gate(gate);
+    }
+    if snapshot.policy.has_quotas() {
+        s.set_quota_gate(shared.quotas.gate(snapshot.policy.clone()));
     }
     let idle_timeout = snapshot.config.smtp.command_timeout.0;
     let mut stop = shared.shutdown.clone();
@@ -492,18 +509,30 @@ async fn session(
                 let m = &incoming.message;
                 let cost = m.len() - m.written_len + 4096;
                 let floor = snapshot.config.queue.min_free_space.0;
-                let result = if shared.gauge.take(cost, floor) {
-                    let r = shared
-                        .spool
-                        .enqueue_parts(incoming.envelope, incoming.message)
-                        .await;
-                    if r.is_err() {
-                        shared.gauge.refund(cost);
+                // Its place in each partner's quota, held until the commit is over.
+                let mut domains: Vec<String> = Vec::new();
+                for r in &env.recipients {
+                    let d = crate::envelope::domain_of(&r.address);
+                    if !domains.contains(&d) {
+                        domains.push(d);
                     }
-                    r
-                } else {
-                    Err(crate::spool::SpoolError::NoSpace)
+                }
+                let place = shared.quotas.reserve(&snapshot.policy, &domains, size);
+                let result = match &place {
+                    Err(why) => Err((StoreFailure::Quota(why.clone()), why.clone())),
+                    Ok(_) if shared.gauge.take(cost, floor) => {
+                        let r = shared
+                            .spool
+                            .enqueue_parts(incoming.envelope, incoming.message)
+                            .await;
+                        if r.is_err() {
+                            shared.gauge.refund(cost);
+                        }
+                        r.map_err(store_failure)
+                    }
+                    Ok(_) => Err(store_failure(crate::spool::SpoolError::NoSpace)),
                 };
+                drop(place);
                 match result {
                     Ok(()) => parts.keep(),
                     Err(_) => parts.discard(),
@@ -515,13 +544,19 @@ async fn session(
                         shared.scheduler.wake();
                         Ok(())
                     }
-                    Err(e) if e.is_no_space() => {
-                        error!("{id}: spool full, message refused: {e}");
-                        Err(StoreFailure::NoSpace)
-                    }
-                    Err(e) => {
-                        error!("{id}: spool write failed, message refused: {e}");
-                        Err(StoreFailure::Spool)
+                    Err((f, e)) => {
+                        match &f {
+                            StoreFailure::NoSpace => {
+                                error!("{id}: spool full, message refused: {e}")
+                            }
+                            StoreFailure::Quota(_) => {
+                                info!("{id}: from=<{from}>, size={size}: refused: {e}")
+                            }
+                            StoreFailure::Spool => {
+                                error!("{id}: spool write failed, message refused: {e}")
+                            }
+                        }
+                        Err(f)
                     }
                 };
                 s.stored(&id, result, SystemTime::now())

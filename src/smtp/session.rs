@@ -108,6 +108,14 @@ pub trait MessageGate: Send + Sync {
     fn allow_message(&self, client: IpAddr) -> bool;
 }
 
+/// Asked whether a partner's queue has room for one more message of `bytes` (the server's
+/// per-partner quotas, `[[partner]] max_messages` / `max_bytes`): at RCPT with the declared
+/// `SIZE`, and during DATA with the bytes received so far. `Err` says why (`the queue of
+/// example.com is full`), for a `452 4.3.1`. `domain` is lower case. Shared state, no I/O.
+pub trait QuotaGate: Send + Sync {
+    fn room(&self, domain: &str, bytes: u64) -> Result<(), String>;
+}
+
 /// A message the client finished, to be stored before it is acknowledged.
 #[derive(Debug)]
 pub struct Incoming {
@@ -118,12 +126,35 @@ pub struct Incoming {
 }
 
 /// Why storing failed, as far as the client's reply is concerned.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StoreFailure {
     /// `452 4.3.1`: out of space.
     NoSpace,
     /// `451 4.3.0`: any other spool failure.
     Spool,
+    /// `452 4.3.1`: a partner's queue is at its quota (why, e.g. `the queue of a.example
+    /// is full`).
+    Quota(String),
+}
+
+impl StoreFailure {
+    /// The reply to the final dot, and the metrics' reason.
+    fn reply(&self) -> (&'static str, String) {
+        match self {
+            StoreFailure::NoSpace => (
+                "no_space",
+                "452 4.3.1 Insufficient system storage, try again later".into(),
+            ),
+            StoreFailure::Spool => (
+                "spool_error",
+                "451 4.3.0 Error: queue file write error, try again later".into(),
+            ),
+            StoreFailure::Quota(why) => (
+                "quota",
+                format!("452 4.3.1 Insufficient system storage: {why}, try again later"),
+            ),
+        }
+    }
 }
 
 /// What a session counts for the metrics; the driver takes them ([`Session::take_events`]).
@@ -133,11 +164,11 @@ pub enum Event {
     /// A message stored and acknowledged `250`.
     Accepted,
     /// A RCPT refused: `relay`, `routing`, `unknown_user`, `bad_mailbox`, `virtual`, `loop`,
-    /// `config`, `too_many_recipients`, `syntax`, `callout`.
+    /// `config`, `too_many_recipients`, `syntax`, `callout`, `quota`.
     RefusedRecipient(&'static str),
     /// A message refused at MAIL, at DATA or after the final dot: `size`, `no_space`,
     /// `syntax`, `no_recipients`, `bare_line_ending`, `nul`, `line_too_long`, `loop`,
-    /// `spool_error`, `rate`.
+    /// `spool_error`, `rate`, `quota`.
     RefusedMessage(&'static str),
 }
 
@@ -169,6 +200,22 @@ pub enum Step {
     Close,
 }
 
+/// Whether a message of `bytes` still fits the quotas of every partner `tx` goes to.
+fn room_for(gate: Option<&dyn QuotaGate>, tx: &Transaction, bytes: u64) -> Result<(), String> {
+    let Some(gate) = gate else {
+        return Ok(());
+    };
+    let mut asked: Vec<String> = Vec::new();
+    for r in &tx.recipients {
+        let d = crate::envelope::domain_of(&r.address);
+        if !asked.contains(&d) {
+            gate.room(&d, bytes)?;
+            asked.push(d);
+        }
+    }
+    Ok(())
+}
+
 #[derive(Debug)]
 struct Transaction {
     sender: String,
@@ -181,6 +228,8 @@ struct Transaction {
     given: Vec<String>,
     /// RCPTs refused so far because `max_recipients` was reached.
     overshoot: usize,
+    /// The size the client declared at MAIL (`SIZE=`), 0 if none.
+    size: u64,
 }
 
 /// What is stored so far of a message being received in parts.
@@ -214,9 +263,21 @@ impl Receiving {
     }
 
     /// The next part to store, if the reader holds a full one: first the header section is
-    /// set apart (it stays in memory), then the body goes out in parts.
-    fn next_part(&mut self, reader: &mut DataReader) -> Option<Step> {
-        if self.failed.is_some() || reader.seen() > reader.max_size() {
+    /// set apart (it stays in memory), then the body goes out in parts, each only if
+    /// `room` says the message, that big, still fits its partners' quotas.
+    fn next_part(
+        &mut self,
+        reader: &mut DataReader,
+        room: impl Fn(u64) -> Result<(), String>,
+    ) -> Option<Step> {
+        if self.failed.is_some() {
+            // Refused already: what comes is read and dropped, never kept.
+            if reader.kept().len() >= PART_SIZE {
+                drop(reader.take_kept());
+            }
+            return None;
+        }
+        if reader.seen() > reader.max_size() {
             return None;
         }
         if self.head.is_none() {
@@ -240,6 +301,12 @@ impl Receiving {
             self.head = Some(reader.split_kept(end));
         }
         if reader.kept().len() < PART_SIZE {
+            return None;
+        }
+        let so_far = self.written_len + reader.kept().len() as u64;
+        if let Err(why) = room(so_far) {
+            self.failed = Some(StoreFailure::Quota(why));
+            drop(reader.take_kept());
             return None;
         }
         let bytes = reader.take_kept();
@@ -285,6 +352,7 @@ pub struct Session {
     /// The TLS session, once the handshake after STARTTLS is done.
     tls: Option<TlsInfo>,
     message_gate: Option<Arc<dyn MessageGate>>,
+    quota_gate: Option<Arc<dyn QuotaGate>>,
     /// The recipient a [`Step::Verify`] is out for, and the address the client gave.
     verifying: Option<(Recipient, String)>,
 }
@@ -312,6 +380,7 @@ impl Session {
             events: Vec::new(),
             tls: None,
             message_gate: None,
+            quota_gate: None,
             verifying: None,
         };
         let banner = format!("220 {} ESMTP mxspool", s.config.hostname);
@@ -322,6 +391,11 @@ impl Session {
     /// Every MAIL asks `gate` first (see [`MessageGate`]).
     pub fn set_message_gate(&mut self, gate: Arc<dyn MessageGate>) {
         self.message_gate = Some(gate);
+    }
+
+    /// Every accepted RCPT, and every part of a message, asks `gate` (see [`QuotaGate`]).
+    pub fn set_quota_gate(&mut self, gate: Arc<dyn QuotaGate>) {
+        self.quota_gate = Some(gate);
     }
 
     /// Bytes to send to the client, taken out of the session.
@@ -416,18 +490,15 @@ impl Session {
 
     /// The outcome of a [`Step::Store`]; processing of buffered input resumes.
     pub fn stored(&mut self, id: &str, result: Result<(), StoreFailure>, now: SystemTime) -> Step {
-        self.events.push(match result {
-            Ok(()) => Event::Accepted,
-            Err(StoreFailure::NoSpace) => Event::RefusedMessage("no_space"),
-            Err(StoreFailure::Spool) => Event::RefusedMessage("spool_error"),
-        });
         match result {
-            Ok(()) => self.reply(&format!("250 2.0.0 Ok: queued as {id}")),
-            Err(StoreFailure::NoSpace) => {
-                self.reply("452 4.3.1 Insufficient system storage, try again later")
+            Ok(()) => {
+                self.events.push(Event::Accepted);
+                self.reply(&format!("250 2.0.0 Ok: queued as {id}"));
             }
-            Err(StoreFailure::Spool) => {
-                self.reply("451 4.3.0 Error: queue file write error, try again later")
+            Err(f) => {
+                let (reason, reply) = f.reply();
+                self.events.push(Event::RefusedMessage(reason));
+                self.reply(&reply);
             }
         }
         self.state = State::Ready;
@@ -457,15 +528,16 @@ impl Session {
             match &mut self.state {
                 State::Closed => return Step::Close,
                 State::Storing => return Step::Read,
-                State::Data(_, reader, rx) => {
+                State::Data(tx, reader, rx) => {
+                    let room = |bytes| room_for(self.quota_gate.as_deref(), tx, bytes);
                     // A full part waiting is stored before more input is taken.
-                    if let Some(step) = rx.next_part(reader) {
+                    if let Some(step) = rx.next_part(reader, room) {
                         return step;
                     }
                     let (used, done) = reader.feed(&self.input);
                     self.input.drain(..used);
                     if !done {
-                        if let Some(step) = rx.next_part(reader) {
+                        if let Some(step) = rx.next_part(reader, room) {
                             return step;
                         }
                         return Step::Read;
@@ -811,6 +883,7 @@ impl Session {
             recipients: Vec::new(),
             given: Vec::new(),
             overshoot: 0,
+            size: from.size as u64,
         });
         self.reply("250 2.1.0 Ok");
         None
@@ -918,6 +991,26 @@ impl Session {
             notify,
             state: Default::default(),
         };
+        if let Some(gate) = &self.quota_gate {
+            let domain = crate::envelope::domain_of(&recipient.address);
+            if let Err(why) = gate.room(&domain, tx.size.max(1)) {
+                // Not an error of the client's: it tries this recipient again later.
+                let r = format!(
+                    "452 4.3.1 <{}>: Insufficient system storage: {why}",
+                    printable(addr)
+                );
+                tracing::info!(
+                    "NOQUEUE: reject: RCPT from [{}]: {r}; from=<{}> to=<{}> helo=<{}>",
+                    self.client,
+                    printable(&tx.sender),
+                    printable(addr),
+                    printable(self.helo.as_deref().unwrap_or(""))
+                );
+                self.events.push(Event::RefusedRecipient("quota"));
+                self.reply(&r);
+                return None;
+            }
+        }
         if self
             .policy
             .verifies(&crate::envelope::domain_of(&recipient.address))
@@ -1034,20 +1127,9 @@ impl Session {
         if let Some((reason, r)) = refusal {
             return self.refused_message(reason, r);
         }
-        match rx.failed {
-            Some(StoreFailure::NoSpace) => {
-                return self.refused_message(
-                    "no_space",
-                    "452 4.3.1 Insufficient system storage, try again later",
-                )
-            }
-            Some(StoreFailure::Spool) => {
-                return self.refused_message(
-                    "spool_error",
-                    "451 4.3.0 Error: queue file write error, try again later",
-                )
-            }
-            None => {}
+        if let Some(f) = &rx.failed {
+            let (reason, reply) = f.reply();
+            return self.refused_message(reason, &reply);
         }
         // Small: all in `rest`. Large: the header section was set apart, parts are stored,
         // and `rest` is the end of the body.

@@ -149,7 +149,7 @@ impl Client {
                     }
                     step = self
                         .session
-                        .part_written(self.part_result, SystemTime::now());
+                        .part_written(self.part_result.clone(), SystemTime::now());
                 }
                 Step::Discard { id, written } => {
                     let have = self.parts.iter().filter(|(i, ..)| *i == id).count() as u32;
@@ -188,7 +188,7 @@ impl Client {
                     }
                     step = self
                         .session
-                        .stored(&id, self.store_result, SystemTime::now());
+                        .stored(&id, self.store_result.clone(), SystemTime::now());
                 }
             }
         }
@@ -1161,6 +1161,76 @@ fn a_part_that_cannot_be_stored_fails_the_message_with_452_at_its_end() {
     c.expect(&["452 4.3.1"]);
     assert!(c.stored.is_empty());
     assert_eq!(c.discarded.len(), 1, "the parts that were stored go");
+}
+
+/// A quota gate that says `full.test` is full, and `big.test` has room for 300 KiB.
+struct TestQuotas;
+
+impl crate::smtp::session::QuotaGate for TestQuotas {
+    fn room(&self, domain: &str, bytes: u64) -> Result<(), String> {
+        match domain {
+            "full.test" => Err("the queue of full.test is full".into()),
+            "big.test" if bytes > 300 << 10 => Err("the queue of big.test is full".into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn quota_policy() -> Arc<Policy> {
+    let c = Config::parse(
+        "hostname = \"mx2.example.net\"\nspool = \"/x\"\n\
+         [[partner]]\ndomain = \"example.com\"\n[[partner]]\ndomain = \"full.test\"\n\
+         [[partner]]\ndomain = \"big.test\"\n",
+    )
+    .unwrap();
+    Arc::new(Policy::new(&c))
+}
+
+#[test]
+fn a_full_partner_gets_452_at_rcpt_and_the_others_go_on() {
+    let mut c = Client::connected(config(8 << 20), quota_policy(), "192.0.2.7");
+    c.session.set_quota_gate(Arc::new(TestQuotas));
+    c.send(b"EHLO c\r\n");
+    c.pending.clear();
+    c.send(b"MAIL FROM:<a@b.test>\r\n");
+    c.expect(&["250 2.1.0"]);
+    // Many of them: a 452 for a quota is not the client's error (max_errors is 20).
+    for i in 0..30 {
+        c.send(format!("RCPT TO:<u{i}@full.test>\r\n").as_bytes());
+        c.expect(&[&format!(
+            "452 4.3.1 <u{i}@full.test>: Insufficient system storage: the queue of full.test is full"
+        )]);
+    }
+    assert!(!c.closed);
+    c.send(b"RCPT TO:<v@example.com>\r\nDATA\r\nSubject: x\r\n\r\nhi\r\n.\r\n");
+    c.expect(&["250 2.1.5", "354", "250 2.0.0"]);
+    assert_eq!(c.stored.len(), 1);
+    assert_eq!(c.stored[0].envelope.recipients.len(), 1);
+    assert!(c
+        .session
+        .take_events()
+        .contains(&crate::smtp::session::Event::RefusedRecipient("quota")));
+}
+
+#[test]
+fn a_message_that_outgrows_a_quota_during_data_is_dropped_and_gets_452() {
+    let (_, wire) = big_message(2);
+    let mut c = Client::connected(config(8 << 20), quota_policy(), "192.0.2.7");
+    c.session.set_quota_gate(Arc::new(TestQuotas));
+    c.send(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@big.test>\r\nDATA\r\n");
+    c.pending.clear();
+    c.send_split(&wire, 16 * 1024);
+    c.expect(&["452 4.3.1 Insufficient system storage: the queue of big.test is full"]);
+    assert!(c.stored.is_empty());
+    // One part fitted (256 KiB), the second would not: nothing more was written, and what
+    // was is removed.
+    assert_eq!(c.discarded, vec![(c.discarded[0].0.clone(), 1)]);
+    assert!(c.parts.is_empty());
+    // The session goes on: the same message to a partner with room is taken.
+    c.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<u@example.com>\r\nDATA\r\n");
+    c.send_split(&wire, 16 * 1024);
+    c.expect(&["250 2.1.0", "250 2.1.5", "354", "250 2.0.0"]);
+    assert_eq!(c.stored.len(), 1);
 }
 
 fn tls_config() -> Arc<SessionConfig> {

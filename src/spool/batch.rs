@@ -17,6 +17,13 @@ pub enum Op {
         cf: Cf,
         key: Vec<u8>,
     },
+    /// Combined with the stored value by the family's merge operator (only the `usage`
+    /// counters of `meta`, see `usage.rs`).
+    Merge {
+        cf: Cf,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
 }
 
 /// Operations applied together, all or nothing.
@@ -38,6 +45,10 @@ impl Batch {
         self.ops.push(Op::Delete { cf, key });
     }
 
+    pub fn merge(&mut self, cf: Cf, key: Vec<u8>, value: Vec<u8>) {
+        self.ops.push(Op::Merge { cf, key, value });
+    }
+
     pub fn ops(&self) -> &[Op] {
         &self.ops
     }
@@ -55,7 +66,9 @@ impl Batch {
         self.ops
             .iter()
             .map(|op| match op {
-                Op::Put { key, value, .. } => key.len() + value.len(),
+                Op::Put { key, value, .. } | Op::Merge { key, value, .. } => {
+                    key.len() + value.len()
+                }
                 Op::Delete { key, .. } => key.len(),
             })
             .sum()
@@ -99,6 +112,7 @@ impl Batch {
             return b;
         }
         b.delete(Cf::Queue, keys::queue(domain, id));
+        b.usage(domain, -1, -signed(stored.envelope.size));
         let rest: Vec<String> = stored
             .domains
             .iter()
@@ -169,6 +183,7 @@ impl Batch {
                 held_ms: 0,
             };
             b.put(Cf::Queue, keys::queue(domain, &id), entry.to_bytes());
+            b.usage(domain, 1, signed(env.size));
             if !is_held {
                 b.put(Cf::Due, keys::due(arrival, domain, &id), Vec::new());
             }
@@ -187,6 +202,11 @@ impl Batch {
         message.put(&mut b, &id);
         Ok(b)
     }
+}
+
+/// A size as the counters' signed number.
+pub(super) fn signed(size: u64) -> i64 {
+    size.min(i64::MAX as u64) as i64
 }
 
 /// A new message's bytes, as parts of [`Cf::Messages`]: the first (at the id's own key),
@@ -327,11 +347,32 @@ mod tests {
             ]
         );
         assert_eq!(b.bytes(), b.ops().iter().map(op_bytes).sum::<usize>());
+        // Each domain's counters: one more entry, of the envelope's size.
+        let merged: Vec<_> = b
+            .ops()
+            .iter()
+            .filter_map(|op| match op {
+                Op::Merge {
+                    cf: Cf::Meta,
+                    key,
+                    value,
+                } => Some((key.clone(), value.clone())),
+                _ => None,
+            })
+            .collect();
+        let one = [1i64.to_be_bytes(), 3i64.to_be_bytes()].concat();
+        assert_eq!(
+            merged,
+            vec![
+                (keys::usage("one.org"), one.clone()),
+                (keys::usage("two.org"), one)
+            ]
+        );
     }
 
     fn op_bytes(op: &Op) -> usize {
         match op {
-            Op::Put { key, value, .. } => key.len() + value.len(),
+            Op::Put { key, value, .. } | Op::Merge { key, value, .. } => key.len() + value.len(),
             Op::Delete { key, .. } => key.len(),
         }
     }
@@ -398,6 +439,11 @@ mod tests {
                 Op::Delete {
                     cf: Cf::Queue,
                     key: keys::queue("one.org", "ID1")
+                },
+                Op::Merge {
+                    cf: Cf::Meta,
+                    key: keys::usage("one.org"),
+                    value: [(-1i64).to_be_bytes(), (-3i64).to_be_bytes()].concat()
                 },
                 Op::Put {
                     cf: Cf::Envelopes,

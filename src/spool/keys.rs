@@ -111,6 +111,23 @@ pub fn parse_partial(key: &[u8]) -> Option<&str> {
     std::str::from_utf8(key.strip_prefix(PARTIAL_PREFIX)?).ok()
 }
 
+/// Prefix in [`Cf::Meta`] of each domain's queue counters: `usage 0x00 domain` → entries
+/// and bytes (two i64 BE), changed only by merges in the commits that change the queue
+/// (see `usage.rs`).
+pub const USAGE_PREFIX: &[u8] = b"usage\x00";
+
+/// Key of a domain's counters in [`Cf::Meta`].
+pub fn usage(domain: &str) -> Vec<u8> {
+    let mut k = USAGE_PREFIX.to_vec();
+    k.extend_from_slice(domain.as_bytes());
+    k
+}
+
+/// The domain of a [`usage`] key.
+pub fn parse_usage(key: &[u8]) -> Option<&str> {
+    std::str::from_utf8(key.strip_prefix(USAGE_PREFIX)?).ok()
+}
+
 /// Key of [`Cf::Queue`]: `domain 0x00 id`.
 pub fn queue(domain: &str, id: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(domain.len() + 1 + id.len());

@@ -21,6 +21,7 @@ mod recover;
 mod slot;
 #[cfg(test)]
 mod tests;
+mod usage;
 mod writer;
 
 use std::ffi::CString;
@@ -38,6 +39,7 @@ pub use batch::{Batch, Op, Parts};
 pub use keys::Cf;
 pub use parts::{Message, MessageReader};
 pub use recover::{recover, Recovery};
+pub use usage::{Usage, UsageTable};
 
 use crate::envelope::{Envelope, RcptState, Recipient};
 use writer::Writer;
@@ -49,13 +51,18 @@ use writer::Writer;
 pub const SPACE_FOR_ROCKSDB: u64 = 128 << 20;
 
 /// The on-disk format this build writes (key `format` of the `meta` family). Version 2
-/// stores large messages in parts ([`keys::part`]); a version 1 spool (every message whole)
-/// is read as it is and marked version 2 when opened for writing, so an older mxspool,
-/// which would see only the first part of a message, refuses it.
-pub const FORMAT_VERSION: u32 = 2;
+/// stores large messages in parts ([`keys::part`]); version 3 keeps each domain's queue
+/// counters (`usage.rs`) in the commits that change the queue. An older spool is read as
+/// it is (its counters counted in memory) and, when opened for writing, gets its counters
+/// from one scan and is marked version 3, so an older mxspool, which would see only the
+/// first part of a message or let the counters drift, refuses it.
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Format versions this build reads.
-const FORMATS_READ: [u32; 2] = [1, 2];
+const FORMATS_READ: [u32; 3] = [1, 2, 3];
+
+/// The first format with stored counters.
+const FORMAT_WITH_USAGE: u32 = 3;
 
 /// Size of the parts a large message is stored in, and read back in: what one session or
 /// one delivery holds of a message at a time.
@@ -338,6 +345,8 @@ struct Inner {
     reclaiming: Arc<std::sync::atomic::AtomicBool>,
     /// Unreadable entries already logged: `(domain, id)`.
     unreadable: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
+    /// Each domain's queue counters, as committed.
+    usage: UsageTable,
     db: Arc<slot::DbSlot>,
     path: PathBuf,
 }
@@ -381,6 +390,9 @@ fn cf_options(cf: Cf) -> Options {
     let mut o = Options::default();
     o.set_compression_type(DBCompressionType::Lz4);
     o.set_write_buffer_size(8 << 20);
+    if cf == Cf::Meta {
+        o.set_merge_operator_associative(usage::MERGE_OPERATOR, usage::merge);
+    }
     if cf == Cf::Messages {
         // Bodies are large, written once and deleted later: keep them out of compactions.
         o.set_write_buffer_size(32 << 20);
@@ -505,8 +517,9 @@ fn write_format(db: &DB, meta: &ColumnFamily, path: &Path) -> Result<(), SpoolEr
     .map_err(|e| map_db_error(e, path))
 }
 
-/// Check the stored format version; a new spool (`create`) gets ours.
-fn check_format(db: &DB, path: &Path, create: bool) -> Result<(), SpoolError> {
+/// Check the stored format version; a new spool (`create`) gets ours, and an older one
+/// opened for writing is upgraded to it. Returns the version the spool now has.
+fn check_format(db: &DB, path: &Path, create: bool) -> Result<u32, SpoolError> {
     let meta = cf(db, Cf::Meta)?;
     let stored = db
         .get_cf(meta, keys::META_FORMAT)
@@ -522,12 +535,21 @@ fn check_format(db: &DB, path: &Path, create: bool) -> Result<(), SpoolError> {
                 });
             }
             if found == FORMAT_VERSION || !create {
-                return Ok(());
+                return Ok(found);
             }
-            // An older spool opened for writing: from now on it may hold parts.
-            write_format(db, meta, path)
+            // An older spool opened for writing: from now on it may hold parts, and it
+            // keeps counters, counted once here.
+            if found < FORMAT_WITH_USAGE {
+                let counted = usage::count(db, path)?;
+                writer::write_synced(db, path, &usage::store_batch(db, path, &counted)?)?;
+            }
+            write_format(db, meta, path)?;
+            Ok(FORMAT_VERSION)
         }
-        None if create => write_format(db, meta, path),
+        None if create => {
+            write_format(db, meta, path)?;
+            Ok(FORMAT_VERSION)
+        }
         None => Err(SpoolError::Corrupt(format!(
             "{} has no spool format version",
             path.display()
@@ -628,6 +650,7 @@ impl Spool {
         let db = DB::open_cf_descriptors(&db_options(true), dir, cf_descriptors())
             .map_err(|e| open_error(e, dir))?;
         check_format(&db, dir, true)?;
+        let usage = usage::load(&db, dir)?;
         let swept = parts::sweep_partial(&db, dir)?;
         if swept > 0 {
             tracing::info!(
@@ -646,6 +669,7 @@ impl Spool {
                 unreadable: Default::default(),
                 removed: Default::default(),
                 reclaiming: Default::default(),
+                usage,
                 db,
                 path: dir.to_path_buf(),
             }),
@@ -668,9 +692,14 @@ impl Spool {
             DB::open_cf_descriptors_read_only(&db_options(false), dir, cf_descriptors(), false)
                 .map_err(|e| open_error(e, dir))?;
         check_mark(dir, want, db.latest_sequence_number())?;
-        check_format(&db, dir, false)?;
+        let usage = if check_format(&db, dir, false)? >= FORMAT_WITH_USAGE {
+            usage::load(&db, dir)?
+        } else {
+            usage::count(&db, dir)?
+        };
         Ok(Spool {
             inner: Arc::new(Inner {
+                usage,
                 holds: std::sync::RwLock::new(load_holds(&db, dir)?),
                 unreadable: Default::default(),
                 removed: Default::default(),
@@ -891,12 +920,14 @@ impl Spool {
         let mut b = Batch::new();
         match self.stored_envelope(&id)? {
             Some(mut stored) => {
+                b.usage(domain, 1, batch::signed(stored.envelope.size));
                 if !stored.domains.iter().any(|d| d == domain) {
                     stored.domains.push(domain.to_string());
                 }
                 b.put(Cf::Envelopes, keys::message(&id), stored.to_bytes());
             }
             None => {
+                b.usage(domain, 1, batch::signed(env.size));
                 let parts = Parts::whole(message);
                 let stored = StoredEnvelope {
                     envelope: env,
@@ -951,8 +982,11 @@ impl Spool {
 
     /// Apply `batch` atomically through the group-commit writer; returns after the sync.
     pub(crate) async fn commit(&self, batch: Batch) -> Result<(), SpoolError> {
+        let changes = usage::Pending::of(&batch);
         let rx = self.writer()?.submit(batch);
-        rx.await.map_err(|_| SpoolError::Closed)?
+        rx.await.map_err(|_| SpoolError::Closed)??;
+        changes.applied(&self.inner.usage);
+        Ok(())
     }
 
     /// Whether commits work: one small synced write (the `probe` key of `meta`). The
@@ -969,8 +1003,21 @@ impl Spool {
 
     /// [`Spool::commit`] for threads outside the async runtime.
     pub(crate) fn commit_blocking(&self, batch: Batch) -> Result<(), SpoolError> {
+        let changes = usage::Pending::of(&batch);
         let rx = self.writer()?.submit(batch);
-        rx.blocking_recv().map_err(|_| SpoolError::Closed)?
+        rx.blocking_recv().map_err(|_| SpoolError::Closed)??;
+        changes.applied(&self.inner.usage);
+        Ok(())
+    }
+
+    /// `domain`'s queue (entries and their bytes) as committed, from memory.
+    pub fn usage(&self, domain: &str) -> Usage {
+        self.inner.usage.get(domain)
+    }
+
+    /// Every domain's queue as committed, sorted by domain; empty ones left out.
+    pub fn usages(&self) -> Vec<(String, Usage)> {
+        self.inner.usage.all()
     }
 
     /// Time each group commit into `metrics` (`serve` does; the other commands do not).

@@ -226,6 +226,9 @@ fn check_entries(db: &DB, dir: &Path, report: &mut Recovery) -> Result<(), Spool
     let mut o = WriteOptions::default();
     o.set_sync(true);
     db.write_opt(wb, &o).map_err(err)?;
+    // Each domain's counters, counted again from what was kept.
+    let counted = super::usage::count(db, dir)?;
+    super::writer::write_synced(db, dir, &super::usage::store_batch(db, dir, &counted)?)?;
 
     report.messages = kept.len();
     report.entries = kept.values().map(BTreeSet::len).sum();

@@ -227,22 +227,22 @@ fn another_format_version_is_refused_at_open() {
     {
         let spool = Spool::open(dir.path()).unwrap();
         let mut b = Batch::new();
-        b.put(Cf::Meta, keys::META_FORMAT.to_vec(), keys::format_value(3));
+        b.put(Cf::Meta, keys::META_FORMAT.to_vec(), keys::format_value(4));
         spool.commit_blocking(b).unwrap();
     }
     for result in [Spool::open(dir.path()), Spool::open_read_only(dir.path())] {
-        let err = result.err().expect("format 3 must be refused");
+        let err = result.err().expect("format 4 must be refused");
         assert!(
             matches!(
                 err,
                 SpoolError::Format {
-                    found: 3,
-                    expected: 2
+                    found: 4,
+                    expected: 3
                 }
             ),
             "{err:?}"
         );
-        assert!(err.to_string().contains("version 3"), "{err}");
+        assert!(err.to_string().contains("version 4"), "{err}");
     }
 }
 
@@ -663,11 +663,18 @@ async fn parts_of_a_message_never_queued_are_removed_at_the_next_start() {
         1,
         "only the queued message is left"
     );
+    let db = spool.db().unwrap();
+    let meta: Vec<Vec<u8>> = db
+        .iterator_cf(cf(&db, Cf::Meta).unwrap(), IteratorMode::Start)
+        .map(|kv| kv.unwrap().0.to_vec())
+        .filter(|k| keys::parse_usage(k).is_none())
+        .collect();
     assert_eq!(
-        keys_in(&spool, Cf::Meta),
-        1,
+        meta,
+        vec![keys::META_FORMAT.to_vec()],
         "only the format version is left"
     );
+    drop(db);
     assert_eq!(spool.message("0000000000004").unwrap().unwrap(), b"small");
 }
 
@@ -732,4 +739,126 @@ async fn a_reopened_spool_keeps_everything_and_takes_mail_again() {
     assert_eq!(listing(&spool, None).len(), 2);
     // A message in DATA during the reopen keeps its parts (no sweep on reopen).
     assert_eq!(keys_in(&spool, Cf::Messages), 3);
+}
+
+fn sized(id: &str, rcpts: &[&str], size: u64) -> Envelope {
+    let mut e = env(id, 1, rcpts);
+    e.size = size;
+    e
+}
+
+fn used(messages: u64, bytes: u64) -> Usage {
+    Usage { messages, bytes }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_counters_follow_every_change_of_the_queue_and_survive_a_reopen() {
+    let (dir, spool) = open_tmp();
+    spool
+        .enqueue(
+            sized("ID1", &["a@one.org", "b@one.org", "c@two.org"], 100),
+            vec![b'x'; 100],
+        )
+        .await
+        .unwrap();
+    spool
+        .enqueue(sized("ID2", &["a@one.org"], 30), vec![b'y'; 30])
+        .await
+        .unwrap();
+    assert_eq!(spool.usage("one.org"), used(2, 130));
+    assert_eq!(spool.usage("two.org"), used(1, 100));
+    assert_eq!(spool.usage("three.org"), Usage::default());
+    // A hold changes entries, not what is queued.
+    spool.hold("one.org", 5).await.unwrap();
+    assert_eq!(spool.usage("one.org"), used(2, 130));
+    // Delivered for one domain: only its counter goes down.
+    assert!(spool.remove("one.org", "ID1").await.unwrap());
+    assert_eq!(spool.usage("one.org"), used(1, 30));
+    assert_eq!(spool.usage("two.org"), used(1, 100));
+    assert!(!spool.remove("one.org", "ID1").await.unwrap());
+    assert_eq!(spool.usage("one.org"), used(1, 30));
+    drop(spool);
+
+    // From the spool itself, after a reopen, read-only and read-write.
+    let ro = Spool::open_read_only(dir.path()).unwrap();
+    assert_eq!(
+        ro.usages(),
+        vec![
+            ("one.org".into(), used(1, 30)),
+            ("two.org".into(), used(1, 100))
+        ]
+    );
+    drop(ro);
+    let spool = Spool::open(dir.path()).unwrap();
+    assert_eq!(spool.usage("one.org"), used(1, 30));
+    assert!(spool.remove("one.org", "ID2").await.unwrap());
+    assert!(spool.remove("two.org", "ID1").await.unwrap());
+    assert!(spool.usages().is_empty(), "{:?}", spool.usages());
+    assert!(tokio::task::block_in_place(|| spool.import_blocking(
+        "one.org",
+        sized("ID3", &["z@one.org"], 7),
+        QueueEntry {
+            recipients: vec![Recipient::new("z@one.org")],
+            attempts: 0,
+            next_attempt_ms: 0,
+            last_error: None,
+            held: false,
+            warned: false,
+            held_since_ms: 0,
+            held_ms: 0,
+        },
+        vec![b'z'; 7],
+        9,
+    ))
+    .unwrap());
+    assert_eq!(spool.usage("one.org"), used(1, 7));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_older_spool_is_counted_once_and_recover_recounts() {
+    let (dir, spool) = open_tmp();
+    spool
+        .enqueue(
+            sized("ID1", &["a@one.org", "c@two.org"], 100),
+            vec![b'x'; 100],
+        )
+        .await
+        .unwrap();
+    spool
+        .enqueue(sized("ID2", &["a@one.org"], 30), vec![b'y'; 30])
+        .await
+        .unwrap();
+    // As a version 2 spool had it: no counters.
+    let mut b = Batch::new();
+    b.put(Cf::Meta, keys::META_FORMAT.to_vec(), keys::format_value(2));
+    b.delete(Cf::Meta, keys::usage("one.org"));
+    b.delete(Cf::Meta, keys::usage("two.org"));
+    spool.commit(b).await.unwrap();
+    drop(spool);
+    // Read-only: counted in memory, nothing written.
+    let ro = Spool::open_read_only(dir.path()).unwrap();
+    assert_eq!(ro.usage("one.org"), used(2, 130));
+    drop(ro);
+    let spool = Spool::open(dir.path()).unwrap();
+    assert_eq!(spool.usage("one.org"), used(2, 130));
+    assert_eq!(spool.usage("two.org"), used(1, 100));
+    // Stored, with the new format.
+    drop(spool);
+    let spool = Spool::open(dir.path()).unwrap();
+    assert_eq!(spool.usage("two.org"), used(1, 100));
+    // Counters gone wrong (they cannot, but recover does not trust them): recounted.
+    let mut b = Batch::new();
+    b.usage("one.org", 40, 4000);
+    b.usage("ghost.org", 1, 1);
+    spool.commit(b).await.unwrap();
+    drop(spool);
+    recover(dir.path()).unwrap();
+    let spool = Spool::open(dir.path()).unwrap();
+    assert_eq!(
+        spool.usages(),
+        vec![
+            ("one.org".into(), used(2, 130)),
+            ("two.org".into(), used(1, 100))
+        ]
+    );
 }

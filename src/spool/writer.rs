@@ -256,14 +256,37 @@ fn commit(
     group: &[Request],
     opts: &WriteOptions,
 ) -> Result<(), SpoolError> {
+    let wb = write_batch(db, group.iter().map(|r| &r.batch))?;
+    db.write_opt(wb, opts).map_err(|e| map_db_error(e, path))
+}
+
+/// The operations of `batches` as one RocksDB write.
+fn write_batch<'a>(
+    db: &DB,
+    batches: impl Iterator<Item = &'a Batch>,
+) -> Result<WriteBatch, SpoolError> {
     let mut wb = WriteBatch::default();
-    for req in group {
-        for op in req.batch.ops() {
+    for batch in batches {
+        for op in batch.ops() {
             match op {
                 Op::Put { cf, key, value } => wb.put_cf(super::cf(db, *cf)?, key, value),
                 Op::Delete { cf, key } => wb.delete_cf(super::cf(db, *cf)?, key),
+                Op::Merge { cf, key, value } => wb.merge_cf(super::cf(db, *cf)?, key, value),
             }
         }
     }
-    db.write_opt(wb, opts).map_err(|e| map_db_error(e, path))
+    Ok(wb)
+}
+
+/// Applies `batch` at once, synced, outside the writer thread: only while the spool is
+/// being opened (format upgrade) or recovered, when no writer runs.
+pub(super) fn write_synced(
+    db: &DB,
+    path: &std::path::Path,
+    batch: &Batch,
+) -> Result<(), SpoolError> {
+    let mut o = WriteOptions::default();
+    o.set_sync(true);
+    let wb = write_batch(db, std::iter::once(batch))?;
+    db.write_opt(wb, &o).map_err(|e| map_db_error(e, path))
 }

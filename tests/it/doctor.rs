@@ -55,7 +55,8 @@ $TTL 300
 smtp      IN A     127.0.2.3
 "#;
 
-/// A fake SMTP server on `ip:port` that greets with `banner` and answers QUIT; stops on drop.
+/// A fake SMTP server on `ip:port` that greets with `banner`, then (after a `220`) answers
+/// EHLO, MAIL and RCPT with `250` and QUIT with `221` (enough for a callout); stops on drop.
 struct Peer {
     stop: Arc<AtomicBool>,
     thread: Option<thread::JoinHandle<()>>,
@@ -79,8 +80,19 @@ impl Peer {
                 let mut conn = BufReader::new(conn);
                 let _ = write!(conn.get_mut(), "{banner}\r\n");
                 let mut line = String::new();
-                if conn.read_line(&mut line).is_ok() && line.starts_with("QUIT") {
-                    let _ = conn.get_mut().write_all(b"221 2.0.0 bye\r\n");
+                while matches!(conn.read_line(&mut line), Ok(n) if n > 0) {
+                    let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+                    let reply: &[u8] = match verb.as_str() {
+                        "QUIT" => b"221 2.0.0 bye\r\n",
+                        _ if !banner.starts_with("220") => break,
+                        "EHLO" | "HELO" | "MAIL" | "RCPT" | "RSET" => b"250 2.0.0 ok\r\n",
+                        _ => b"502 5.5.1 no\r\n",
+                    };
+                    let _ = conn.get_mut().write_all(reply);
+                    if verb == "QUIT" {
+                        break;
+                    }
+                    line.clear();
                 }
             }
         });
@@ -396,4 +408,50 @@ fn doctor_refuses_a_malformed_domain() {
         assert!(!err.contains('\u{1b}'), "raw escape on stderr: {err:?}");
         assert!(!harness::text(&out.stdout).contains("bounces"));
     }
+}
+
+#[test]
+fn doctor_shows_a_partners_defences_and_tries_its_callout() {
+    let mut s = Setup::new();
+    let users = s.dir.path().join("good.users");
+    std::fs::write(&users, "alice\nbob\n").unwrap();
+    let partner = format!(
+        "[smtp]\nmax_message_rate = \"100/1h\"\n\n[[partner]]\ndomain = \"good.example.com.br\"\n\
+         recipients = \"{}\"\nverify = \"callout\"\nmax_messages = 100\nmax_bytes = \"1MiB\"\n",
+        users.display()
+    );
+    let (_, out, warnings) = s.doctor(&partner, "good.example.com.br");
+    check_warnings(&out, &warnings, &[]);
+    for line in [
+        "Defences of partner good.example.com.br:",
+        "  recipients: 2 entries from",
+        "  callout: postmaster@good.example.com.br accepted by the primary",
+        "  quota: 0 of 100 messages, 0 of 1048576 bytes (0%) (nothing queued yet)",
+        "  rate limits per client: connections off, messages 100/1h",
+        "  DNS blocklists: none",
+    ] {
+        assert!(out.contains(line), "no {line:?} in:\n{out}");
+    }
+
+    // A primary that does not answer: the callout is a warning too.
+    s.peer(
+        "127.0.1.8",
+        "554 5.3.2 grumpy.example.com.br not accepting mail",
+    );
+    let partner = "[[partner]]\ndomain = \"down.example.com.br\"\nverify = \"callout\"\n";
+    let (_, out, warnings) = s.doctor(partner, "down.example.com.br");
+    check_warnings(
+        &out,
+        &warnings,
+        &[
+            "MX host gone.example.com.br at 127.0.1.7",
+            "MX host grumpy.example.com.br at 127.0.1.8",
+            "the callout to the primary of down.example.com.br gets no answer",
+        ],
+    );
+    assert!(
+        out.contains("  callout: no answer from the primary: "),
+        "{out}"
+    );
+    assert!(out.contains("  quota: none"), "{out}");
 }

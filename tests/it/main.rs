@@ -31,6 +31,7 @@ mod large;
 mod package;
 mod postfix;
 mod power_loss;
+mod quotas;
 mod receiver;
 mod smtplib;
 mod swaks;
