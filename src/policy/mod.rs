@@ -172,6 +172,21 @@ impl Policy {
         self.relay_networks.iter().any(|n| n.contains(&client))
     }
 
+    /// The one domain `client` can send to, when that is already known at MAIL: this
+    /// server is the backup MX of a single partner and nothing else (no local, routed or
+    /// virtual domain, and the client may not relay). The quota check can then answer MAIL.
+    pub fn sole_domain(&self, client: IpAddr) -> Option<&str> {
+        if self.partners.len() != 1
+            || !self.locals.is_empty()
+            || !self.routed.is_empty()
+            || !self.virtual_table.is_empty()
+            || self.is_trusted(client)
+        {
+            return None;
+        }
+        self.partners.keys().next().map(String::as_str)
+    }
+
     /// The masquerading to apply to mail from `client`, if any.
     pub fn masquerade_for(&self, client: IpAddr) -> Option<&Masquerade> {
         self.masquerade.as_ref().filter(|_| self.is_trusted(client))

@@ -856,6 +856,17 @@ impl Session {
         if self.gauge.get() < needed {
             return self.refused_message("no_space", "452 4.3.1 Insufficient system storage");
         }
+        // A server that is the backup of one partner only knows at MAIL where the mail goes.
+        if let (Some(gate), Some(domain)) = (&self.quota_gate, self.policy.sole_domain(self.client))
+        {
+            if let Err(why) = gate.room(domain, (from.size as u64).max(1)) {
+                let r = format!("452 4.3.1 Insufficient system storage: {why}");
+                tracing::info!("NOQUEUE: reject: MAIL from [{}]: {r}", self.client);
+                self.events.push(Event::RefusedMessage("quota"));
+                self.reply(&r);
+                return None;
+            }
+        }
         if let Some(gate) = &self.message_gate {
             if !gate.allow_message(self.client) {
                 let r = format!("450 4.7.1 Error: too much mail from {}", self.client);

@@ -1213,6 +1213,30 @@ fn a_full_partner_gets_452_at_rcpt_and_the_others_go_on() {
 }
 
 #[test]
+fn the_backup_of_one_partner_refuses_at_mail_when_its_queue_is_full() {
+    let c = Config::parse(
+        "hostname = \"mx2.example.net\"\nspool = \"/x\"\n[[partner]]\ndomain = \"full.test\"\n",
+    )
+    .unwrap();
+    let mut c = Client::connected(config(8 << 20), Arc::new(Policy::new(&c)), "192.0.2.7");
+    c.session.set_quota_gate(Arc::new(TestQuotas));
+    c.send(b"EHLO c\r\n");
+    c.pending.clear();
+    c.send(b"MAIL FROM:<a@b.test>\r\nMAIL FROM:<a@b.test>\r\n");
+    c.expect(&[
+        "452 4.3.1 Insufficient system storage: the queue of full.test is full",
+        "452 4.3.1",
+    ]);
+    // With more than one domain, MAIL cannot know: the quota answers RCPT.
+    let mut c = Client::connected(config(8 << 20), quota_policy(), "192.0.2.7");
+    c.session.set_quota_gate(Arc::new(TestQuotas));
+    c.send(b"EHLO c\r\n");
+    c.pending.clear();
+    c.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<u@full.test>\r\n");
+    c.expect(&["250 2.1.0", "452 4.3.1 <u@full.test>"]);
+}
+
+#[test]
 fn a_message_that_outgrows_a_quota_during_data_is_dropped_and_gets_452() {
     let (_, wire) = big_message(2);
     let mut c = Client::connected(config(8 << 20), quota_policy(), "192.0.2.7");
