@@ -76,6 +76,8 @@ impl fmt::Display for Verified {
 pub struct Connectors {
     any: TlsConnector,
     verify: TlsConnector,
+    /// The verifying configuration's check, for a chain already received (`doctor`).
+    verifier: Option<Arc<rustls::client::WebPkiServerVerifier>>,
     /// Trust anchors in the verifying configuration.
     pub anchors: usize,
 }
@@ -110,6 +112,12 @@ impl Connectors {
                 .map_err(|e| format!("tls_ca_file: unusable trust anchor: {e}"))?;
         }
         let anchors = roots.len();
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots.clone()),
+            provider.clone(),
+        )
+        .build()
+        .ok();
         let verify = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(super::VERSIONS)
             .map_err(|e| e.to_string())?
@@ -124,8 +132,26 @@ impl Connectors {
         Ok(Connectors {
             any: TlsConnector::from(Arc::new(any)),
             verify: TlsConnector::from(Arc::new(verify)),
+            verifier,
             anchors,
         })
+    }
+
+    /// Checks `chain` (the server's certificate first) as `verify` does: it must chain to
+    /// a trust anchor and name `name`. `Err` says why not.
+    pub fn check_chain(
+        &self,
+        chain: &[CertificateDer<'_>],
+        name: &ServerName<'_>,
+    ) -> Result<(), String> {
+        let Some(verifier) = &self.verifier else {
+            return Err("no trust anchors (no system roots and no tls_ca_file)".into());
+        };
+        let (leaf, rest) = chain.split_first().ok_or("no certificate")?;
+        verifier
+            .verify_server_cert(leaf, rest, name, &[], UnixTime::now())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 
     /// The connector for `policy` and how it checks the certificate.

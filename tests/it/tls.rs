@@ -816,3 +816,85 @@ fn tls_postfix_sender_verifies_mxspool() {
     );
     assert!(show.contains("Subject: from postfix"), "{show}");
 }
+
+/// `mxspool doctor DOMAIN` as the backup, toward the primary of [`Outbound`]: stdout.
+fn doctor(backup: &MxEnv) -> String {
+    let out = backup.mxspool(&["doctor", "example.com"]);
+    let report = text(&out.stdout);
+    assert!(
+        matches!(out.status.code(), Some(0 | 1)),
+        "{report}\n{}",
+        text(&out.stderr)
+    );
+    report
+}
+
+#[test]
+fn tls_doctor_reports_starttls_the_certificate_and_whether_it_verifies() {
+    let ca = TestCa::new("mxspool primary CA");
+    let mut o = Outbound::new(&ca, Some(&["mail.example.com"]));
+    let _p = o.primary.start();
+    let ca_file = o.dir.path().join("ca.pem");
+    ca.write_ca(&ca_file);
+
+    // With the CA: STARTTLS, TLS 1.3, the certificate's name and expiry, verified.
+    let backup = o.backup(
+        &format!("tls_ca_file = \"{}\"", ca_file.display()),
+        "tls = \"verify\"",
+    );
+    let report = doctor(&backup);
+    assert!(
+        report.contains("(TLS policy toward them: tls = verify)"),
+        "{report}"
+    );
+    assert!(
+        report.contains("      TLS: STARTTLS, TLSv1.3, certificate for mail.example.com; expires "),
+        "{report}"
+    );
+    assert!(
+        report.contains("; verified (chain to a trust anchor, name matches)"),
+        "{report}"
+    );
+    assert!(
+        report.contains("      TLSA _25._tcp.mail.example.com.: none"),
+        "{report}"
+    );
+    assert!(
+        report.contains("  MTA-STS _mta-sts.example.com.: none"),
+        "{report}"
+    );
+    assert!(!report.contains("does not verify"), "{report}");
+
+    // Without it: not verified, and under verify that is a warning (delivery defers).
+    let backup = o.backup("", "tls = \"verify\"");
+    let report = doctor(&backup);
+    assert!(report.contains("; NOT verified: "), "{report}");
+    assert!(
+        report.contains("does not verify (")
+            && report.contains("and tls = verify: delivery to it defers"),
+        "{report}"
+    );
+    // Under may the same certificate is no warning.
+    let report = doctor(&o.backup("", ""));
+    assert!(report.contains("; NOT verified: "), "{report}");
+    assert!(!report.contains("does not verify"), "{report}");
+
+    // A primary without a certificate offers no STARTTLS: a warning under encrypt only.
+    let mut clear = Outbound::new(&ca, None);
+    let _c = clear.primary.start();
+    let report = doctor(&clear.backup("", "tls = \"encrypt\""));
+    assert!(
+        report.contains("      TLS: STARTTLS not offered"),
+        "{report}"
+    );
+    assert!(
+        report.contains("does not offer STARTTLS and tls = encrypt needs it"),
+        "{report}"
+    );
+    let report = doctor(&clear.backup("", ""));
+    assert!(
+        report.contains("      TLS: STARTTLS not offered"),
+        "{report}"
+    );
+    assert!(!report.contains("does not offer STARTTLS and"), "{report}");
+}

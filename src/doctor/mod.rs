@@ -23,6 +23,9 @@ use tokio::net::TcpStream;
 use crate::config::Config;
 use crate::delivery::mx::{is_null_mx, ResolveError, Resolver};
 
+mod defences;
+mod tls;
+
 /// Runs the check and prints the report; blocking (it builds its own runtime).
 pub fn run(config: &Config, domain: &str) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -78,7 +81,7 @@ pub async fn check(config: &Config, domain: &str) -> anyhow::Result<Report> {
     let mut warnings = Vec::new();
     let port = config.delivery.port;
     if config.partner(&domain).is_some() {
-        defences(config, &resolver, &domain, &mut out, &mut warnings).await;
+        defences::report(config, &resolver, &domain, &mut out, &mut warnings).await;
     }
 
     let records = match resolver.mx_records(&domain).await {
@@ -246,7 +249,7 @@ pub async fn check(config: &Config, domain: &str) -> anyhow::Result<Report> {
     // The hosts this server hands mail to: the configured route when there is one (with its
     // ports), else the MX hosts more preferred than us (all if we are not in the set).
     let timeout = config.delivery.connect_timeout.0;
-    let probes: Vec<(String, SocketAddr)> = match config.transport(&domain) {
+    let probes: Vec<(String, String, SocketAddr)> = match config.transport(&domain) {
         crate::config::Transport::Hops(hops) => {
             let _ = writeln!(out, "\nSMTP check of the route (what delivery uses):");
             let mut probes = Vec::new();
@@ -274,20 +277,21 @@ pub async fn check(config: &Config, domain: &str) -> anyhow::Result<Report> {
                 probes.extend(
                     addrs
                         .into_iter()
-                        .map(|a| (format!("route {host}"), SocketAddr::new(a, p))),
+                        .map(|a| (format!("route {host}"), host.clone(), SocketAddr::new(a, p))),
                 );
             }
             probes
         }
         crate::config::Transport::Local(_) => Vec::new(),
         crate::config::Transport::Mx => {
-            let targets: Vec<(String, SocketAddr)> = found
+            let targets: Vec<(String, String, SocketAddr)> = found
                 .iter()
                 .filter(|h| ours.is_none_or(|p| h.preference < p))
                 .flat_map(|h| {
-                    h.addrs()
-                        .iter()
-                        .map(move |a| (format!("MX host {}", h.name), SocketAddr::new(*a, port)))
+                    h.addrs().iter().map(move |a| {
+                        let what = format!("MX host {}", h.name);
+                        (what, h.name.clone(), SocketAddr::new(*a, port))
+                    })
                 })
                 .collect();
             if !targets.is_empty() {
@@ -306,13 +310,35 @@ pub async fn check(config: &Config, domain: &str) -> anyhow::Result<Report> {
     };
     let labels: Vec<String> = probes
         .iter()
-        .map(|(what, addr)| format!("{what} {addr}"))
+        .map(|(what, _, addr)| format!("{what} {addr}"))
         .collect();
     let width = labels.iter().map(String::len).max().unwrap_or(0);
-    for ((what, addr), label) in probes.iter().zip(&labels) {
+    // The TLS policy delivery applies to this domain, and its trust anchors.
+    let policy = config
+        .partner(&domain)
+        .and_then(|p| p.tls)
+        .unwrap_or(config.delivery.tls);
+    let connectors = crate::tls::client::Connectors::new(&config.delivery.tls_ca, true);
+    if !probes.is_empty() {
+        let _ = writeln!(out, "  (TLS policy toward them: tls = {policy})");
+    }
+    let mut tlsa_done = std::collections::HashSet::new();
+    for ((what, host, addr), label) in probes.iter().zip(&labels) {
         match smtp_probe(*addr, timeout).await {
             Ok(banner) => {
                 let _ = writeln!(out, "  {label:<width$}  OK    {banner}");
+                match &connectors {
+                    Ok(c) => {
+                        tls::check_host(config, c, policy, host, *addr, &mut out, &mut warnings)
+                            .await
+                    }
+                    Err(e) => {
+                        let _ = writeln!(out, "      TLS: not checked: {e}");
+                    }
+                }
+                if host.parse::<IpAddr>().is_err() && tlsa_done.insert(host.clone()) {
+                    tls::tlsa(&resolver, host, &mut out).await;
+                }
             }
             Err(reason) => {
                 let _ = writeln!(out, "  {label:<width$}  FAIL  {reason}");
@@ -320,113 +346,10 @@ pub async fn check(config: &Config, domain: &str) -> anyhow::Result<Report> {
             }
         }
     }
+    if !probes.is_empty() {
+        tls::mta_sts(&resolver, &domain, &mut out).await;
+    }
     Ok(finish(out, warnings))
-}
-
-/// A partner's defences: its recipients list, the callout (tried now, for its postmaster),
-/// its quota and what its queue uses of it (from the spool, read-only), the rate limits and
-/// blocklists. Warns when the quota is reached or the callout gets no answer.
-async fn defences(
-    config: &Config,
-    resolver: &Resolver,
-    domain: &str,
-    out: &mut String,
-    warnings: &mut Vec<String>,
-) {
-    let Some(p) = config.partner(domain) else {
-        return;
-    };
-    let _ = writeln!(out, "Defences of partner {domain}:");
-    match (&p.users, &p.recipients) {
-        (Some(users), Some(path)) => {
-            let _ = writeln!(
-                out,
-                "  recipients: {} entries from {} (others get 550 5.1.1)",
-                users.len(),
-                path.display()
-            );
-        }
-        _ => {
-            let _ = writeln!(out, "  recipients: no list (any local part)");
-        }
-    }
-    if p.verify == Some(crate::config::Verify::Callout) {
-        let address = format!("postmaster@{domain}");
-        match crate::policy::callout::probe(config, resolver, &address).await {
-            Ok(crate::policy::callout::Verdict::Accept) => {
-                let _ = writeln!(out, "  callout: {address} accepted by the primary");
-            }
-            Ok(crate::policy::callout::Verdict::Refuse(reply)) => {
-                let _ = writeln!(out, "  callout: {address} refused by the primary: {reply}");
-                warnings.push(format!(
-                    "the primary of {domain} refuses {address} to a callout ({reply}): every \
-                     domain must accept its postmaster (RFC 5321 4.5.1)"
-                ));
-            }
-            Err(why) => {
-                let _ = writeln!(out, "  callout: no answer from the primary: {why}");
-                warnings.push(format!(
-                    "the callout to the primary of {domain} gets no answer ({why}): its \
-                     recipients are accepted unverified meanwhile"
-                ));
-            }
-        }
-    } else {
-        let _ = writeln!(out, "  callout: off (verify is not set)");
-    }
-    let quotas = crate::policy::quota::of_config(config);
-    match quotas.get(domain) {
-        Some(q) => match crate::spool::Spool::open_read_only(&config.spool) {
-            Ok(spool) => {
-                let used = spool.usage(domain);
-                let _ = writeln!(out, "  quota: {} ({}%)", q.describe(used), q.percent(used));
-                if q.percent(used) >= 100 {
-                    warnings.push(format!(
-                        "the queue of {domain} is at its quota ({}): its new mail gets 452 4.3.1",
-                        q.describe(used)
-                    ));
-                }
-            }
-            Err(crate::spool::SpoolError::Missing { .. }) => {
-                let used = Default::default();
-                let _ = writeln!(
-                    out,
-                    "  quota: {} (0%) (nothing queued yet)",
-                    q.describe(used)
-                );
-            }
-            Err(e) => {
-                let _ = writeln!(
-                    out,
-                    "  quota: {} (queue not read: {e})",
-                    q.describe(Default::default())
-                );
-            }
-        },
-        None => {
-            let _ = writeln!(out, "  quota: none (max_messages, max_bytes not set)");
-        }
-    }
-    let smtp = &config.smtp;
-    let rate = |r: &Option<crate::policy::rates::Rate>| {
-        r.as_ref().map_or("off".to_string(), |r| r.to_string())
-    };
-    let _ = writeln!(
-        out,
-        "  rate limits per client: connections {}, messages {}",
-        rate(&smtp.max_connection_rate),
-        rate(&smtp.max_message_rate)
-    );
-    let _ = writeln!(
-        out,
-        "  DNS blocklists: {}",
-        if smtp.dnsbl.is_empty() {
-            "none".to_string()
-        } else {
-            smtp.dnsbl.join(", ")
-        }
-    );
-    let _ = writeln!(out);
 }
 
 fn print_table(out: &mut String, hosts: &[Host]) {

@@ -1,0 +1,343 @@
+//! `doctor`'s TLS check of the hosts delivery uses: whether each offers STARTTLS, the TLS
+//! version, the names and expiry of its certificate and whether it verifies as `verify`
+//! would (to the system's roots or `tls_ca_file`, for the host's name); the TLSA records at
+//! `_25._tcp.HOST` and the domain's `_mta-sts` TXT record, reported as found. Warns when the
+//! policy delivery applies (`[[partner]] tls`, else `[delivery] tls`) would defer: no
+//! STARTTLS under `encrypt`/`verify`, a certificate that does not verify under `verify`;
+//! and when a certificate has expired or expires within [`EXPIRY_WARNING_DAYS`].
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+use crate::config::Config;
+use crate::delivery::mx::Resolver;
+use crate::tls::client::{server_name, Connectors, TlsPolicy};
+
+/// A certificate that expires sooner than this is a warning.
+pub const EXPIRY_WARNING_DAYS: i64 = 14;
+
+/// What the TLS check of one host found.
+#[derive(Debug)]
+enum Found {
+    /// The EHLO reply lists no STARTTLS.
+    NoStartTls,
+    Tls {
+        version: String,
+        names: Vec<String>,
+        /// The certificate's notAfter, Unix seconds.
+        not_after: Option<i64>,
+        verified: Result<(), String>,
+    },
+}
+
+/// Checks the TLS of `host` at `addr`; one indented line per finding goes to `out`.
+pub async fn check_host(
+    config: &Config,
+    connectors: &Connectors,
+    policy: TlsPolicy,
+    host: &str,
+    addr: SocketAddr,
+    out: &mut String,
+    warnings: &mut Vec<String>,
+) {
+    let timeout = config.delivery.connect_timeout.0;
+    let found = match tokio::time::timeout(
+        timeout * 3,
+        starttls(config, connectors, host, addr, timeout),
+    )
+    .await
+    {
+        Ok(Ok(f)) => f,
+        Ok(Err(e)) => {
+            let _ = writeln!(out, "      TLS: check failed: {e}");
+            if !policy.allows_clear() {
+                warnings.push(format!(
+                    "{host} at {addr}: TLS failed ({e}) and tls = {policy} needs it: delivery defers"
+                ));
+            }
+            return;
+        }
+        Err(_) => {
+            let _ = writeln!(out, "      TLS: no answer in time");
+            return;
+        }
+    };
+    match found {
+        Found::NoStartTls => {
+            let _ = writeln!(out, "      TLS: STARTTLS not offered");
+            if !policy.allows_clear() {
+                warnings.push(format!(
+                    "{host} at {addr} does not offer STARTTLS and tls = {policy} needs it: \
+                     delivery to it defers"
+                ));
+            }
+        }
+        Found::Tls {
+            version,
+            names,
+            not_after,
+            verified,
+        } => {
+            let names = if names.is_empty() {
+                "no DNS name in subjectAltName".to_string()
+            } else {
+                names.join(", ")
+            };
+            let expiry = match not_after {
+                Some(t) => {
+                    let days = (t - chrono::Utc::now().timestamp()).div_euclid(86_400);
+                    let date = chrono::DateTime::from_timestamp(t, 0)
+                        .map(|d| d.format("%Y-%m-%d").to_string())
+                        .unwrap_or_default();
+                    if days < 0 {
+                        warnings.push(format!(
+                            "the certificate of {host} at {addr} expired on {date}"
+                        ));
+                    } else if days < EXPIRY_WARNING_DAYS {
+                        warnings.push(format!(
+                            "the certificate of {host} at {addr} expires on {date}, in {days} days"
+                        ));
+                    }
+                    format!("expires {date} ({days} days)")
+                }
+                None => "expiry unreadable".to_string(),
+            };
+            let check = match &verified {
+                Ok(()) => "verified (chain to a trust anchor, name matches)".to_string(),
+                Err(e) => format!("NOT verified: {e}"),
+            };
+            let _ = writeln!(
+                out,
+                "      TLS: STARTTLS, {version}, certificate for {names}; {expiry}; {check}"
+            );
+            if let (Err(e), TlsPolicy::Verify) = (&verified, policy) {
+                warnings.push(format!(
+                    "the certificate of {host} at {addr} does not verify ({e}) and tls = verify: \
+                     delivery to it defers"
+                ));
+            }
+        }
+    }
+}
+
+/// The TLSA records of `host` (`_25._tcp.HOST`), as found (DANE is not enforced).
+pub async fn tlsa(resolver: &Resolver, host: &str, out: &mut String) {
+    let name = format!("_25._tcp.{}.", host.trim_end_matches('.'));
+    let line = match resolver.dns().tlsa_lookup(name.as_str()).await {
+        Ok(found) => {
+            let records: Vec<String> = found
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{} {} {}",
+                        u8::from(r.cert_usage()),
+                        u8::from(r.selector()),
+                        u8::from(r.matching())
+                    )
+                })
+                .collect();
+            format!(
+                "{} record(s) ({}); this version does not enforce DANE",
+                records.len(),
+                records.join(", ")
+            )
+        }
+        Err(e) if e.is_no_records_found() => "none".to_string(),
+        Err(e) => format!("lookup failed: {e}"),
+    };
+    let _ = writeln!(out, "      TLSA {name}: {line}");
+}
+
+/// The domain's `_mta-sts` TXT record, as found (MTA-STS is not enforced).
+pub async fn mta_sts(resolver: &Resolver, domain: &str, out: &mut String) {
+    let name = format!("_mta-sts.{domain}.");
+    let line = match resolver.dns().txt_lookup(name.as_str()).await {
+        Ok(found) => {
+            let texts: Vec<String> = found
+                .iter()
+                .map(|t| {
+                    let text: Vec<u8> = t
+                        .txt_data()
+                        .iter()
+                        .flat_map(|d| d.iter().copied())
+                        .collect();
+                    spool_tools::terminal::escape_line(&String::from_utf8_lossy(&text))
+                })
+                .filter(|t| t.starts_with("v=STSv1"))
+                .collect();
+            if texts.is_empty() {
+                "no v=STSv1 record".to_string()
+            } else {
+                format!(
+                    "{}; this version does not fetch or enforce the policy",
+                    texts.join(" | ")
+                )
+            }
+        }
+        Err(e) if e.is_no_records_found() => "none".to_string(),
+        Err(e) => format!("lookup failed: {e}"),
+    };
+    let _ = writeln!(out, "  MTA-STS {name}: {line}");
+}
+
+/// Greeting, EHLO, STARTTLS and the handshake (accepting any certificate, then checking the
+/// chain as `verify` would), then QUIT inside TLS.
+async fn starttls(
+    config: &Config,
+    connectors: &Connectors,
+    host: &str,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<Found, String> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| "no connection in time".to_string())?
+        .map_err(|e| format!("cannot connect: {e}"))?;
+    let mut conn = BufReader::new(stream);
+    let (code, _) = reply(&mut conn).await?;
+    if code != 220 {
+        return Err(format!("banner {code}"));
+    }
+    conn.get_mut()
+        .write_all(format!("EHLO {}\r\n", config.hostname).as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let (code, lines) = reply(&mut conn).await?;
+    if code != 250 {
+        return Err(format!("EHLO answered {code}"));
+    }
+    if !lines
+        .iter()
+        .any(|l| l.split_whitespace().next() == Some("STARTTLS"))
+    {
+        let _ = conn.get_mut().write_all(b"QUIT\r\n").await;
+        return Ok(Found::NoStartTls);
+    }
+    conn.get_mut()
+        .write_all(b"STARTTLS\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let (code, _) = reply(&mut conn).await?;
+    if code != 220 {
+        return Err(format!("STARTTLS answered {code}"));
+    }
+    let name = server_name(host, addr.ip());
+    let (any, _) = connectors.for_policy(TlsPolicy::Encrypt);
+    let mut tls = any
+        .connect(name.clone(), conn.into_inner())
+        .await
+        .map_err(|e| format!("handshake failed: {e}"))?;
+    let (version, chain) = {
+        let session = tls.get_ref().1;
+        let version = crate::tls::TlsInfo::of(session).version;
+        let chain: Vec<_> = session
+            .peer_certificates()
+            .unwrap_or_default()
+            .iter()
+            .map(|c| c.clone().into_owned())
+            .collect();
+        (version, chain)
+    };
+    let _ = tls.write_all(b"QUIT\r\n").await;
+    let _ = tls.shutdown().await;
+    let (names, not_after) = match chain.first() {
+        Some(leaf) => describe(leaf.as_ref()),
+        None => (Vec::new(), None),
+    };
+    Ok(Found::Tls {
+        version,
+        names,
+        not_after,
+        verified: connectors.check_chain(&chain, &name),
+    })
+}
+
+/// The DNS names (subjectAltName) and the notAfter of a certificate.
+fn describe(der: &[u8]) -> (Vec<String>, Option<i64>) {
+    let cert = rustls::pki_types::CertificateDer::from(der);
+    let names = match webpki::EndEntityCert::try_from(&cert) {
+        Ok(c) => c
+            .valid_dns_names()
+            .map(spool_tools::terminal::escape_line)
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    (names, not_after(der))
+}
+
+/// One DER element at the start of `b`: its tag, its contents and what follows it.
+fn der_element(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = b.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (first as usize, rest)
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n].iter().fold(0usize, |l, &d| (l << 8) | d as usize);
+        (len, &rest[n..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+}
+
+/// The notAfter of an X.509 certificate (RFC 5280 4.1: Certificate, TBSCertificate,
+/// [0] version, serialNumber, signature, issuer, validity), Unix seconds.
+fn not_after(der: &[u8]) -> Option<i64> {
+    let (_, cert, _) = der_element(der)?;
+    let (_, mut tbs, _) = der_element(cert)?;
+    let (tag, _, rest) = der_element(tbs)?;
+    if tag == 0xa0 {
+        tbs = rest;
+    }
+    for _ in 0..3 {
+        tbs = der_element(tbs)?.2; // serialNumber, signature, issuer
+    }
+    let (_, validity, _) = der_element(tbs)?;
+    let (_, _, rest) = der_element(validity)?; // notBefore
+    let (tag, time, _) = der_element(rest)?;
+    let time = std::str::from_utf8(time).ok()?;
+    let time = match tag {
+        // UTCTime: YYMMDDHHMMSSZ, years 1950-2049 (RFC 5280 4.1.2.5.1).
+        0x17 => {
+            let yy: u32 = time.get(..2)?.parse().ok()?;
+            format!("{}{time}", if yy < 50 { "20" } else { "19" })
+        }
+        0x18 => time.to_string(), // GeneralizedTime: YYYYMMDDHHMMSSZ
+        _ => return None,
+    };
+    chrono::NaiveDateTime::parse_from_str(time.trim_end_matches('Z'), "%Y%m%d%H%M%S")
+        .ok()
+        .map(|t| t.and_utc().timestamp())
+}
+
+/// One SMTP reply: its code and its lines' text after the code.
+async fn reply<R: AsyncBufRead + Unpin>(r: &mut R) -> Result<(u16, Vec<String>), String> {
+    let mut lines = Vec::new();
+    for _ in 0..100 {
+        let mut line = String::new();
+        let n = (&mut *r)
+            .take(1024)
+            .read_line(&mut line)
+            .await
+            .map_err(|e| format!("read error: {e}"))?;
+        if n == 0 {
+            return Err("connection closed".into());
+        }
+        let line = line.trim_end();
+        let code: u16 = line
+            .get(..3)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| "not an SMTP reply".to_string())?;
+        lines.push(line.get(4..).unwrap_or("").to_string());
+        if line.as_bytes().get(3) != Some(&b'-') {
+            return Ok((code, lines));
+        }
+    }
+    Err("reply too long".into())
+}
