@@ -637,9 +637,14 @@ impl<'a> MessageBytes<'a> {
 
     /// The next bytes (at most [`CHUNK`]), `None` at the end, once it was checked.
     pub fn next_chunk(&mut self) -> io::Result<Option<&[u8]>> {
+        // No bigger than what is left (and one byte to find the end): a small message
+        // does not cost a whole chunk.
+        let want = (self.want.size.saturating_sub(self.read)).clamp(1, CHUNK as u64) as usize;
         let mut buf = std::mem::take(&mut self.buf);
-        buf.resize(CHUNK, 0);
-        let r = self.read(&mut buf);
+        if buf.len() < want {
+            buf.resize(want, 0);
+        }
+        let r = self.read(&mut buf[..want]);
         self.buf = buf;
         match r? {
             0 => Ok(None),
