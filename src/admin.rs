@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::envelope::{Body, Envelope, Notify, RcptState, Recipient, Ret};
 use crate::ops::live::Live;
 use crate::scheduler::{now_ms, Scheduler};
-use crate::spool::{QueueEntry, Spool};
+use crate::spool::{ImportError, QueueEntry, Spool};
 
 /// One operation, as sent over the control socket (JSON).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -602,7 +602,7 @@ async fn export(
 fn refuse_import(
     a: &ArchivedEnvelope,
     domain: &str,
-    size: usize,
+    size: u64,
     policy: &crate::policy::Policy,
     max_size: u64,
 ) -> Option<String> {
@@ -629,7 +629,7 @@ fn refuse_import(
             ));
         }
     }
-    if size as u64 > max_size {
+    if size > max_size {
         return Some(format!(
             "{size} bytes, more than max_message_size ({max_size})"
         ));
@@ -682,27 +682,35 @@ async fn import(ctx: &Ctx, input: PathBuf, out: &Out) -> Result<i32, String> {
             let total = reader.len();
             let (mut added, mut present, mut skipped) = (0, 0, 0);
             let now = now_ms();
+            // Each message is read from the archive part by part as it is stored: memory
+            // stays flat however large it is.
             reader
-                .for_each_entry(
-                    |entry: spool_tools::Entry| -> Result<(), spool_tools::Error> {
-                        let a = &entry.envelope;
+                .for_each_message(
+                    |a: spool_tools::ArchivedEnvelope,
+                     bytes: &mut spool_tools::MessageBytes<'_>|
+                     -> Result<(), spool_tools::Error> {
                         let domain = a.domain.trim_end_matches('.').to_ascii_lowercase();
                         if a.pending().next().is_none() {
                             skipped += 1;
                             return Ok(());
                         }
-                        if let Some(why) =
-                            refuse_import(a, &domain, entry.message.len(), &policy, max_size)
-                        {
+                        let size = bytes.size();
+                        if let Some(why) = refuse_import(&a, &domain, size, &policy, max_size) {
                             let _ = o.send(Line::Err(format!("{}: {why}: skipped", a.id)));
                             skipped += 1;
                             return Ok(());
                         }
-                        let (env, qe) = from_archived(a, entry.message.len() as u64);
-                        match spool.import_blocking(&domain, env, qe, entry.message, now) {
+                        let (env, qe) = from_archived(&a, size);
+                        match spool.import_blocking(&domain, env, qe, bytes, now) {
                             Ok(true) => added += 1,
                             Ok(false) => present += 1,
-                            Err(e) => {
+                            // The archive changed under us: the walk ends with that error.
+                            Err(ImportError::Read(_)) => {
+                                return Err(spool_tools::Error::Changed(
+                                    input.display().to_string(),
+                                ))
+                            }
+                            Err(ImportError::Spool(e)) => {
                                 let _ = o.send(Line::Err(format!("{}: {e} (not imported)", a.id)));
                                 skipped += 1;
                             }

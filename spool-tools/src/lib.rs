@@ -13,8 +13,10 @@
 //!   [`FileArchiveWriter::finish`] returns only once the file is synced under its name.
 //! - `reader`: [`ArchiveReader::open`] verifies the whole archive in a first pass (format
 //!   version first, then every checksum, no member missing or extra); the good messages
-//!   are then read one at a time in a second pass ([`ArchiveReader::for_each_entry`]);
-//!   damaged ones are listed as [`Problem`]s and never given out.
+//!   are then read one at a time in a second pass, each streamed from the archive as a
+//!   [`MessageBytes`] ([`ArchiveReader::for_each_message`], [`ArchiveReader::with_message`];
+//!   [`ArchiveReader::for_each_entry`] for whole ones in memory); damaged ones are listed
+//!   as [`Problem`]s and never given out.
 //!
 //! - `terminal`: bytes from mail or archives made safe to show on a terminal.
 //! - `cli`: the `spool-tools` command line (clap), shared with the packaging tool.
@@ -56,7 +58,7 @@ pub use envelope::{
 };
 pub use error::{Error, Result};
 pub use manifest::{ArchiveMeta, FORMAT_NAME};
-pub use reader::{ArchiveReader, Compression, Entry, Problem, ReadOptions};
+pub use reader::{ArchiveReader, Compression, Entry, MessageBytes, Problem, ReadOptions, CHUNK};
 pub use writer::{create_file, create_file_replacing, ArchiveWriter, FileArchiveWriter};
 
 /// The archive format version this build writes and reads.

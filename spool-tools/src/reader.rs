@@ -436,19 +436,30 @@ impl ArchiveReader {
     }
 
     /// Reads the good messages one at a time, in archive order, and hands each to `f`
-    /// (which may stop the walk by returning an error). Each message is hashed again as
-    /// it is read; a file that changed since [`open`](Self::open) gives
-    /// [`Error::Changed`].
+    /// whole (which may stop the walk by returning an error). Each message is hashed again
+    /// as it is read; a file that changed since [`open`](Self::open) gives
+    /// [`Error::Changed`]. A message is held whole in memory here: to stream large ones,
+    /// use [`for_each_message`](Self::for_each_message).
     pub fn for_each_entry<E: From<Error>>(
         &self,
         mut f: impl FnMut(Entry) -> Result<(), E>,
     ) -> Result<(), E> {
-        self.walk(None, true, &mut |envelope, _size, message| {
-            f(Entry {
-                envelope,
-                message: message.expect("asked for message bytes"),
-            })
+        self.for_each_message(|envelope, bytes| {
+            let message = bytes.to_vec().map_err(|_| self.changed())?;
+            f(Entry { envelope, message })
         })
+    }
+
+    /// Reads the good messages one at a time, in archive order, and hands `f` each
+    /// envelope with its bytes as a [`MessageBytes`]: a reader of the `.eml` member straight
+    /// from the archive, never held whole in memory, hashed as it goes. The read that
+    /// reaches its end fails if the bytes are not those `open` verified; the walk then
+    /// ends with [`Error::Changed`], whatever `f` made of it. `f` need not read the bytes.
+    pub fn for_each_message<E: From<Error>>(
+        &self,
+        mut f: impl FnMut(ArchivedEnvelope, &mut MessageBytes<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        self.walk(None, true, &mut |envelope, bytes| f(envelope, bytes))
     }
 
     /// Like [`for_each_entry`](Self::for_each_entry), without reading the messages'
@@ -457,16 +468,33 @@ impl ArchiveReader {
         &self,
         mut f: impl FnMut(ArchivedEnvelope, u64) -> Result<(), E>,
     ) -> Result<(), E> {
-        self.walk(None, false, &mut |envelope, size, _| f(envelope, size))
+        self.walk(None, false, &mut |envelope, bytes| {
+            f(envelope, bytes.size())
+        })
     }
 
-    /// The raw bytes of message `id`.
+    /// The raw bytes of message `id`, whole in memory.
     pub fn message(&self, id: &str) -> Result<Vec<u8>> {
         self.entry(id).map(|e| e.message)
     }
 
-    /// Envelope and bytes of message `id`.
+    /// Envelope and bytes of message `id`, whole in memory.
     pub fn entry(&self, id: &str) -> Result<Entry> {
+        self.with_message(id, |envelope, bytes| {
+            let message = bytes.to_vec().map_err(|_| self.changed())?;
+            Ok(Entry { envelope, message })
+        })
+    }
+
+    /// Hands `f` the envelope and the bytes ([`MessageBytes`], streamed as in
+    /// [`for_each_message`](Self::for_each_message)) of message `id`, and returns what
+    /// `f` returns. A damaged message gives [`Error::BadMessage`], an unknown id
+    /// [`Error::NotFound`].
+    pub fn with_message<T, E: From<Error>>(
+        &self,
+        id: &str,
+        f: impl FnOnce(ArchivedEnvelope, &mut MessageBytes<'_>) -> Result<T, E>,
+    ) -> Result<T, E> {
         if !self.good.iter().any(|g| g.id == id) {
             return Err(match self.problems.iter().find(|p| p.subject == id) {
                 Some(p) => Error::BadMessage {
@@ -474,107 +502,200 @@ impl ArchiveReader {
                     what: p.what.clone(),
                 },
                 None => Error::NotFound(id.to_string()),
-            });
+            }
+            .into());
         }
+        let mut f = Some(f);
         let mut found = None;
-        self.walk(Some(id), true, &mut |envelope, _, message| {
-            found = Some(Entry {
-                envelope,
-                message: message.expect("asked for message bytes"),
-            });
-            Ok::<(), Error>(())
+        self.walk(Some(id), true, &mut |envelope, bytes| {
+            let f = f.take().ok_or_else(|| self.changed())?;
+            found = Some(f(envelope, bytes)?);
+            Ok::<(), E>(())
         })?;
-        found.ok_or_else(|| Error::Changed(self.path.display().to_string()))
+        found.ok_or_else(|| self.changed().into())
+    }
+
+    fn changed(&self) -> Error {
+        Error::Changed(self.path.display().to_string())
     }
 
     /// Pass 2: streams the archive and calls `f` for each good message (or only `only`)
-    /// once both its members were read; stops when all were seen.
+    /// when its `.eml` member comes, its envelope read before, with the member's bytes
+    /// (when `want_message`; else empty, the member skipped unread). A message whose
+    /// `.eml` comes before its `.json` (an archive packed again by hand) is given in a
+    /// further pass, its envelope kept; the walk stops once every message was given.
     fn walk<E: From<Error>>(
         &self,
         only: Option<&str>,
         want_message: bool,
-        f: &mut dyn FnMut(ArchivedEnvelope, u64, Option<Vec<u8>>) -> Result<(), E>,
+        f: &mut dyn FnMut(ArchivedEnvelope, &mut MessageBytes<'_>) -> Result<(), E>,
     ) -> Result<(), E> {
-        let index: HashMap<&str, &Good> = self
+        let mut todo: HashMap<&str, &Good> = self
             .good
             .iter()
             .filter(|g| only.is_none_or(|o| o == g.id))
             .map(|g| (g.id.as_str(), g))
             .collect();
-        let mut remaining = index.len();
-        if remaining == 0 {
-            return Ok(());
-        }
-        let changed = || Error::Changed(self.path.display().to_string());
-        let mut archive = tar::Archive::new(open_stream(&self.path)?.reader);
-        let entries = archive.entries().map_err(io_err(self.path.display()))?;
-        let mut partial: HashMap<&str, Halves> = HashMap::new();
-        for entry in entries {
-            let mut entry = entry.map_err(|_| changed())?;
-            let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
-            let Member::Message(id, half) = classify(&name) else {
-                continue;
-            };
-            let Some(&good) = index.get(id) else {
-                continue;
-            };
-            let id = good.id.as_str();
-            let size = entry.size();
-            let slot = partial.entry(id).or_default();
-            match half {
-                Half::Json => {
-                    let (sum, data) =
-                        read_member(&mut entry, size, MAX_ENVELOPE).map_err(|_| changed())?;
-                    if sum != good.json {
-                        return Err(changed().into());
-                    }
-                    let data = data.ok_or_else(changed)?;
-                    let env = serde_json::from_slice(&data).map_err(|_| changed())?;
-                    slot.envelope = Some(env);
-                }
-                Half::Eml if want_message => {
-                    let (sum, data) =
-                        read_member(&mut entry, size, u64::MAX).map_err(|_| changed())?;
-                    if sum != good.eml {
-                        return Err(changed().into());
-                    }
-                    slot.message = Message::Read(data.ok_or_else(changed)?);
-                }
-                Half::Eml => slot.message = Message::Skipped,
-            }
-            if let (Some(_), Message::Read(_) | Message::Skipped) = (&slot.envelope, &slot.message)
-            {
-                let Halves { envelope, message } = partial.remove(id).expect("present");
-                let message = match message {
-                    Message::Read(bytes) => Some(bytes),
-                    _ => None,
+        let mut envelopes: HashMap<&str, ArchivedEnvelope> = HashMap::new();
+        while !todo.is_empty() {
+            // A pass that gives no message and reads no new envelope would be the last.
+            let mut progress = false;
+            let mut archive = tar::Archive::new(open_stream(&self.path)?.reader);
+            let entries = archive.entries().map_err(io_err(self.path.display()))?;
+            for entry in entries {
+                let mut entry = entry.map_err(|_| self.changed())?;
+                let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+                let Member::Message(id, half) = classify(&name) else {
+                    continue;
                 };
-                f(envelope.expect("present"), good.eml.size, message)?;
-                remaining -= 1;
-                if remaining == 0 {
-                    return Ok(());
+                let Some(&good) = todo.get(id) else {
+                    continue;
+                };
+                let id = good.id.as_str();
+                let size = entry.size();
+                match half {
+                    Half::Json if envelopes.contains_key(id) => {}
+                    Half::Json => {
+                        let read = read_member(&mut entry, size, MAX_ENVELOPE);
+                        let (sum, data) = read.map_err(|_| self.changed())?;
+                        if sum != good.json {
+                            return Err(self.changed().into());
+                        }
+                        let data = data.ok_or_else(|| self.changed())?;
+                        let env = serde_json::from_slice(&data).map_err(|_| self.changed())?;
+                        envelopes.insert(id, env);
+                        progress = true;
+                    }
+                    Half::Eml => {
+                        let Some(envelope) = envelopes.remove(id) else {
+                            continue;
+                        };
+                        let mut empty = io::empty();
+                        let source: &mut dyn Read =
+                            if want_message { &mut entry } else { &mut empty };
+                        let mut bytes = MessageBytes::new(source, good.eml);
+                        let r = f(envelope, &mut bytes);
+                        if bytes.failed {
+                            return Err(self.changed().into());
+                        }
+                        r?;
+                        progress = true;
+                        todo.remove(id);
+                        if todo.is_empty() {
+                            return Ok(());
+                        }
+                    }
                 }
             }
+            if !progress {
+                return Err(self.changed().into());
+            }
         }
-        Err(changed().into())
+        Ok(())
     }
 }
 
-/// Pass 2's collection of one message's two members.
-#[derive(Default)]
-struct Halves {
-    envelope: Option<ArchivedEnvelope>,
-    message: Message,
+/// The bytes of one good message ([`ArchiveReader::for_each_message`]), read from the
+/// archive as they are asked for and hashed on the way. It gives exactly the bytes the
+/// archive was verified with, or fails: a read past the verified size, or the read that
+/// reaches the end with another digest, is an error (and makes the walk end with
+/// [`Error::Changed`]), so a consumer that reads to the end (`Ok(0)`, or
+/// [`next_chunk`](Self::next_chunk) giving `None`) before it commits to anything never
+/// acts on changed bytes.
+pub struct MessageBytes<'a> {
+    inner: &'a mut dyn Read,
+    want: Sum,
+    hasher: Sha256,
+    read: u64,
+    /// The end was reached and checked.
+    done: bool,
+    /// A read failed, or the bytes were not the verified ones.
+    failed: bool,
+    buf: Vec<u8>,
 }
 
-/// The `.eml` member in pass 2.
-#[derive(Default)]
-enum Message {
-    #[default]
-    NotYet,
-    /// Went by unread (only the envelope was wanted).
-    Skipped,
-    Read(Vec<u8>),
+/// The most [`MessageBytes::next_chunk`] gives at once.
+pub const CHUNK: usize = 64 << 10;
+
+impl<'a> MessageBytes<'a> {
+    fn new(inner: &'a mut dyn Read, want: Sum) -> MessageBytes<'a> {
+        MessageBytes {
+            inner,
+            want,
+            hasher: Sha256::new(),
+            read: 0,
+            done: false,
+            failed: false,
+            buf: Vec::new(),
+        }
+    }
+
+    /// The message's size in bytes (as verified by `open`).
+    pub fn size(&self) -> u64 {
+        self.want.size
+    }
+
+    /// The next bytes (at most [`CHUNK`]), `None` at the end, once it was checked.
+    pub fn next_chunk(&mut self) -> io::Result<Option<&[u8]>> {
+        // No bigger than what is left (and one byte to find the end): a small message
+        // does not cost a whole chunk.
+        let want = (self.want.size.saturating_sub(self.read)).clamp(1, CHUNK as u64) as usize;
+        let mut buf = std::mem::take(&mut self.buf);
+        if buf.len() < want {
+            buf.resize(want, 0);
+        }
+        let r = self.read(&mut buf[..want]);
+        self.buf = buf;
+        match r? {
+            0 => Ok(None),
+            n => Ok(Some(&self.buf[..n])),
+        }
+    }
+
+    /// The rest of the bytes in memory (small messages, tests).
+    pub fn to_vec(&mut self) -> io::Result<Vec<u8>> {
+        let mut v = Vec::with_capacity(self.want.size.min(64 << 20) as usize);
+        self.read_to_end(&mut v)?;
+        Ok(v)
+    }
+
+    fn fail(&mut self) -> io::Error {
+        self.failed = true;
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the message is not the one the archive was verified with",
+        )
+    }
+}
+
+impl Read for MessageBytes<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.failed {
+            return Err(self.fail());
+        }
+        if self.done || buf.is_empty() {
+            return Ok(0);
+        }
+        let n = match self.inner.read(buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Err(e),
+            Err(_) => return Err(self.fail()),
+        };
+        if n == 0 {
+            let sha: [u8; 32] = std::mem::take(&mut self.hasher).finalize().into();
+            if self.read != self.want.size || sha != self.want.sha {
+                return Err(self.fail());
+            }
+            self.done = true;
+            return Ok(0);
+        }
+        self.read += n as u64;
+        if self.read > self.want.size {
+            return Err(self.fail());
+        }
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
 }
 
 /// The (decompressed) tar stream of an archive file.

@@ -82,13 +82,15 @@ fn is_bidi_control(c: char) -> bool {
 }
 
 /// A writer that escapes what goes through it ([`escape`]) when `escape` is set, and
-/// passes it unchanged otherwise (output to a file or a pipe keeps its bytes).
+/// passes it unchanged otherwise (output to a file or a pipe keeps its bytes). What is
+/// written in chunks is escaped as if written at once: a CR at the end of one write, or a
+/// UTF-8 character cut between two, waits for the next.
 pub struct Safe<W: Write> {
     inner: W,
     escape: bool,
-    /// A CR at the end of the last write: whether it belongs to a CRLF is known only from
-    /// the next byte.
-    pending_cr: bool,
+    /// The end of the last write whose meaning depends on the next byte: a CR (part of a
+    /// CRLF or not) or the start of a UTF-8 character (at most 3 bytes).
+    pending: Vec<u8>,
 }
 
 impl<W: Write> Safe<W> {
@@ -96,9 +98,30 @@ impl<W: Write> Safe<W> {
         Safe {
             inner,
             escape,
-            pending_cr: false,
+            pending: Vec::new(),
         }
     }
+}
+
+/// How many bytes at the end of `bytes` are a CR or an incomplete UTF-8 character.
+fn undecided_tail(bytes: &[u8]) -> usize {
+    if bytes.last() == Some(&b'\r') {
+        return 1;
+    }
+    for i in 1..=bytes.len().min(3) {
+        let b = bytes[bytes.len() - i];
+        if b & 0xc0 == 0x80 {
+            continue;
+        }
+        let need = match b {
+            0xf0.. => 4,
+            0xe0.. => 3,
+            0xc0.. => 2,
+            _ => 1,
+        };
+        return if need > i { i } else { 0 };
+    }
+    0
 }
 
 impl<W: Write> Write for Safe<W> {
@@ -106,25 +129,17 @@ impl<W: Write> Write for Safe<W> {
         if !self.escape {
             return self.inner.write(data);
         }
-        let mut chunk = Vec::with_capacity(data.len() + 1);
-        if self.pending_cr {
-            chunk.push(b'\r');
-            self.pending_cr = false;
-        }
+        let mut chunk = std::mem::take(&mut self.pending);
         chunk.extend_from_slice(data);
-        if chunk.last() == Some(&b'\r') {
-            chunk.pop();
-            self.pending_cr = true;
-        }
+        let keep = undecided_tail(&chunk);
+        self.pending = chunk.split_off(chunk.len() - keep);
         self.inner.write_all(&escape(&chunk))?;
         Ok(data.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        if self.pending_cr {
-            self.pending_cr = false;
-            self.inner.write_all(b"\\x0d")?;
-        }
+        let rest = std::mem::take(&mut self.pending);
+        self.inner.write_all(&escape(&rest))?;
         self.inner.flush()
     }
 }
@@ -161,6 +176,17 @@ mod tests {
             w.flush().unwrap();
         }
         assert_eq!(v, b"a\r\nb\\x1b");
+        // A character cut between two writes is shown whole; one cut at the end is not.
+        let mut v = Vec::new();
+        {
+            let mut w = Safe::new(&mut v, true);
+            for b in "é€😀x".as_bytes() {
+                w.write_all(&[*b]).unwrap();
+            }
+            w.write_all(b"\xe2\x82").unwrap();
+            w.flush().unwrap();
+        }
+        assert_eq!(v, "é€😀x\\xe2\\x82".as_bytes());
         let mut raw = Vec::new();
         Safe::new(&mut raw, false).write_all(b"\x1b").unwrap();
         assert_eq!(raw, b"\x1b");

@@ -101,6 +101,16 @@ pub enum SpoolError {
     Invalid(String),
 }
 
+/// Why [`Spool::import_blocking`] added nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    /// The message could not be read from where it came from.
+    #[error("{0}")]
+    Read(std::io::Error),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+}
+
 impl SpoolError {
     /// Out of disk space or quota: a temporary, "come back later" condition.
     pub fn is_no_space(&self) -> bool {
@@ -898,26 +908,32 @@ impl Spool {
     /// Add one entry from an archive: message `env.id` queued for `domain` as `entry`
     /// (made held if the domain is held here, due now otherwise). The message and envelope
     /// are stored once; an id already queued for `domain` is left alone (importing twice
-    /// adds nothing). Blocking; returns whether anything was added.
+    /// adds nothing), and then `message` is not read at all. A new message is read from
+    /// `message` part by part as it is stored ([`Spool::write_part`] ahead of the commit,
+    /// like a message in DATA): at most two parts of it are in memory. If reading fails
+    /// (the archive's digest does not match at the end, say), or the commit does, what was
+    /// written of it is removed again ([`Spool::discard_parts`]; a crash in between leaves
+    /// it to the sweep at the next open): nothing is half imported. Blocking; returns
+    /// whether anything was added.
     pub fn import_blocking(
         &self,
         domain: &str,
         env: Envelope,
         mut entry: QueueEntry,
-        message: Vec<u8>,
+        message: &mut dyn std::io::Read,
         now_ms: u64,
-    ) -> Result<bool, SpoolError> {
+    ) -> Result<bool, ImportError> {
         let id = env.id.clone();
         if id.is_empty() || !keys::valid_part(&id) || !keys::valid_part(domain) {
-            return Err(SpoolError::Invalid(format!(
-                "bad id or domain {id:?} {domain:?}"
-            )));
+            return Err(SpoolError::Invalid(format!("bad id or domain {id:?} {domain:?}")).into());
         }
+        // Held from the first look to the commit: two imports of one id never mix parts.
         let _guard = self.inner.locks[stripe_of(&id)].blocking_lock();
         if self.queue_entry(domain, &id)?.is_some() {
             return Ok(false);
         }
         let mut b = Batch::new();
+        let mut written = 0;
         match self.stored_envelope(&id)? {
             Some(mut stored) => {
                 b.usage(domain, 1, batch::signed(stored.envelope.size));
@@ -928,7 +944,8 @@ impl Spool {
             }
             None => {
                 b.usage(domain, 1, batch::signed(env.size));
-                let parts = Parts::whole(message);
+                let parts = self.read_parts(&id, message)?;
+                written = parts.written;
                 let stored = StoredEnvelope {
                     envelope: env,
                     domains: vec![domain.to_string()],
@@ -951,7 +968,10 @@ impl Spool {
             }
         }
         b.put(Cf::Queue, keys::queue(domain, &id), entry.to_bytes());
-        self.commit_blocking(b)?;
+        if let Err(e) = self.commit_blocking(b) {
+            self.discard_written(&id, written);
+            return Err(e.into());
+        }
         Ok(true)
     }
 

@@ -10,14 +10,15 @@
 //! A message refused or abandoned has its parts removed ([`Spool::discard_parts`]); what a
 //! crash leaves (a `partial` mark without its envelope) is removed at the next start
 //! ([`sweep_partial`]). Nobody holds more than one part of a message in memory: session,
-//! delivery, `show`, export and DSNs all read through [`Message`].
+//! delivery, `show`, export and DSNs all read through [`Message`]; `import` stores what
+//! it reads from an archive the same way ([`Spool::read_parts`]).
 
 use std::io::Read;
 
 use rocksdb::{WriteBatch, WriteOptions, DB};
 
 use super::keys::{self, Cf};
-use super::{cf, map_db_error, Spool, SpoolError, StoredEnvelope};
+use super::{cf, map_db_error, ImportError, Parts, Spool, SpoolError, StoredEnvelope, PART_SIZE};
 
 /// A stored message, ready to be read part by part: the first part in memory, the others
 /// read when asked for.
@@ -212,6 +213,54 @@ impl Spool {
         Ok(())
     }
 
+    /// A new message `id` read from `bytes` into parts of [`PART_SIZE`], as
+    /// [`Parts::whole`] would cut it: the first kept, every further full part stored ahead
+    /// ([`Spool::write_part`]), the last (short) one kept for the commit. So at most two
+    /// parts are in memory. What was stored ahead is removed again when reading or storing
+    /// fails. Blocking.
+    pub(super) fn read_parts(&self, id: &str, bytes: &mut dyn Read) -> Result<Parts, ImportError> {
+        let first = read_part(bytes).map_err(ImportError::Read)?;
+        let mut parts = Parts {
+            first,
+            ..Parts::default()
+        };
+        if parts.first.len() < PART_SIZE {
+            return Ok(parts);
+        }
+        loop {
+            let part = match read_part(bytes) {
+                Ok(p) => p,
+                Err(e) => {
+                    self.discard_written(id, parts.written);
+                    return Err(ImportError::Read(e));
+                }
+            };
+            if part.len() < PART_SIZE {
+                if !part.is_empty() {
+                    parts.rest.push(part);
+                }
+                return Ok(parts);
+            }
+            if let Err(e) = self.write_part(id, parts.written + 1, &part) {
+                self.discard_written(id, parts.written);
+                return Err(e.into());
+            }
+            parts.written += 1;
+            parts.written_len += part.len() as u64;
+        }
+    }
+
+    /// [`Spool::discard_parts`] for a message whose import failed; a failure to remove
+    /// is only logged (the sweep at the next open removes them then).
+    pub(super) fn discard_written(&self, id: &str, written: u32) {
+        if written == 0 {
+            return;
+        }
+        if let Err(e) = self.discard_parts(id, written) {
+            tracing::warn!("{id}: cannot remove the parts of a message not imported: {e}");
+        }
+    }
+
     /// Message `id`, its first part read (the rest is read when asked for); `None` when it
     /// is not in the spool.
     pub fn load_message(&self, id: &str) -> Result<Option<Message>, SpoolError> {
@@ -247,6 +296,13 @@ impl Spool {
             source: Some((self.clone(), id.to_string())),
         }))
     }
+}
+
+/// Up to [`PART_SIZE`] bytes of `r`: fewer only at its end.
+fn read_part(r: &mut dyn Read) -> std::io::Result<Vec<u8>> {
+    let mut part = Vec::with_capacity(PART_SIZE);
+    r.take(PART_SIZE as u64).read_to_end(&mut part)?;
+    Ok(part)
 }
 
 /// At start: remove what messages that were never queued left behind (a `partial` mark

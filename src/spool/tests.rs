@@ -45,6 +45,15 @@ fn keys_in(spool: &Spool, family: Cf) -> usize {
         .count()
 }
 
+/// Keys of `meta` other than the domains' counters (`usage.rs`).
+fn meta_keys(spool: &Spool) -> usize {
+    let db = spool.db().unwrap();
+    let db = &*db;
+    db.iterator_cf(cf(db, Cf::Meta).unwrap(), IteratorMode::Start)
+        .filter(|kv| keys::parse_usage(&kv.as_ref().unwrap().0).is_none())
+        .count()
+}
+
 fn s(v: &[&str]) -> Vec<String> {
     v.iter().map(|x| x.to_string()).collect()
 }
@@ -807,7 +816,7 @@ async fn the_counters_follow_every_change_of_the_queue_and_survive_a_reopen() {
             held_since_ms: 0,
             held_ms: 0,
         },
-        vec![b'z'; 7],
+        &mut &[b'z'; 7][..],
         9,
     ))
     .unwrap());
@@ -861,4 +870,126 @@ async fn an_older_spool_is_counted_once_and_recover_recounts() {
             ("two.org".into(), used(1, 100))
         ]
     );
+}
+
+/// What an archive member gives `import_blocking`: its bytes, then at the end either
+/// nothing more (`Ok(0)`) or the failure of a digest that does not match; or a crash
+/// (a panic) once `crash_after` bytes were given.
+struct Member {
+    bytes: std::io::Cursor<Vec<u8>>,
+    bad_digest: bool,
+    crash_after: Option<u64>,
+}
+
+impl Member {
+    fn new(bytes: Vec<u8>) -> Member {
+        Member {
+            bytes: std::io::Cursor::new(bytes),
+            bad_digest: false,
+            crash_after: None,
+        }
+    }
+}
+
+impl std::io::Read for Member {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self
+            .crash_after
+            .is_some_and(|at| self.bytes.position() >= at)
+        {
+            panic!("the import crashes here");
+        }
+        let n = self.bytes.read(buf)?;
+        if n == 0 && !buf.is_empty() && self.bad_digest {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "digest mismatch",
+            ));
+        }
+        Ok(n)
+    }
+}
+
+fn import(spool: &Spool, id: &str, member: &mut Member) -> Result<bool, ImportError> {
+    let e = env(id, 1, &["a@one.org"]);
+    let entry = QueueEntry {
+        recipients: e.recipients.clone(),
+        attempts: 2,
+        next_attempt_ms: 0,
+        last_error: None,
+        held: false,
+        warned: false,
+        held_since_ms: 0,
+        held_ms: 0,
+    };
+    spool.import_blocking("one.org", e, entry, member, 1000)
+}
+
+#[test]
+fn an_import_is_stored_part_by_part_and_reads_back_exact() {
+    let (dir, spool) = open_tmp();
+    // Parts as Parts::whole cuts them: a short last part, or none.
+    for (id, len, keys) in [
+        ("0000000000I01", 3 * PART_SIZE + 5, 4),
+        ("0000000000I02", 2 * PART_SIZE, 2),
+        ("0000000000I03", PART_SIZE - 1, 1),
+    ] {
+        let body = pattern(len, 7);
+        let before = keys_in(&spool, Cf::Messages);
+        assert!(import(&spool, id, &mut Member::new(body.clone())).unwrap());
+        assert_eq!(keys_in(&spool, Cf::Messages) - before, keys, "{id}");
+        let m = spool.load_message(id).unwrap().unwrap();
+        assert_eq!(m.len(), len as u64);
+        assert!(m.to_vec().unwrap() == body, "{id} reads back other bytes");
+        assert_eq!(
+            spool.queue_entry("one.org", id).unwrap().unwrap().attempts,
+            2
+        );
+    }
+    // Imported twice: nothing added, and the member not even read.
+    let mut again = Member::new(pattern(10, 1));
+    again.bad_digest = true;
+    assert!(!import(&spool, "0000000000I01", &mut again).unwrap());
+    assert_eq!(again.bytes.position(), 0);
+    // No partial mark stays: a restart keeps every part.
+    assert_eq!(meta_keys(&spool), 1);
+    drop(spool);
+    let spool = Spool::open(dir.path()).unwrap();
+    assert_eq!(keys_in(&spool, Cf::Messages), 7);
+    assert_eq!(listing(&spool, None).len(), 3);
+}
+
+#[test]
+fn an_import_whose_member_fails_at_its_end_or_crashes_leaves_nothing() {
+    let (dir, spool) = open_tmp();
+    let body = pattern(4 * PART_SIZE + 3, 5);
+    // The digest is found wrong only at the end, after the parts were written ahead.
+    let mut bad = Member::new(body.clone());
+    bad.bad_digest = true;
+    let e = import(&spool, "0000000000I04", &mut bad).unwrap_err();
+    assert!(matches!(e, ImportError::Read(_)), "{e}");
+    assert_eq!(bad.bytes.position(), body.len() as u64, "read to the end");
+    assert!(spool.load_message("0000000000I04").unwrap().is_none());
+    assert!(listing(&spool, None).is_empty());
+    assert_eq!(keys_in(&spool, Cf::Messages), 0, "its parts are removed");
+    assert_eq!(meta_keys(&spool), 1, "and its partial mark");
+
+    // A crash mid-import: what it wrote goes at the next open.
+    let mut crash = Member::new(body.clone());
+    crash.crash_after = Some(3 * PART_SIZE as u64);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        import(&spool, "0000000000I05", &mut crash)
+    }));
+    assert!(r.is_err());
+    assert!(
+        keys_in(&spool, Cf::Messages) >= 2,
+        "parts were written ahead"
+    );
+    drop(spool);
+    let spool = Spool::open(dir.path()).unwrap();
+    assert_eq!(keys_in(&spool, Cf::Messages), 0);
+    assert_eq!(meta_keys(&spool), 1);
+    // And the same message imports whole afterwards.
+    assert!(import(&spool, "0000000000I05", &mut Member::new(body.clone())).unwrap());
+    assert!(spool.message("0000000000I05").unwrap().unwrap() == body);
 }

@@ -3,12 +3,15 @@
 //! message whose sender vanished mid-DATA are removed, at once or at the next start.
 
 use std::fs;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::harness::*;
 
 /// A message of `mib` MiB starting with `X-Test: NAME`: 8-bit text lines (some with a
-/// leading dot, stuffed on the wire), CRLF line ends.
+/// leading dot, stuffed on the wire; some starting `From `, quoted in an mbox), CRLF line
+/// ends.
 fn big(name: &str, mib: usize) -> Vec<u8> {
     let mut m = format!(
         "X-Test: {name}\r\nFrom: <alice@sender.test>\r\nTo: <bob@example.com>\r\n\
@@ -19,6 +22,7 @@ fn big(name: &str, mib: usize) -> Vec<u8> {
     while m.len() < mib << 20 {
         n += 1;
         let line = match n % 5 {
+            _ if n.is_multiple_of(97) => format!("From line {n}, quoted in an mbox\r\n"),
             0 => format!(".dot-stuffed line {n}, and more after it {:040}\r\n", n * 7),
             1 => format!("ação número {n} — {:060}\r\n", n * 3),
             _ => format!("line {n} {:0width$}\r\n", n, width = (n % 70) as usize),
@@ -246,4 +250,150 @@ fn a_bounce_returns_at_most_bounce_size_limit_of_a_large_message() {
         String::from_utf8_lossy(&message[same.saturating_sub(40)..same + 40])
     );
     assert!(returned.ends_with(b"\r\n"));
+}
+
+/// `python3 -c PEAK FILE PROGRAM ARGS...`: runs the program and writes its peak resident
+/// memory (KiB, `ru_maxrss` of the child alone) to FILE; exits with its status. A wrapper
+/// of its own because the `ru_maxrss` of a child spawned by the test itself would count the
+/// test process's memory at the fork.
+const PEAK: &str = r#"
+import resource, subprocess, sys
+code = subprocess.call(sys.argv[2:])
+with open(sys.argv[1], "w") as f:
+    f.write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+sys.exit(code)
+"#;
+
+/// Runs `program args` (at most 300 s) with standard output into the file `stdout`;
+/// returns whether it exited 0, its standard error, and its peak resident memory in MiB.
+fn run_peak(program: &Path, args: &[&str], stdout: &Path) -> (bool, String, u64) {
+    let rss = stdout.with_extension("rss");
+    let out = Command::new("timeout")
+        .args(["-k", "5", "300", "python3", "-c", PEAK])
+        .arg(&rss)
+        .arg(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(stdout).unwrap())
+        .output()
+        .expect("run timeout python3");
+    let kib: u64 = fs::read_to_string(&rss)
+        .unwrap_or_else(|e| panic!("no peak RSS ({e}): {}", text(&out.stderr)))
+        .parse()
+        .unwrap();
+    (out.status.success(), text(&out.stderr), kib / 1024)
+}
+
+/// `message` as mboxrd writes it: LF line ends, `From ` lines quoted (the message has no
+/// `>From ` lines, no bare CR and no `From ` on its first line).
+fn mboxrd_body(message: &[u8]) -> Vec<u8> {
+    let lf = String::from_utf8(message.to_vec())
+        .unwrap()
+        .replace("\r\n", "\n")
+        .replace("\nFrom ", "\n>From ");
+    lf.into_bytes()
+}
+
+#[test]
+fn a_large_archived_message_is_imported_catted_and_mboxed_in_bounded_memory() {
+    const MIB: usize = 100;
+    let mut env = MxEnv::new();
+    let mut server = env.start();
+    assert!(stop_server(&mut server));
+    // Held here: the import must still arrive held, large or not.
+    check_ok("mxspool hold", &env.mxspool(&["hold", "example.com"]));
+
+    let message = big("imported", MIB);
+    let id = "1K1KC7P0X5B00";
+    let archived: spool_tools::ArchivedEnvelope = serde_json::from_value(serde_json::json!({
+        "id": id, "domain": "example.com", "sender": "alice@sender.test",
+        "recipients": [{"address": "bob@example.com", "state": "pending"}],
+        "arrival": "2026-12-01T10:20:30.000Z", "attempts": 1, "body": "8bitmime"
+    }))
+    .unwrap();
+    let archive = env.dir.path().join("big.tar");
+    let mut w = spool_tools::create_file(
+        &archive,
+        spool_tools::ArchiveMeta::new("elsewhere.test", Some("example.com".into())),
+    )
+    .unwrap();
+    w.add(&archived, &message).unwrap();
+    w.finish().unwrap();
+
+    // import, as its own process (no server runs). Over max_message_size (50 MiB by
+    // default): refused by its size in the manifest, never read.
+    let bin = Path::new(BIN);
+    let config = env.config.to_str().unwrap().to_string();
+    let out = env.dir.path().join("import.out");
+    let args = ["--config", &config, "import", archive.to_str().unwrap()];
+    let (ok, err, peak) = run_peak(bin, &args, &out);
+    assert!(!ok, "a {MIB} MiB message imported over max_message_size");
+    assert!(err.contains("more than the 52428800 allowed"), "{err}");
+    assert!(peak < 64, "refusing a {MIB} MiB member took {peak} MiB");
+    assert!(env.queue(None).is_empty());
+    // Allowed: the member is stored part by part.
+    let toml = fs::read_to_string(&env.config).unwrap();
+    let toml = toml.replacen("[queue]", "max_message_size = \"128MiB\"\n\n[queue]", 1);
+    fs::write(&env.config, toml).unwrap();
+    let (ok, err, peak) = run_peak(bin, &args, &out);
+    assert!(ok, "mxspool import failed: {err}");
+    eprintln!("mxspool import of a {MIB} MiB member: peak RSS {peak} MiB");
+    assert!(
+        peak < 128,
+        "importing a {MIB} MiB member took {peak} MiB: it was held whole"
+    );
+    let said = fs::read_to_string(&out).unwrap();
+    assert!(said.contains("1 message(s) imported"), "{said}\n{err}");
+    let q = env.queue(None);
+    assert_eq!(q.len(), 1, "{q:?}");
+    assert!(q[0].held, "imported for a held domain, but not held: {q:?}");
+    assert_eq!(q[0].size, message.len() as u64);
+
+    // Byte for byte in the spool.
+    let shown = env.mxspool(&["show", "--body", id]);
+    check_ok("mxspool show --body", &shown);
+    let start = format!("*** MESSAGE CONTENTS {id} ***\n");
+    let end = format!("*** END OF MESSAGE {id} ***\n");
+    let at = find(&shown.stdout[..4096], start.as_bytes()).expect("contents marker") + start.len();
+    assert!(
+        shown.stdout[at..] == [&message[..], end.as_bytes()].concat()[..],
+        "show --body differs from the archived message"
+    );
+
+    // Importing again adds nothing.
+    let again = env.mxspool(&["import", archive.to_str().unwrap()]);
+    check_ok("second import", &again);
+    assert!(text(&again.stdout).contains("0 message(s) imported, 1 already"));
+    assert_eq!(env.queue(None).len(), 1);
+
+    // spool-tools cat and mbox write it chunk by chunk.
+    let tools = spool_tools();
+    let cat = env.dir.path().join("cat.out");
+    let archive = archive.to_str().unwrap();
+    let (ok, err, peak) = run_peak(&tools, &[archive, "cat", id], &cat);
+    assert!(ok, "spool-tools cat failed: {err}");
+    eprintln!("spool-tools cat of a {MIB} MiB member: peak RSS {peak} MiB");
+    assert!(peak < 32, "spool-tools cat took {peak} MiB");
+    assert!(
+        fs::read(&cat).unwrap() == message,
+        "cat differs from the message"
+    );
+
+    let mbox = env.dir.path().join("mbox.out");
+    let (ok, err, peak) = run_peak(&tools, &[archive, "mbox"], &mbox);
+    assert!(ok, "spool-tools mbox failed: {err}");
+    eprintln!("spool-tools mbox of a {MIB} MiB member: peak RSS {peak} MiB");
+    assert!(peak < 32, "spool-tools mbox took {peak} MiB");
+    let got = fs::read(&mbox).unwrap();
+    let from = b"From alice@sender.test Tue Dec  1 10:20:30 2026\n";
+    assert!(got.starts_with(from), "{:?}", text(&got[..100]));
+    let body = mboxrd_body(&message);
+    assert!(
+        body.windows(8).any(|w| w == b"\n>From l"),
+        "the test has From_ lines"
+    );
+    assert!(
+        got[from.len()..] == [&body[..], b"\n"].concat()[..],
+        "the mbox differs from the message"
+    );
 }

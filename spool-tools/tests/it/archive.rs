@@ -21,14 +21,7 @@ fn round_trip_keeps_envelopes_bytes_and_meta() {
     assert_eq!(r.compression(), Compression::None);
     assert_eq!(r.meta(), Some(&meta()));
     assert_eq!(r.ids().collect::<Vec<_>>(), [ID_8BIT, ID_FROM]);
-    let all = read_all(&r);
-    let expected = [eight_bit(), with_from_lines()];
-    assert_eq!(all.len(), 2);
-    for (got, (env, msg)) in all.iter().zip(&expected) {
-        assert_eq!(&got.envelope, env);
-        assert_eq!(&got.message, msg);
-    }
-    assert_eq!(r.message(ID_FROM).unwrap(), with_from_lines().1);
+    assert_samples(&r);
     assert!(matches!(r.message("NOSUCHID"), Err(Error::NotFound(_))));
 }
 
@@ -542,4 +535,138 @@ fn messages_over_max_message_are_problems_not_entries() {
         "{:?}",
         r.problems()
     );
+}
+
+/// A message of `len` bytes (several chunks of `MessageBytes`), lines of varied length.
+fn long_message(len: usize) -> Vec<u8> {
+    let mut m = b"Subject: long\r\n\r\n".to_vec();
+    let mut n = 0;
+    while m.len() < len {
+        n += 1;
+        m.extend_from_slice(format!("line {n} {:0w$}\r\n", n, w = n % 90).as_bytes());
+    }
+    m.truncate(len);
+    m
+}
+
+/// Everything `for_each_message` hands out for `id`: the chunks read, and how the
+/// reading ended.
+fn stream(r: &ArchiveReader) -> (Vec<u8>, Option<std::io::ErrorKind>, Result<(), Error>) {
+    let (mut got, mut failed) = (Vec::new(), None);
+    let walk = r.for_each_message(|_, bytes| {
+        loop {
+            match bytes.next_chunk() {
+                Ok(Some(c)) => {
+                    assert!(c.len() <= spool_tools::CHUNK);
+                    got.extend_from_slice(c);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    failed = Some(e.kind());
+                    break;
+                }
+            }
+        }
+        // The consumer swallows the error: the walk reports it all the same.
+        Ok::<(), Error>(())
+    });
+    (got, failed, walk)
+}
+
+#[test]
+fn a_message_is_streamed_in_chunks_and_a_changed_one_fails_at_its_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let (env, _) = eight_bit();
+    let msg = long_message(5 * spool_tools::CHUNK + 123);
+    let path = write_archive(dir.path(), "q.tar", &[(env.clone(), msg.clone())]);
+    let r = ArchiveReader::open(&path).unwrap();
+    let (got, failed, walk) = stream(&r);
+    assert_eq!((failed, walk.is_ok()), (None, true));
+    assert!(got == msg, "the streamed bytes differ");
+    r.with_message(&env.id, |e, bytes| {
+        assert_eq!(e, env);
+        assert_eq!(bytes.size(), msg.len() as u64);
+        Ok::<(), Error>(())
+    })
+    .unwrap();
+
+    // Same size, last byte changed after the verification: every chunk comes, and the
+    // read that reaches the end fails.
+    let mut other = msg.clone();
+    *other.last_mut().unwrap() ^= 1;
+    let mut w = create_file_replacing(&path, meta()).unwrap();
+    w.add(&env, &other).unwrap();
+    w.finish().unwrap();
+    let (got, failed, walk) = stream(&r);
+    assert_eq!(got.len(), msg.len(), "all bytes before the end were given");
+    assert_eq!(failed, Some(std::io::ErrorKind::InvalidData));
+    assert!(matches!(walk, Err(Error::Changed(_))), "{walk:?}");
+    let mut kind = None;
+    let e = r
+        .with_message(&env.id, |_, bytes| {
+            kind = bytes.to_vec().err().map(|e| e.kind());
+            Ok::<(), Error>(())
+        })
+        .unwrap_err();
+    assert_eq!(kind, Some(std::io::ErrorKind::InvalidData));
+    assert!(matches!(e, Error::Changed(_)), "{e}");
+    let e = r.message(&env.id).unwrap_err();
+    assert!(matches!(e, Error::Changed(_)), "{e}");
+}
+
+#[test]
+fn a_member_cut_short_after_the_verification_fails_the_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let (env, _) = eight_bit();
+    let msg = long_message(3 * spool_tools::CHUNK);
+    let path = write_archive(dir.path(), "q.tar", &[(env, msg.clone())]);
+    let r = ArchiveReader::open(&path).unwrap();
+    // The file cut in the middle of the .eml member.
+    let at = find(&fs::read(&path).unwrap(), &msg[..64]) + msg.len() / 2;
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(at as u64)
+        .unwrap();
+    let (got, failed, walk) = stream(&r);
+    assert!(
+        got.len() < msg.len(),
+        "{} bytes of {}",
+        got.len(),
+        msg.len()
+    );
+    assert!(failed.is_some());
+    assert!(matches!(walk, Err(Error::Changed(_))), "{walk:?}");
+}
+
+#[test]
+fn a_message_whose_eml_comes_before_its_json_is_still_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = sample_archive(dir.path(), "q.tar");
+    // Packed again with each .eml before its .json (as a careless repack might).
+    let mut members: Vec<(tar::Header, Vec<u8>)> = Vec::new();
+    let mut a = tar::Archive::new(fs::File::open(&path).unwrap());
+    for e in a.entries().unwrap() {
+        let mut e = e.unwrap();
+        let mut data = Vec::new();
+        e.read_to_end(&mut data).unwrap();
+        members.push((e.header().clone(), data));
+    }
+    for i in 0..members.len() - 1 {
+        let name = |m: &(tar::Header, Vec<u8>)| m.0.path().unwrap().display().to_string();
+        if name(&members[i]).ends_with(".json") && name(&members[i + 1]).ends_with(".eml") {
+            members.swap(i, i + 1);
+        }
+    }
+    let swapped = dir.path().join("swapped.tar");
+    let mut b = tar::Builder::new(fs::File::create(&swapped).unwrap());
+    for (h, data) in &members {
+        b.append(h, &data[..]).unwrap();
+    }
+    b.finish().unwrap();
+    drop(b);
+    let r = ArchiveReader::open(&swapped).unwrap();
+    assert!(r.problems().is_empty(), "{:?}", r.problems());
+    assert_samples(&r);
 }

@@ -312,6 +312,33 @@ fn replay_smtp_sends_the_original_envelope_to_pending_recipients() {
 }
 
 #[test]
+fn replay_smtp_streams_a_message_of_many_chunks_dot_stuffed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (env, _) = eight_bit();
+    // 1 MiB of lines that start with dots (some a lone dot, which would end the DATA if
+    // left unstuffed), of every length, so that chunks end everywhere in them.
+    let mut msg = b"Subject: dots\r\n\r\n".to_vec();
+    let mut n = 0;
+    while msg.len() < 1 << 20 {
+        n += 1;
+        let line = match n % 3 {
+            0 => ".\r\n".to_string(),
+            1 => format!("..{}\r\n", "x".repeat(n % 97)),
+            _ => format!(".{n}\r\n"),
+        };
+        msg.extend_from_slice(line.as_bytes());
+    }
+    let path = write_archive(dir.path(), "q.tar", &[(env, msg.clone())]);
+    let (addr, server) = smtp_server();
+    let out = spool_tools(&[path.to_str().unwrap(), "replay", "--smtp", &addr]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let (_, txns) = server.join().unwrap();
+    assert_eq!(txns.len(), 1);
+    assert!(txns[0].mail.contains(&format!("SIZE={}", msg.len())));
+    assert!(txns[0].data == msg, "the message arrived changed");
+}
+
+#[test]
 fn replay_smtp_reports_refused_recipients_and_exits_1() {
     let dir = tempfile::tempdir().unwrap();
     let (mut env, msg) = with_from_lines();

@@ -129,6 +129,18 @@ pub fn read_all(r: &ArchiveReader) -> Vec<Entry> {
     all
 }
 
+/// Checks that `r` gives the two sample messages, envelopes and bytes, in their order.
+pub fn assert_samples(r: &ArchiveReader) {
+    let all = read_all(r);
+    let expected = [eight_bit(), with_from_lines()];
+    assert_eq!(all.len(), 2);
+    for (got, (env, msg)) in all.iter().zip(&expected) {
+        assert_eq!(&got.envelope, env);
+        assert_eq!(&got.message, msg);
+    }
+    assert_eq!(r.message(ID_FROM).unwrap(), with_from_lines().1);
+}
+
 /// Runs the binary with `args`; stdin is empty.
 pub fn spool_tools(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_spool-tools"))

@@ -1,5 +1,6 @@
 //! `spool-tools ARCHIVE <command>`: look into, check, and replay an mxspool archive.
 
+mod lines;
 mod mbox;
 mod replay;
 mod smtp;
@@ -50,13 +51,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::List => list(&reader, &mut out)?,
         Cmd::Verify => verify(&reader, &mut out)?,
         Cmd::Cat { id } => {
-            let bytes = reader.message(&id)?;
-            out.write_all(&bytes)?;
+            // Chunk by chunk: a large message is never whole in memory. Should the file
+            // change under us, what was written is followed by the error and exit 1.
+            reader.with_message(&id, |_, bytes| -> anyhow::Result<()> {
+                while let Some(chunk) = bytes.next_chunk()? {
+                    out.write_all(chunk)?;
+                }
+                Ok(())
+            })?;
             true
         }
         Cmd::Mbox => {
-            reader.for_each_entry(|e| -> anyhow::Result<()> {
-                Ok(mbox::write_message(&mut out, &e.envelope, &e.message)?)
+            reader.for_each_message(|env, bytes| -> anyhow::Result<()> {
+                Ok(mbox::write_message(&mut out, &env, bytes)?)
             })?;
             warn_problems(&reader)
         }

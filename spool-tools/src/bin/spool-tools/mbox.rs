@@ -1,33 +1,25 @@
 //! mboxrd output: a `From ` line per message, `From ` lines of the message (quoted or not)
-//! quoted with one more `>`, LF line ends, a blank line after each message.
+//! quoted with one more `>`, LF line ends, a blank line after each message; the message
+//! streamed through [`Lines`] chunk by chunk.
 
 use std::io::{self, Write};
 
-use spool_tools::ArchivedEnvelope;
+use spool_tools::{ArchivedEnvelope, MessageBytes};
 
-/// Appends one message to an mboxrd stream.
+use crate::lines::{Lines, MBOX};
+
+/// Appends one message to an mboxrd stream, chunk by chunk as it is read.
 pub fn write_message(
     out: &mut impl Write,
     env: &ArchivedEnvelope,
-    message: &[u8],
+    message: &mut MessageBytes<'_>,
 ) -> io::Result<()> {
     out.write_all(from_line(env).as_bytes())?;
-    let mut ended = true;
-    for line in message.split_inclusive(|&b| b == b'\n') {
-        let content = line.strip_suffix(b"\n").unwrap_or(line);
-        let content = content.strip_suffix(b"\r").unwrap_or(content);
-        if needs_quoting(content) {
-            out.write_all(b">")?;
-        }
-        out.write_all(content)?;
-        ended = line.ends_with(b"\n");
-        if ended {
-            out.write_all(b"\n")?;
-        }
+    let mut lines = Lines::new(&mut *out, MBOX);
+    while let Some(chunk) = message.next_chunk()? {
+        lines.write(chunk)?;
     }
-    if !ended {
-        out.write_all(b"\n")?;
-    }
+    lines.finish()?;
     out.write_all(b"\n")
 }
 
@@ -46,35 +38,29 @@ fn from_line(env: &ArchivedEnvelope) -> String {
     format!("From {sender} {date}\n")
 }
 
-/// mboxrd: `>*From ` gets one more `>`.
-fn needs_quoting(line: &[u8]) -> bool {
-    let rest = &line[line.iter().take_while(|&&b| b == b'>').count()..];
-    rest.starts_with(b"From ")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn quotes_from_lines_mboxrd_style() {
+    fn the_from_line_names_the_sender_and_the_arrival() {
         let env: ArchivedEnvelope = serde_json::from_value(serde_json::json!({
             "id": "A1", "domain": "d.example", "sender": "",
             "recipients": [{"address": "u@d.example"}],
             "arrival": "2024-01-02T03:04:05.000Z"
         }))
         .unwrap();
-        let mut out = Vec::new();
-        write_message(
-            &mut out,
-            &env,
-            b"Subject: x\r\n\r\nFrom here\r\n>From there\r\nFrom\r\nend",
-        )
-        .unwrap();
         assert_eq!(
-            String::from_utf8(out).unwrap(),
-            "From MAILER-DAEMON Tue Jan  2 03:04:05 2024\n\
-             Subject: x\n\n>From here\n>>From there\nFrom\nend\n\n"
+            from_line(&env),
+            "From MAILER-DAEMON Tue Jan  2 03:04:05 2024\n"
+        );
+        let env = ArchivedEnvelope {
+            sender: "a b@x.example".into(),
+            ..env
+        };
+        assert_eq!(
+            from_line(&env),
+            "From a_b@x.example Tue Jan  2 03:04:05 2024\n"
         );
     }
 }

@@ -2,13 +2,14 @@
 //! sendmail-compatible command. One line per message; the caller turns failures into the
 //! exit status.
 
-use std::io::{self, Write};
+use std::io::{self, BufWriter, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
 use anyhow::Context;
-use spool_tools::{ArchiveReader, ArchivedEnvelope, Entry};
+use spool_tools::{ArchiveReader, ArchivedEnvelope, MessageBytes};
 
+use crate::lines::{Lines, LF};
 use crate::smtp::{Client, ConnError, Outcome};
 
 /// Where messages go.
@@ -25,7 +26,7 @@ pub fn replay(
 ) -> anyhow::Result<usize> {
     let mut failed = 0;
     let mut session = Session::default();
-    reader.for_each_entry(|Entry { envelope, message }| -> anyhow::Result<()> {
+    reader.for_each_message(|envelope, message| -> anyhow::Result<()> {
         let id = envelope.id.as_str();
         if envelope.pending().next().is_none() {
             writeln!(out, "{id}: skipped (no pending recipients)")?;
@@ -33,9 +34,9 @@ pub fn replay(
         }
         let ok = match &target {
             Target::Smtp { addr, helo } => {
-                smtp_one(&mut session, addr, helo, &envelope, &message, out)?
+                smtp_one(&mut session, addr, helo, &envelope, message, out)?
             }
-            Target::Sendmail { path } => sendmail_one(path, &envelope, &message, out)?,
+            Target::Sendmail { path } => sendmail_one(path, &envelope, message, out)?,
         };
         if !ok {
             failed += 1;
@@ -63,7 +64,7 @@ fn smtp_one(
     addr: &str,
     helo: &str,
     env: &ArchivedEnvelope,
-    message: &[u8],
+    message: &mut MessageBytes<'_>,
     out: &mut impl Write,
 ) -> io::Result<bool> {
     let id = &env.id;
@@ -113,6 +114,9 @@ fn smtp_one(
             let what = match e {
                 ConnError::Io(e) => format!("connection to {addr}: {e}"),
                 ConnError::Server(s) => s,
+                // The archive changed under us: the connection goes without the final
+                // dot, so the server drops what it had of the message; the replay ends.
+                ConnError::Message(e) => return Err(e),
             };
             writeln!(out, "{id}: failed ({what})")?;
             Ok(false)
@@ -139,11 +143,13 @@ pub fn sendmail_args(env: &ArchivedEnvelope) -> Vec<String> {
 }
 
 /// One message piped to the sendmail command, with LF line ends as a local command
-/// expects. A command that cannot be started ends the whole replay.
+/// expects, chunk by chunk as it is read. A command that cannot be started ends the whole
+/// replay; so does a message that cannot be read (the command is killed before its input
+/// ends, so it never takes a message cut short).
 fn sendmail_one(
     path: &Path,
     env: &ArchivedEnvelope,
-    message: &[u8],
+    message: &mut MessageBytes<'_>,
     out: &mut impl Write,
 ) -> anyhow::Result<bool> {
     let id = &env.id;
@@ -152,11 +158,26 @@ fn sendmail_one(
         .stdin(Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot run {}", path.display()))?;
-    let mut stdin = child.stdin.take().expect("stdin is piped");
-    let written = stdin
-        .write_all(&to_lf(message))
-        .and_then(|()| stdin.flush());
-    drop(stdin);
+    let stdin = child.stdin.take().expect("stdin is piped");
+    let mut lines = Lines::new(BufWriter::new(stdin), LF);
+    let mut written = Ok(());
+    loop {
+        let chunk = match message.next_chunk() {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => break,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e.into());
+            }
+        };
+        if let Err(e) = lines.write(chunk) {
+            written = Err(e);
+            break;
+        }
+    }
+    // Ended (and standard input closed) before the wait.
+    let written = written.and_then(|()| lines.finish()?.flush());
     let status = child
         .wait()
         .with_context(|| format!("waiting for {}", path.display()))?;
@@ -186,29 +207,4 @@ fn sendmail_one(
         )?,
     }
     Ok(false)
-}
-
-/// CRLF to LF (a lone CR stays).
-pub fn to_lf(message: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(message.len());
-    let mut i = 0;
-    while i < message.len() {
-        if message[i] == b'\r' && message.get(i + 1) == Some(&b'\n') {
-            i += 1;
-            continue;
-        }
-        out.push(message[i]);
-        i += 1;
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn crlf_becomes_lf_but_lone_cr_stays() {
-        assert_eq!(to_lf(b"a\r\nb\rc\n\r\n"), b"a\nb\rc\n\n".to_vec());
-    }
 }

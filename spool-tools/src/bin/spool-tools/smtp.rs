@@ -6,7 +6,9 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
-use spool_tools::{ArchivedEnvelope, BodyType, Ret};
+use spool_tools::{ArchivedEnvelope, BodyType, MessageBytes, Ret};
+
+use crate::lines::{Lines, SMTP};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const IO_TIMEOUT: Duration = Duration::from_secs(300);
@@ -50,6 +52,9 @@ pub enum ConnError {
     Io(io::Error),
     /// The server closed the session (greeting refused, 421, or a garbled reply).
     Server(String),
+    /// The message could not be read (the archive changed): the connection was left in
+    /// the middle of DATA, without the final dot, and is not usable.
+    Message(io::Error),
 }
 
 impl fmt::Display for ConnError {
@@ -57,6 +62,7 @@ impl fmt::Display for ConnError {
         match self {
             ConnError::Io(e) => write!(f, "{e}"),
             ConnError::Server(s) => write!(f, "{s}"),
+            ConnError::Message(e) => write!(f, "reading the message: {e}"),
         }
     }
 }
@@ -139,9 +145,14 @@ impl Client {
         Ok(c)
     }
 
-    /// One transaction: MAIL, RCPT for each pending recipient, DATA. A refusal leaves the
-    /// connection usable (after RSET); an `Err` means it is not.
-    pub fn send(&mut self, env: &ArchivedEnvelope, message: &[u8]) -> Result<Outcome, ConnError> {
+    /// One transaction: MAIL, RCPT for each pending recipient, DATA with the message sent
+    /// chunk by chunk as it is read. A refusal leaves the connection usable (after RSET);
+    /// an `Err` means it is not.
+    pub fn send(
+        &mut self,
+        env: &ArchivedEnvelope,
+        message: &mut MessageBytes<'_>,
+    ) -> Result<Outcome, ConnError> {
         let pending: Vec<_> = env.pending().collect();
         let needs_utf8 = !env.sender.is_ascii() || pending.iter().any(|r| !r.address.is_ascii());
         if needs_utf8 && !self.ext.smtputf8 {
@@ -155,7 +166,7 @@ impl Client {
             });
         }
 
-        let mail = self.mail_command(env, message.len());
+        let mail = self.mail_command(env, message.size());
         let r = self.command(&mail)?;
         if !r.positive() {
             self.rset()?;
@@ -208,8 +219,14 @@ impl Client {
                 refused,
             });
         }
-        self.writer.write_all(&encode_body(message))?;
-        self.writer.flush()?;
+        let mut data = Lines::new(io::BufWriter::new(&mut self.writer), SMTP);
+        while let Some(chunk) = message.next_chunk().map_err(ConnError::Message)? {
+            data.write(chunk)?;
+        }
+        let mut data = data.finish()?;
+        data.write_all(b".\r\n")?;
+        data.flush()?;
+        drop(data);
         let r = self.read_reply()?;
         if r.code == 421 {
             return Err(ConnError::Server(format!("after the message: {r}")));
@@ -230,7 +247,7 @@ impl Client {
         let _ = self.command("QUIT");
     }
 
-    fn mail_command(&self, env: &ArchivedEnvelope, size: usize) -> String {
+    fn mail_command(&self, env: &ArchivedEnvelope, size: u64) -> String {
         let mut s = format!("MAIL FROM:<{}>", env.sender);
         if self.ext.size {
             let _ = write!(s, " SIZE={size}");
@@ -332,35 +349,9 @@ pub fn xtext(s: &str) -> String {
     out
 }
 
-/// The message for DATA: every line ending in CRLF, lines starting with `.` doubled, and
-/// the final `.` line.
-pub fn encode_body(message: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(message.len() + message.len() / 32 + 5);
-    for line in message.split_inclusive(|&b| b == b'\n') {
-        if line.first() == Some(&b'.') {
-            out.push(b'.');
-        }
-        let content = line.strip_suffix(b"\n").unwrap_or(line);
-        let content = content.strip_suffix(b"\r").unwrap_or(content);
-        out.extend_from_slice(content);
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b".\r\n");
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn body_is_dot_stuffed_with_crlf() {
-        assert_eq!(
-            encode_body(b"a\r\n.b\n..c\r\nlast"),
-            b"a\r\n..b\r\n...c\r\nlast\r\n.\r\n".to_vec()
-        );
-        assert_eq!(encode_body(b""), b".\r\n".to_vec());
-    }
 
     #[test]
     fn xtext_encodes_plus_equals_and_non_printables() {
