@@ -311,7 +311,7 @@ fn callout_asks_the_primary_and_caches_its_answer() {
     ));
     // The recipients list comes first: zed is refused without asking the primary.
     std::fs::write(env.dir.path().join("users"), "alice\nmallory\ncarol\n").unwrap();
-    let server = env.start();
+    let mut server = env.start();
     let addr = env.addr();
     // Queued mail stays queued: the primary's sessions are the callouts only.
     for d in ["example.com", "example.org"] {
@@ -390,6 +390,27 @@ fn callout_asks_the_primary_and_caches_its_answer() {
     );
     assert!(
         log.contains("NOQUEUE: reject: RCPT from [127.0.0.4]: 550 5.1.1 <mallory@example.com>"),
+        "{log}"
+    );
+
+    // Killed and started again, the primary still gone: the answers come from the spool.
+    server.kill9();
+    let server = env.start();
+    let (mut c, banner) = connect(&addr, OTHER);
+    assert_eq!(banner.code, 220, "{banner}");
+    assert_eq!(c.cmd("EHLO client.test").unwrap().code, 250);
+    assert_eq!(c.cmd("MAIL FROM:<sender@client.test>").unwrap().code, 250);
+    let r = rcpt(&mut c, "mallory@example.com");
+    assert_eq!(r.code, 550, "{r}");
+    assert!(
+        r.lines[0].contains("User unknown in local recipient table"),
+        "{r}"
+    );
+    assert_eq!(rcpt(&mut c, "alice@example.com").code, 250);
+    assert_eq!(c.cmd("QUIT").unwrap().code, 221);
+    let log = server.log();
+    assert!(
+        !log.contains("callout mallory@") && !log.contains("callout alice@"),
         "{log}"
     );
 }

@@ -1,0 +1,167 @@
+//! The recipient callout (`[[partner]] verify = "callout"`) against a real primary: a private
+//! Postfix instance on a loopback address that relays `example.com` only to the users of its
+//! `relay_recipient_maps` and refuses the others at RCPT. Its callouts are counted in its
+//! own log (`connect from`, one line per SMTP connection). The answers are cached in the
+//! spool: they hold with Postfix stopped, and after mxspool itself is killed and started
+//! again.
+
+use std::fs;
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+use crate::peers::listening;
+
+const PRIMARY: &str = "127.0.71.1";
+const CLIENT: &str = "127.0.71.2";
+
+fn rcpt(c: &mut Smtp, to: &str) -> Reply {
+    c.cmd(&format!("RCPT TO:<{to}>")).unwrap()
+}
+
+/// A session with EHLO and MAIL done.
+fn transaction(addr: &str) -> Smtp {
+    let (mut c, banner) =
+        Smtp::connect_from(addr, CLIENT).unwrap_or_else(|e| panic!("connect: {e}"));
+    assert_eq!(banner.code, 220, "{banner}");
+    assert_eq!(c.cmd("EHLO client.test").unwrap().code, 250);
+    assert_eq!(c.cmd("MAIL FROM:<sender@client.test>").unwrap().code, 250);
+    c
+}
+
+/// SMTP connections Postfix's smtpd has logged.
+fn connections(postfix: &Postfix) -> usize {
+    postfix.log().matches(": connect from ").count()
+}
+
+/// The recipients queued, lower-cased.
+fn queued(env: &MxEnv) -> Vec<String> {
+    env.queue(None)
+        .iter()
+        .flat_map(|e| e.recipients.iter().map(|r| r.address.to_ascii_lowercase()))
+        .collect()
+}
+
+fn assert_unknown(r: &Reply, who: &str) {
+    assert_eq!(r.code, 550, "{r}");
+    assert!(
+        r.lines[0].starts_with(&format!(
+            "5.1.1 <{who}@example.com>: Recipient address rejected: undeliverable address: "
+        )) && r.lines[0]
+            .ends_with("Recipient address rejected: User unknown in relay recipient table"),
+        "not Postfix's refusal: {r}"
+    );
+}
+
+#[test]
+fn callout_to_a_postfix_primary_is_cached_in_the_spool() {
+    let port = free_port_at(PRIMARY);
+    let maps = public_tempdir("mxspool-callout-maps.");
+    let users = maps.path().join("relay_recipients");
+    fs::write(&users, "alice@example.com OK\ncarol@example.com OK\n").unwrap();
+    let mut postfix = Postfix::start(
+        &format!(
+            "relay_domains = example.com\n\
+             relay_recipient_maps = texthash:{}\n\
+             smtpd_recipient_restrictions = reject_unauth_destination\n\
+             defer_transports = smtp\n",
+            users.display()
+        ),
+        &format!("{PRIMARY}:{port} inet n - n - - smtpd\n"),
+    );
+    assert!(
+        wait_for(Duration::from_secs(20), Duration::from_millis(50), || {
+            listening(PRIMARY, port)
+        }),
+        "postfix does not listen on {PRIMARY}:{port}:\n{}",
+        postfix.log()
+    );
+    let mut env = MxEnv::custom(&format!(
+        "\n[queue]\nretry_interval = \"1h\"\n\n[[partner]]\ndomain = \"example.com\"\n\
+         route = [\"{PRIMARY}:{port}\"]\nverify = \"callout\"\nverify_negative_ttl = \"1h\"\n"
+    ));
+    let mut server = env.start();
+    let addr = env.addr();
+    // Queued mail stays queued: Postfix's connections are the callouts only.
+    check_ok("mxspool hold", &env.mxspool(&["hold", "example.com"]));
+    assert_eq!(connections(&postfix), 0, "{}", postfix.log());
+
+    // Known: 250; unknown: 550 with Postfix's code, status and text.
+    let mut c = transaction(&addr);
+    let r = rcpt(&mut c, "alice@example.com");
+    assert_eq!(r.code, 250, "{r}\n{}\n{}", server.log(), postfix.log());
+    assert_unknown(&rcpt(&mut c, "bob@example.com"), "bob");
+    assert!(
+        wait_for(Duration::from_secs(10), Duration::from_millis(50), || {
+            connections(&postfix) == 2
+        }),
+        "two callouts, two connections:\n{}",
+        postfix.log()
+    );
+
+    // Within the TTLs, asked again (other case too): the cache answers, no connection.
+    assert_eq!(rcpt(&mut c, "Alice@example.com").code, 250);
+    assert_unknown(&rcpt(&mut c, "Bob@example.com"), "Bob");
+    let r = c
+        .data(b"Subject: callout\r\n\r\nhello\r\n")
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.code, 250, "{r}");
+    assert_eq!(c.cmd("MAIL FROM:<sender@client.test>").unwrap().code, 250);
+    assert_eq!(rcpt(&mut c, "alice@example.com").code, 250);
+    assert_unknown(&rcpt(&mut c, "BOB@example.com"), "BOB");
+    assert_eq!(c.cmd("RSET").unwrap().code, 250);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(connections(&postfix), 2, "{}", postfix.log());
+
+    // Postfix stops: the cached answers hold, an address never asked is accepted (at
+    // once: the connection is refused) and queued.
+    postfix.stop();
+    assert!(!listening(PRIMARY, port));
+    assert_eq!(c.cmd("MAIL FROM:<sender@client.test>").unwrap().code, 250);
+    assert_eq!(rcpt(&mut c, "alice@example.com").code, 250);
+    assert_unknown(&rcpt(&mut c, "bob@example.com"), "bob");
+    let t = Instant::now();
+    let r = rcpt(&mut c, "dave@example.com");
+    assert_eq!(r.code, 250, "{r}");
+    assert!(t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
+    let r = c
+        .data(b"Subject: callout 2\r\n\r\nhello\r\n")
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.code, 250, "{r}");
+    assert_eq!(c.cmd("QUIT").unwrap().code, 221);
+    let before = queued(&env);
+    let mut q = before.clone();
+    q.sort();
+    q.dedup();
+    assert_eq!(q, ["alice@example.com", "dave@example.com"]);
+    let log = server.log();
+    assert!(
+        log.contains("callout dave@example.com: primary unreachable"),
+        "{log}"
+    );
+
+    // A crash and a new start, Postfix still down: the answers come from the spool
+    // (no callout for them), the one uncached address is tried again and accepted.
+    server.kill9();
+    let server = env.start();
+    let mut c = transaction(&addr);
+    assert_unknown(&rcpt(&mut c, "bob@example.com"), "bob");
+    assert_eq!(rcpt(&mut c, "alice@example.com").code, 250);
+    assert_eq!(rcpt(&mut c, "dave@example.com").code, 250);
+    assert_eq!(c.cmd("QUIT").unwrap().code, 221);
+    let log = server.log();
+    assert!(
+        !log.contains("callout bob@") && !log.contains("callout alice@"),
+        "a cached answer was asked again:\n{log}"
+    );
+    assert!(
+        log.contains("callout dave@example.com: primary unreachable"),
+        "{log}"
+    );
+    assert!(
+        log.contains("NOQUEUE: reject: RCPT from [127.0.71.2]: 550 5.1.1 <bob@example.com>"),
+        "{log}"
+    );
+    assert_eq!(queued(&env), before);
+}
