@@ -654,15 +654,20 @@ mod tests {
         }
     }
 
+    /// The backup MX of `example.com`, verified with the fake primary on `port`.
+    fn config_for(port: u16) -> Config {
+        Config::parse(&format!(
+            "hostname = \"mx2.test\"\nspool = \"/x\"\n[delivery]\nnameservers = [\"127.0.0.1:9\"]\n\
+             [[partner]]\ndomain = \"example.com\"\nroute = [\"127.0.0.1:{port}\"]\nverify = \"callout\"\n"
+        ))
+        .unwrap()
+    }
+
     #[tokio::test]
     async fn concurrent_lookups_of_one_address_share_one_callout() {
         use std::sync::atomic::Ordering;
         let (port, count, most) = fake_primary().await;
-        let config = Config::parse(&format!(
-            "hostname = \"mx2.test\"\nspool = \"/x\"\n[delivery]\nnameservers = [\"127.0.0.1:9\"]\n\
-             [[partner]]\ndomain = \"example.com\"\nroute = [\"127.0.0.1:{port}\"]\nverify = \"callout\"\n"
-        ))
-        .unwrap();
+        let config = config_for(port);
         let resolver = Resolver::new(&config).unwrap();
         let callout = Arc::new(Callout::default());
         let mut tasks = Vec::new();
@@ -733,11 +738,7 @@ mod tests {
     async fn answers_in_the_spool_outlive_the_memory_and_a_primary_down() {
         use std::sync::atomic::Ordering;
         let (port, count, _) = fake_primary().await;
-        let config = Config::parse(&format!(
-            "hostname = \"mx2.test\"\nspool = \"/x\"\n[delivery]\nnameservers = [\"127.0.0.1:9\"]\n\
-             [[partner]]\ndomain = \"example.com\"\nroute = [\"127.0.0.1:{port}\"]\nverify = \"callout\"\n"
-        ))
-        .unwrap();
+        let config = config_for(port);
         let dir = tempfile::tempdir().unwrap();
         let env = (
             Resolver::new(&config).unwrap(),

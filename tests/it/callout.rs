@@ -14,18 +14,70 @@ use crate::peers::listening;
 const PRIMARY: &str = "127.0.71.1";
 const CLIENT: &str = "127.0.71.2";
 
-fn rcpt(c: &mut Smtp, to: &str) -> Reply {
+pub fn rcpt(c: &mut Smtp, to: &str) -> Reply {
     c.cmd(&format!("RCPT TO:<{to}>")).unwrap()
 }
 
-/// A session with EHLO and MAIL done.
-fn transaction(addr: &str) -> Smtp {
+/// With the primary gone, a new transaction on `c`: `known` gets `250` from the cache,
+/// `new` (never asked) `250` within `limit`, and the message is queued; the session ends.
+/// Returns the reply to `unknown`, which should be its cached refusal.
+pub fn while_the_primary_is_down(
+    c: &mut Smtp,
+    known: &str,
+    unknown: &str,
+    new: &str,
+    limit: Duration,
+) -> Reply {
+    assert_eq!(c.cmd("MAIL FROM:<sender@client.test>").unwrap().code, 250);
+    assert_eq!(rcpt(c, known).code, 250);
+    let refused = rcpt(c, unknown);
+    let t = Instant::now();
+    let r = rcpt(c, new);
+    assert_eq!(r.code, 250, "{r}");
+    assert!(t.elapsed() < limit, "{:?}", t.elapsed());
+    let r = c
+        .data(b"Subject: primary down\r\n\r\nhello\r\n")
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.code, 250, "{r}");
+    assert_eq!(c.cmd("QUIT").unwrap().code, 221);
+    refused
+}
+
+/// A session from `source` with EHLO and MAIL done.
+pub fn transaction(addr: &str, source: &str) -> Smtp {
     let (mut c, banner) =
-        Smtp::connect_from(addr, CLIENT).unwrap_or_else(|e| panic!("connect: {e}"));
+        Smtp::connect_from(addr, source).unwrap_or_else(|e| panic!("connect: {e}"));
     assert_eq!(banner.code, 220, "{banner}");
     assert_eq!(c.cmd("EHLO client.test").unwrap().code, 250);
     assert_eq!(c.cmd("MAIL FROM:<sender@client.test>").unwrap().code, 250);
     c
+}
+
+/// Kills `server` and starts it again, the primary still down. In one transaction from
+/// `source`, `known` must get `250`, and neither it nor `unknown` may be asked of the
+/// primary (no `callout ADDRESS:` line). Returns the new server and the reply to `unknown`.
+pub fn after_a_crash(
+    env: &mut MxEnv,
+    server: &mut Server,
+    source: &str,
+    known: &str,
+    unknown: &str,
+) -> (Server, Reply) {
+    server.kill9();
+    let server = env.start();
+    let mut c = transaction(&env.addr(), source);
+    let refused = rcpt(&mut c, unknown);
+    assert_eq!(rcpt(&mut c, known).code, 250);
+    assert_eq!(c.cmd("QUIT").unwrap().code, 221);
+    let log = server.log();
+    for a in [known, unknown] {
+        assert!(
+            !log.contains(&format!("callout {a}:")),
+            "a cached answer was asked again:\n{log}"
+        );
+    }
+    (server, refused)
 }
 
 /// SMTP connections Postfix's smtpd has logged.
@@ -86,7 +138,7 @@ fn callout_to_a_postfix_primary_is_cached_in_the_spool() {
     assert_eq!(connections(&postfix), 0, "{}", postfix.log());
 
     // Known: 250; unknown: 550 with Postfix's code, status and text.
-    let mut c = transaction(&addr);
+    let mut c = transaction(&addr, CLIENT);
     let r = rcpt(&mut c, "alice@example.com");
     assert_eq!(r.code, 250, "{r}\n{}\n{}", server.log(), postfix.log());
     assert_unknown(&rcpt(&mut c, "bob@example.com"), "bob");
@@ -117,19 +169,14 @@ fn callout_to_a_postfix_primary_is_cached_in_the_spool() {
     // once: the connection is refused) and queued.
     postfix.stop();
     assert!(!listening(PRIMARY, port));
-    assert_eq!(c.cmd("MAIL FROM:<sender@client.test>").unwrap().code, 250);
-    assert_eq!(rcpt(&mut c, "alice@example.com").code, 250);
-    assert_unknown(&rcpt(&mut c, "bob@example.com"), "bob");
-    let t = Instant::now();
-    let r = rcpt(&mut c, "dave@example.com");
-    assert_eq!(r.code, 250, "{r}");
-    assert!(t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
-    let r = c
-        .data(b"Subject: callout 2\r\n\r\nhello\r\n")
-        .unwrap()
-        .unwrap();
-    assert_eq!(r.code, 250, "{r}");
-    assert_eq!(c.cmd("QUIT").unwrap().code, 221);
+    let refused = while_the_primary_is_down(
+        &mut c,
+        "alice@example.com",
+        "bob@example.com",
+        "dave@example.com",
+        Duration::from_secs(6),
+    );
+    assert_unknown(&refused, "bob");
     let before = queued(&env);
     let mut q = before.clone();
     q.sort();
@@ -143,18 +190,18 @@ fn callout_to_a_postfix_primary_is_cached_in_the_spool() {
 
     // A crash and a new start, Postfix still down: the answers come from the spool
     // (no callout for them), the one uncached address is tried again and accepted.
-    server.kill9();
-    let server = env.start();
-    let mut c = transaction(&addr);
-    assert_unknown(&rcpt(&mut c, "bob@example.com"), "bob");
-    assert_eq!(rcpt(&mut c, "alice@example.com").code, 250);
+    let (server, refused) = after_a_crash(
+        &mut env,
+        &mut server,
+        CLIENT,
+        "alice@example.com",
+        "bob@example.com",
+    );
+    assert_unknown(&refused, "bob");
+    let mut c = transaction(&addr, CLIENT);
     assert_eq!(rcpt(&mut c, "dave@example.com").code, 250);
     assert_eq!(c.cmd("QUIT").unwrap().code, 221);
     let log = server.log();
-    assert!(
-        !log.contains("callout bob@") && !log.contains("callout alice@"),
-        "a cached answer was asked again:\n{log}"
-    );
     assert!(
         log.contains("callout dave@example.com: primary unreachable"),
         "{log}"
