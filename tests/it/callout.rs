@@ -3,7 +3,7 @@
 //! `relay_recipient_maps` and refuses the others at RCPT. Its callouts are counted in its
 //! own log (`connect from`, one line per SMTP connection). The answers are cached in the
 //! spool: they hold with Postfix stopped, and after mxspool itself is killed and started
-//! again.
+//! again. And a reload that shortens a TTL, against aiosmtpd.
 
 use std::fs;
 use std::time::{Duration, Instant};
@@ -211,4 +211,50 @@ fn callout_to_a_postfix_primary_is_cached_in_the_spool() {
         "{log}"
     );
     assert_eq!(queued(&env), before);
+}
+
+/// A reload that shortens `verify_negative_ttl` applies to the refusals already cached; the
+/// positive answers keep theirs. The primary: aiosmtpd knowing only alice.
+#[test]
+fn a_reload_that_shortens_a_ttl_shortens_the_cached_answers() {
+    use crate::peers::{AioOptions, AioSmtpd, Primary};
+    let ip = "127.0.71.3";
+    let port = free_port_at(ip);
+    let primary = AioSmtpd::start(
+        ip,
+        port,
+        AioOptions {
+            users: Some(vec!["alice".into()]),
+            ..AioOptions::default()
+        },
+    );
+    let mut env = MxEnv::custom(&format!(
+        "\n[queue]\nretry_interval = \"1h\"\n\n[[partner]]\ndomain = \"example.com\"\n\
+         route = [\"{ip}:{port}\"]\nverify = \"callout\"\nverify_negative_ttl = \"3h\"\n"
+    ));
+    let _server = env.start();
+    check_ok("mxspool hold", &env.mxspool(&["hold", "example.com"]));
+    let mut c = transaction(&env.addr(), CLIENT);
+    assert_eq!(rcpt(&mut c, "mallory@example.com").code, 550);
+    assert_eq!(rcpt(&mut c, "alice@example.com").code, 250);
+    assert_eq!(rcpt(&mut c, "mallory@example.com").code, 550);
+    assert_eq!(primary.sessions(), 2, "{}", primary.log());
+    assert_eq!(c.cmd("QUIT").unwrap().code, 221);
+
+    // Sessions started after the reload run under it.
+    let config = fs::read_to_string(&env.config).unwrap();
+    let shorter = config.replace(
+        "verify_negative_ttl = \"3h\"",
+        "verify_negative_ttl = \"2s\"",
+    );
+    assert_ne!(config, shorter);
+    fs::write(&env.config, shorter).unwrap();
+    check_ok("mxspool reload", &env.mxspool(&["reload"]));
+    std::thread::sleep(Duration::from_millis(2100));
+    let mut c = transaction(&env.addr(), CLIENT);
+    assert_eq!(rcpt(&mut c, "alice@example.com").code, 250);
+    assert_eq!(primary.sessions(), 2, "{}", primary.log());
+    assert_eq!(rcpt(&mut c, "mallory@example.com").code, 550);
+    assert_eq!(primary.sessions(), 3, "{}", primary.log());
+    assert_eq!(c.cmd("QUIT").unwrap().code, 221);
 }
