@@ -467,9 +467,37 @@ pub struct Partner {
     /// Quota: at most this many bytes queued for the domain (else `452 4.3.1`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_bytes: Option<ByteSize>,
+    /// How long the primary's "it takes this address" is cached (with `verify`; default
+    /// [`Partner::DEFAULT_POSITIVE_TTL`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_positive_ttl: Option<HumanDuration>,
+    /// How long the primary's refusal of an address is cached (with `verify`; default
+    /// [`Partner::DEFAULT_NEGATIVE_TTL`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_negative_ttl: Option<HumanDuration>,
     /// The recipient list, loaded by [`Config::load`]: lower-cased local parts.
     #[serde(skip)]
     pub users: Option<HashSet<String>>,
+}
+
+impl Partner {
+    /// `verify_positive_ttl` unless set: Postfix's `address_verify_positive_expire_time`.
+    pub const DEFAULT_POSITIVE_TTL: Duration = Duration::from_secs(7 * 86_400);
+    /// `verify_negative_ttl` unless set (Postfix's `address_verify_negative_expire_time`
+    /// is 3 days; a backup MX refusing a new user for that long would be worse).
+    pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(3 * 3600);
+
+    /// How long a callout's "known" answer holds.
+    pub fn positive_ttl(&self) -> Duration {
+        self.verify_positive_ttl
+            .map_or(Partner::DEFAULT_POSITIVE_TTL, |d| d.0)
+    }
+
+    /// How long a callout's refusal holds.
+    pub fn negative_ttl(&self) -> Duration {
+        self.verify_negative_ttl
+            .map_or(Partner::DEFAULT_NEGATIVE_TTL, |d| d.0)
+    }
 }
 
 impl Config {
@@ -618,6 +646,22 @@ impl Config {
             }
             for hop in &p.route {
                 parse_hop(hop).map_err(|e| at("route", e))?;
+            }
+            for (key, ttl) in [
+                ("verify_positive_ttl", &mut p.verify_positive_ttl),
+                ("verify_negative_ttl", &mut p.verify_negative_ttl),
+            ] {
+                if ttl.is_some_and(|t| t.0.is_zero()) {
+                    return Err(at(
+                        key,
+                        "must be more than 0s (without a cache every RCPT is a callout)".into(),
+                    ));
+                }
+            }
+            // The effective values, for check-config, where they apply.
+            if p.verify.is_some() {
+                p.verify_positive_ttl = Some(HumanDuration(p.positive_ttl()));
+                p.verify_negative_ttl = Some(HumanDuration(p.negative_ttl()));
             }
         }
         for l in &mut self.local {
@@ -1116,6 +1160,37 @@ mod tests {
             &["twice"],
         );
         check_err("spool = \"/x\"\n", &["hostname"]);
+    }
+
+    #[test]
+    fn callout_ttls_default_are_effective_and_never_zero() {
+        let c = Config::parse(&format!(
+            "{MINIMAL}[[partner]]\ndomain = \"a.test\"\nverify = \"callout\"\n\
+             verify_negative_ttl = \"10m\"\n[[partner]]\ndomain = \"b.test\"\n"
+        ))
+        .unwrap();
+        let (a, b) = (c.partner("a.test").unwrap(), c.partner("b.test").unwrap());
+        assert_eq!(a.positive_ttl(), Duration::from_secs(7 * 86_400));
+        assert_eq!(a.negative_ttl(), Duration::from_secs(600));
+        assert_eq!(b.negative_ttl(), Duration::from_secs(3 * 3600));
+        let shown = c.to_toml();
+        assert!(
+            shown.contains("verify_positive_ttl = \"7days\"")
+                && shown.contains("verify_negative_ttl = \"10m\""),
+            "{shown}"
+        );
+        // Shown only where they apply.
+        assert_eq!(shown.matches("verify_positive_ttl").count(), 1, "{shown}");
+        check_err(
+            &format!(
+                "{MINIMAL}[[partner]]\ndomain = \"a.test\"\nverify = \"callout\"\nverify_positive_ttl = \"0s\"\n"
+            ),
+            &["line 6", "verify_positive_ttl", "more than 0s"],
+        );
+        check_err(
+            &format!("{MINIMAL}[[partner]]\ndomain = \"a.test\"\nverify_negative_ttl = \"soon\"\n"),
+            &["line 5", "invalid duration \"soon\""],
+        );
     }
 
     #[test]

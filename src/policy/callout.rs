@@ -8,10 +8,15 @@
 //! `MAIL FROM:<>`, `RCPT TO:<address>`, `QUIT`. A `2xx` to RCPT accepts, a `5xx` refuses
 //! with the primary's code, status and text ([`Verdict::Refuse`]); everything else (a `4xx`,
 //! no hop reachable, a timeout, a refused null sender) accepts, as a backup MX must while
-//! the primary is down, and is logged. Definite answers are cached in memory (positive
-//! [`POSITIVE_TTL`], negative [`NEGATIVE_TTL`], at most [`MAX_CACHED`] addresses);
-//! concurrent lookups of one address share one callout; at most [`PER_PRIMARY`] callouts
-//! to one partner run at once (a RCPT that cannot start its callout within the timeout is
+//! the primary is down, and is logged. Definite answers are cached for the partner's
+//! `verify_positive_ttl` / `verify_negative_ttl` (7 days / 3 hours by default): in memory
+//! (at most [`MAX_CACHED`] addresses) and in the spool ([`Spool::callout_put`], wall-clock
+//! expiry), so they outlive a restart and a cached refusal still refuses while the primary
+//! is down; the spool is asked on a miss in memory, before anything else. An answer holds
+//! until the TTL in force when it came, and no longer than the TTL in force now (a reload
+//! that shortens a TTL shortens the answers already cached). Concurrent lookups of one
+//! address share one lookup (spool and callout); at most [`PER_PRIMARY`] callouts to one
+//! partner run at once (a RCPT that cannot start its callout within the timeout is
 //! accepted); a domain none of whose hops answered is not called again for [`DOWN_TTL`].
 
 use std::collections::HashMap;
@@ -23,18 +28,16 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{OnceCell, Semaphore};
 use tracing::{info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, Partner};
 use crate::delivery::mx::{Resolver, Route};
 use crate::envelope::domain_of;
+use crate::scheduler::now_ms;
+use crate::spool::{CalloutAnswer, CalloutRefusal, Spool};
 
 /// The whole callout, every hop included: the client's RCPT waits this long at most.
 pub const TOTAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// One TCP connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// A "the primary takes it" answer is kept this long.
-pub const POSITIVE_TTL: Duration = Duration::from_secs(7 * 86_400);
-/// A "the primary refuses it" answer is kept this long.
-pub const NEGATIVE_TTL: Duration = Duration::from_secs(3 * 3600);
 /// After no hop of a domain answered, its callouts are skipped (accepted) this long.
 pub const DOWN_TTL: Duration = Duration::from_secs(60);
 /// Cached addresses, at most.
@@ -51,33 +54,76 @@ pub enum Verdict {
     Refuse(String),
 }
 
+/// Longest refusal text kept from the primary (it goes into our reply and the cache).
+const MAX_TEXT: usize = 256;
+
 /// What the primary said about one address.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Outcome {
     /// `2xx` to RCPT.
     Known,
     /// `5xx` to RCPT: code, enhanced status (if given), text.
-    Unknown {
-        code: u16,
-        status: Option<String>,
-        text: String,
-    },
+    Unknown(CalloutRefusal),
     /// No definite answer (why, for the log).
     Undecided(String),
     /// No hop could be reached.
     Unreachable(String),
 }
 
-#[derive(Clone, Debug)]
-struct Cached {
-    outcome: Outcome,
-    until: Instant,
+impl Outcome {
+    fn of(answer: &CalloutAnswer) -> Outcome {
+        match &answer.refused {
+            None => Outcome::Known,
+            Some(r) => Outcome::Unknown(r.clone()),
+        }
+    }
+}
+
+/// How long the answers about one partner's addresses hold (from its configuration).
+#[derive(Clone, Copy, Debug)]
+struct Ttls {
+    positive: Duration,
+    negative: Duration,
+}
+
+impl Ttls {
+    fn of(config: &Config, domain: &str) -> Ttls {
+        let (positive, negative) = config.partner(domain).map_or(
+            (Partner::DEFAULT_POSITIVE_TTL, Partner::DEFAULT_NEGATIVE_TTL),
+            |p| (p.positive_ttl(), p.negative_ttl()),
+        );
+        Ttls { positive, negative }
+    }
+
+    fn of_answer(&self, answer: &CalloutAnswer) -> Duration {
+        if answer.refused.is_some() {
+            self.negative
+        } else {
+            self.positive
+        }
+    }
+
+    /// Whether `answer` still holds at `now_ms`: before its expiry, and within the TTL in
+    /// force now.
+    fn hold(&self, answer: &CalloutAnswer, now_ms: u64) -> bool {
+        now_ms < answer.expires_ms
+            && now_ms
+                < answer
+                    .answered_ms
+                    .saturating_add(millis(self.of_answer(answer)))
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The callout cache and the callouts in flight, shared by every session.
 #[derive(Default)]
 pub struct Callout {
-    cache: Mutex<HashMap<String, Cached>>,
+    /// The first level of the cache (the spool's is the second): lower-cased address →
+    /// answer.
+    cache: Mutex<HashMap<String, CalloutAnswer>>,
     in_flight: Mutex<HashMap<String, Arc<OnceCell<Outcome>>>>,
     down: Mutex<HashMap<String, Instant>>,
     /// Per partner domain (only those with `verify`, so bounded by the configuration).
@@ -85,41 +131,27 @@ pub struct Callout {
 }
 
 impl Callout {
-    /// The verdict on `address` (its domain a partner with `verify = "callout"`).
-    pub async fn verify(&self, config: &Config, resolver: &Resolver, address: &str) -> Verdict {
+    /// The verdict on `address` (its domain a partner with `verify = "callout"`); `spool`
+    /// keeps the answers across restarts (`None`: in memory only).
+    pub async fn verify(
+        &self,
+        config: &Config,
+        resolver: &Resolver,
+        spool: Option<&Spool>,
+        address: &str,
+    ) -> Verdict {
         let key = address.to_ascii_lowercase();
         let domain = domain_of(address);
-        let now = Instant::now();
-        if let Some(hit) = self.cached(&key, now) {
+        let ttls = Ttls::of(config, &domain);
+        if let Some(hit) = self.cached(&key, ttls, now_ms()) {
             return verdict(address, &hit);
-        }
-        if self.is_down(&domain, now) {
-            info!("callout {address}: primary of {domain} recently unreachable, accepted");
-            return Verdict::Accept;
         }
         let cell = {
             let mut flights = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
             flights.entry(key.clone()).or_default().clone()
         };
         let outcome = cell
-            .get_or_init(|| async {
-                let outcome = self.limited(config, resolver, &domain, address).await;
-                match &outcome {
-                    Outcome::Known => info!("callout {address}: accepted by the primary"),
-                    Outcome::Unknown { code, text, .. } => {
-                        info!("callout {address}: refused by the primary: {code} {text}")
-                    }
-                    Outcome::Undecided(why) => {
-                        warn!("callout {address}: no answer from the primary ({why}): accepted")
-                    }
-                    Outcome::Unreachable(why) => {
-                        warn!("callout {address}: primary unreachable ({why}): accepted");
-                        self.mark_down(&domain);
-                    }
-                }
-                self.remember(&key, &outcome);
-                outcome
-            })
+            .get_or_init(|| self.lookup(config, resolver, spool, ttls, &key, address))
             .await
             .clone();
         {
@@ -129,6 +161,52 @@ impl Callout {
             }
         }
         verdict(address, &outcome)
+    }
+
+    /// A miss in memory: the spool's answer, else a callout (unless the primary was just
+    /// found unreachable), whose definite answer is kept in both.
+    async fn lookup(
+        &self,
+        config: &Config,
+        resolver: &Resolver,
+        spool: Option<&Spool>,
+        ttls: Ttls,
+        key: &str,
+        address: &str,
+    ) -> Outcome {
+        let domain = domain_of(address);
+        if let Some(spool) = spool {
+            if let Some(answer) = stored(spool, key).await {
+                if ttls.hold(&answer, now_ms()) {
+                    let outcome = Outcome::of(&answer);
+                    self.keep(key, answer);
+                    return outcome;
+                }
+            }
+        }
+        if self.is_down(&domain, Instant::now()) {
+            info!("callout {address}: primary of {domain} recently unreachable, accepted");
+            return Outcome::Undecided("primary recently unreachable".into());
+        }
+        let outcome = self.limited(config, resolver, &domain, address).await;
+        match &outcome {
+            Outcome::Known => info!("callout {address}: accepted by the primary"),
+            Outcome::Unknown(r) => {
+                info!(
+                    "callout {address}: refused by the primary: {} {}",
+                    r.code, r.text
+                )
+            }
+            Outcome::Undecided(why) => {
+                warn!("callout {address}: no answer from the primary ({why}): accepted")
+            }
+            Outcome::Unreachable(why) => {
+                warn!("callout {address}: primary unreachable ({why}): accepted");
+                self.mark_down(&domain);
+            }
+        }
+        self.remember(spool, key, &outcome, ttls);
+        outcome
     }
 
     /// [`ask`] within [`PER_PRIMARY`] and [`TOTAL_TIMEOUT`].
@@ -160,37 +238,47 @@ impl Callout {
         outcome
     }
 
-    fn cached(&self, key: &str, now: Instant) -> Option<Outcome> {
+    /// The answer in memory about `key`, if it holds at `now_ms`.
+    fn cached(&self, key: &str, ttls: Ttls, now_ms: u64) -> Option<Outcome> {
         let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         cache
             .get(key)
-            .filter(|c| c.until > now)
-            .map(|c| c.outcome.clone())
+            .filter(|a| ttls.hold(a, now_ms))
+            .map(Outcome::of)
     }
 
-    fn remember(&self, key: &str, outcome: &Outcome) {
-        let ttl = match outcome {
-            Outcome::Known => POSITIVE_TTL,
-            Outcome::Unknown { .. } => NEGATIVE_TTL,
+    /// Keeps a definite outcome, answered now, in memory and in `spool`.
+    fn remember(&self, spool: Option<&Spool>, key: &str, outcome: &Outcome, ttls: Ttls) {
+        let (ttl, refused) = match outcome {
+            Outcome::Known => (ttls.positive, None),
+            Outcome::Unknown(r) => (ttls.negative, Some(r.clone())),
             _ => return,
         };
-        let now = Instant::now();
+        let now = now_ms();
+        let answer = CalloutAnswer {
+            answered_ms: now,
+            expires_ms: now.saturating_add(millis(ttl)),
+            refused,
+        };
+        if let Some(spool) = spool {
+            spool.callout_put(key, &answer);
+        }
+        self.keep(key, answer);
+    }
+
+    /// Puts `answer` in memory (at most [`MAX_CACHED`]: the expired go first, then any).
+    fn keep(&self, key: &str, answer: CalloutAnswer) {
+        let now = now_ms();
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= MAX_CACHED {
-            cache.retain(|_, c| c.until > now);
+            cache.retain(|_, a| a.expires_ms > now);
             if cache.len() >= MAX_CACHED {
                 if let Some(k) = cache.keys().next().cloned() {
                     cache.remove(&k);
                 }
             }
         }
-        cache.insert(
-            key.to_string(),
-            Cached {
-                outcome: outcome.clone(),
-                until: now + ttl,
-            },
-        );
+        cache.insert(key.to_string(), answer);
     }
 
     fn is_down(&self, domain: &str, now: Instant) -> bool {
@@ -208,11 +296,28 @@ impl Callout {
     }
 }
 
+/// The spool's answer about `key` that has not expired (read on a blocking thread; a
+/// failure is logged and is no answer).
+async fn stored(spool: &Spool, key: &str) -> Option<CalloutAnswer> {
+    let (spool, key2) = (spool.clone(), key.to_string());
+    match tokio::task::spawn_blocking(move || spool.callout_get(&key2, now_ms())).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(e)) => {
+            warn!("callout {key}: cannot read the cached answer in the spool: {e}");
+            None
+        }
+        Err(e) => {
+            warn!("callout {key}: spool read task failed: {e}");
+            None
+        }
+    }
+}
+
 /// The RCPT verdict for an outcome.
 fn verdict(address: &str, outcome: &Outcome) -> Verdict {
     match outcome {
-        Outcome::Unknown { code, status, text } => {
-            Verdict::Refuse(refusal(address, *code, status.as_deref(), text))
+        Outcome::Unknown(r) => {
+            Verdict::Refuse(refusal(address, r.code, r.status.as_deref(), &r.text))
         }
         _ => Verdict::Accept,
     }
@@ -225,7 +330,7 @@ pub fn refusal(address: &str, code: u16, status: Option<&str>, text: &str) -> St
     let clean = |s: &str| -> String {
         s.chars()
             .map(|c| if c.is_control() { '?' } else { c })
-            .take(256)
+            .take(MAX_TEXT)
             .collect()
     };
     format!(
@@ -340,11 +445,11 @@ async fn dialog(
         200..=299 => Outcome::Known,
         500..=599 => {
             let (status, text) = split_status(&rcpt.text);
-            Outcome::Unknown {
+            Outcome::Unknown(CalloutRefusal {
                 code: rcpt.code,
                 status,
-                text,
-            }
+                text: text.chars().take(MAX_TEXT).collect(),
+            })
         }
         code => Outcome::Undecided(format!("RCPT TO got {code} {}", rcpt.text)),
     })
@@ -457,43 +562,54 @@ mod tests {
         assert!(refusal("u@x", 553, None, "no").starts_with("553 5.1.1 <u@x>:"));
     }
 
+    fn no() -> Outcome {
+        Outcome::Unknown(CalloutRefusal {
+            code: 550,
+            status: None,
+            text: "no".into(),
+        })
+    }
+
     #[test]
-    fn answers_are_cached_by_kind() {
+    fn answers_are_cached_by_kind_for_the_ttls_in_force() {
         let c = Callout::default();
-        let now = Instant::now();
-        c.remember("a@x", &Outcome::Known);
-        c.remember(
-            "b@x",
-            &Outcome::Unknown {
-                code: 550,
-                status: None,
-                text: "no".into(),
-            },
-        );
-        c.remember("c@x", &Outcome::Undecided("451".into()));
-        c.remember("d@x", &Outcome::Unreachable("down".into()));
-        assert_eq!(c.cached("a@x", now), Some(Outcome::Known));
-        assert!(matches!(
-            c.cached("b@x", now),
-            Some(Outcome::Unknown { .. })
-        ));
-        assert_eq!(c.cached("c@x", now), None);
-        assert_eq!(c.cached("d@x", now), None);
+        let ttls = Ttls {
+            positive: Duration::from_secs(7 * 86_400),
+            negative: Duration::from_secs(3 * 3600),
+        };
+        let now = now_ms();
+        let secs = |n: u64| now + n * 1000;
+        c.remember(None, "a@x", &Outcome::Known, ttls);
+        c.remember(None, "b@x", &no(), ttls);
+        c.remember(None, "c@x", &Outcome::Undecided("451".into()), ttls);
+        c.remember(None, "d@x", &Outcome::Unreachable("down".into()), ttls);
+        assert_eq!(c.cached("a@x", ttls, now), Some(Outcome::Known));
+        assert_eq!(c.cached("b@x", ttls, now), Some(no()));
+        assert_eq!(c.cached("c@x", ttls, now), None);
+        assert_eq!(c.cached("d@x", ttls, now), None);
+        assert_eq!(c.cached("b@x", ttls, secs(3 * 3600 + 1)), None);
         assert_eq!(
-            c.cached("b@x", now + NEGATIVE_TTL + Duration::from_secs(1)),
-            None
-        );
-        assert_eq!(
-            c.cached("a@x", now + NEGATIVE_TTL + Duration::from_secs(1)),
+            c.cached("a@x", ttls, secs(3 * 3600 + 1)),
             Some(Outcome::Known)
         );
-        assert_eq!(
-            c.cached("a@x", now + POSITIVE_TTL + Duration::from_secs(1)),
-            None
-        );
+        assert_eq!(c.cached("a@x", ttls, secs(7 * 86_400 + 1)), None);
+        // A reload that shortens a TTL shortens what is cached; one that lengthens it
+        // does not lengthen it.
+        let short = Ttls {
+            positive: Duration::from_secs(60),
+            negative: Duration::from_secs(60),
+        };
+        assert_eq!(c.cached("b@x", short, secs(61)), None);
+        assert_eq!(c.cached("a@x", short, secs(61)), None);
+        let long = Ttls {
+            positive: Duration::from_secs(30 * 86_400),
+            negative: Duration::from_secs(86_400),
+        };
+        assert_eq!(c.cached("b@x", long, secs(3 * 3600 + 1)), None);
+        let at = Instant::now();
         c.mark_down("x");
-        assert!(c.is_down("x", now));
-        assert!(!c.is_down("x", now + DOWN_TTL + Duration::from_secs(1)));
+        assert!(c.is_down("x", at));
+        assert!(!c.is_down("x", at + DOWN_TTL + Duration::from_secs(1)));
     }
 
     /// A primary on 127.0.0.1 that greets after a delay and knows only `alice`; counts its
@@ -552,15 +668,20 @@ mod tests {
         }
     }
 
+    /// The backup MX of `example.com`, verified with the fake primary on `port`.
+    fn config_for(port: u16) -> Config {
+        Config::parse(&format!(
+            "hostname = \"mx2.test\"\nspool = \"/x\"\n[delivery]\nnameservers = [\"127.0.0.1:9\"]\n\
+             [[partner]]\ndomain = \"example.com\"\nroute = [\"127.0.0.1:{port}\"]\nverify = \"callout\"\n"
+        ))
+        .unwrap()
+    }
+
     #[tokio::test]
     async fn concurrent_lookups_of_one_address_share_one_callout() {
         use std::sync::atomic::Ordering;
         let (port, count, most) = fake_primary().await;
-        let config = Config::parse(&format!(
-            "hostname = \"mx2.test\"\nspool = \"/x\"\n[delivery]\nnameservers = [\"127.0.0.1:9\"]\n\
-             [[partner]]\ndomain = \"example.com\"\nroute = [\"127.0.0.1:{port}\"]\nverify = \"callout\"\n"
-        ))
-        .unwrap();
+        let config = config_for(port);
         let resolver = Resolver::new(&config).unwrap();
         let callout = Arc::new(Callout::default());
         let mut tasks = Vec::new();
@@ -568,7 +689,7 @@ mod tests {
             let (callout, config, resolver) = (callout.clone(), config.clone(), resolver.clone());
             tasks.push(tokio::spawn(async move {
                 callout
-                    .verify(&config, &resolver, "alice@example.com")
+                    .verify(&config, &resolver, None, "alice@example.com")
                     .await
             }));
         }
@@ -576,7 +697,9 @@ mod tests {
             assert_eq!(t.await.unwrap(), Verdict::Accept);
         }
         assert_eq!(count.load(Ordering::SeqCst), 1);
-        let v = callout.verify(&config, &resolver, "bob@example.com").await;
+        let v = callout
+            .verify(&config, &resolver, None, "bob@example.com")
+            .await;
         assert_eq!(
             v,
             Verdict::Refuse(
@@ -587,19 +710,23 @@ mod tests {
         // Cached both ways.
         assert_eq!(
             callout
-                .verify(&config, &resolver, "ALICE@example.com")
+                .verify(&config, &resolver, None, "ALICE@example.com")
                 .await,
             Verdict::Accept
         );
         assert!(matches!(
-            callout.verify(&config, &resolver, "bob@example.com").await,
+            callout
+                .verify(&config, &resolver, None, "bob@example.com")
+                .await,
             Verdict::Refuse(_)
         ));
         assert_eq!(count.load(Ordering::SeqCst), 2);
 
         // A non-ASCII address to a primary without SMTPUTF8: no refusal from it.
         assert_eq!(
-            callout.verify(&config, &resolver, "jörg@example.com").await,
+            callout
+                .verify(&config, &resolver, None, "jörg@example.com")
+                .await,
             Verdict::Accept
         );
         assert_eq!(count.load(Ordering::SeqCst), 3);
@@ -610,7 +737,7 @@ mod tests {
             let (callout, config, resolver) = (callout.clone(), config.clone(), resolver.clone());
             tasks.push(tokio::spawn(async move {
                 callout
-                    .verify(&config, &resolver, &format!("user{i}@example.com"))
+                    .verify(&config, &resolver, None, &format!("user{i}@example.com"))
                     .await
             }));
         }
@@ -619,5 +746,73 @@ mod tests {
         }
         assert_eq!(count.load(Ordering::SeqCst), 3 + 3 * PER_PRIMARY);
         assert!(most.load(Ordering::SeqCst) <= PER_PRIMARY, "{most:?}");
+    }
+
+    #[tokio::test]
+    async fn answers_in_the_spool_outlive_the_memory_and_a_primary_down() {
+        use std::sync::atomic::Ordering;
+        let (port, count, _) = fake_primary().await;
+        let config = config_for(port);
+        let dir = tempfile::tempdir().unwrap();
+        let env = (
+            Resolver::new(&config).unwrap(),
+            Spool::open(dir.path()).unwrap(),
+            config,
+        );
+        async fn ask(c: &Callout, env: &(Resolver, Spool, Config), a: &str) -> Verdict {
+            c.verify(&env.2, &env.0, Some(&env.1), a).await
+        }
+        let first = Callout::default();
+        assert_eq!(
+            ask(&first, &env, "alice@example.com").await,
+            Verdict::Accept
+        );
+        assert!(matches!(
+            ask(&first, &env, "bob@example.com").await,
+            Verdict::Refuse(_)
+        ));
+        assert_eq!(count.load(Ordering::SeqCst), 2);
+        // The cache writes are not waited for; this commit comes after them.
+        env.1
+            .commit(crate::spool::Batch::new().lazy())
+            .await
+            .unwrap();
+        // As after a restart: nothing in memory, the primary marked down.
+        let second = Callout::default();
+        second.mark_down("example.com");
+        let refused = ask(&second, &env, "BOB@example.com").await;
+        assert_eq!(
+            refused,
+            Verdict::Refuse(
+                "550 5.1.1 <BOB@example.com>: Recipient address rejected: undeliverable address: User unknown".into()
+            )
+        );
+        assert_eq!(
+            ask(&second, &env, "alice@example.com").await,
+            Verdict::Accept
+        );
+        assert_eq!(count.load(Ordering::SeqCst), 2);
+        // Now in memory too.
+        assert_eq!(
+            second.cached("bob@example.com", Ttls::of(&env.2, "example.com"), now_ms()),
+            Some(Outcome::Unknown(CalloutRefusal {
+                code: 550,
+                status: Some("5.1.1".into()),
+                text: "User unknown".into()
+            }))
+        );
+        // Uncached, primary marked down: accepted without a callout.
+        assert_eq!(
+            ask(&second, &env, "carol@example.com").await,
+            Verdict::Accept
+        );
+        assert_eq!(count.load(Ordering::SeqCst), 2);
+        // A reopened spool still has them.
+        drop(env);
+        let spool = Spool::open(dir.path()).unwrap();
+        assert!(spool
+            .callout_get("bob@example.com", now_ms())
+            .unwrap()
+            .is_some_and(|a| a.refused.is_some()));
     }
 }

@@ -25,6 +25,7 @@ use crate::ops::live::Snapshot;
 use crate::policy::callout::{Callout, Verdict};
 use crate::policy::dnsbl::{self, Dnsbl};
 use crate::policy::rates::{Rate, Rates};
+use crate::spool::Spool;
 
 /// A connection refused before the session: the reply to send instead of the greeting.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,15 +88,20 @@ impl Screen {
         None
     }
 
-    /// The callout's verdict on a recipient (`[[partner]] verify = "callout"`): `Err` is
-    /// the refusal to give at RCPT.
-    pub async fn verify(&self, snapshot: &Snapshot, address: &str) -> Result<(), String> {
+    /// The callout's verdict on a recipient (`[[partner]] verify = "callout"`), its
+    /// answers cached in `spool` too: `Err` is the refusal to give at RCPT.
+    pub async fn verify(
+        &self,
+        snapshot: &Snapshot,
+        spool: &Spool,
+        address: &str,
+    ) -> Result<(), String> {
         let Some(resolver) = self.resolver(&snapshot.config) else {
             return Ok(());
         };
         match self
             .callout
-            .verify(&snapshot.config, &resolver, address)
+            .verify(&snapshot.config, &resolver, Some(spool), address)
             .await
         {
             Verdict::Accept => Ok(()),

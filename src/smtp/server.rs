@@ -274,6 +274,25 @@ pub async fn run(
         }
     });
 
+    // The callout answers cached in the spool: the expired ones go at start and hourly.
+    let sweep_spool = spool.clone();
+    let sweep_task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(CALLOUT_SWEEP);
+        loop {
+            tick.tick().await;
+            let s = sweep_spool.clone();
+            let now = crate::scheduler::now_ms();
+            match tokio::task::spawn_blocking(move || s.callout_sweep(now)).await {
+                Ok(Ok((0, _))) => {}
+                Ok(Ok((removed, kept))) => {
+                    info!("callout cache: {removed} expired answer(s) removed, {kept} kept")
+                }
+                Ok(Err(e)) => warn!("callout cache sweep failed: {e}"),
+                Err(e) => warn!("callout cache sweep failed: {e}"),
+            }
+        }
+    });
+
     // Every accepted socket holds one of these until it is closed: the sessions, and a few
     // connections being told 421.
     let sockets = Arc::new(Semaphore::new(max_connections + REFUSING));
@@ -313,6 +332,7 @@ pub async fn run(
         t.abort();
     }
     gauge_task.abort();
+    sweep_task.abort();
     // Idle sessions got 421 at once; a message in DATA may finish within command_timeout.
     let grace = shared.live.config().smtp.command_timeout.0;
     let deadline = Instant::now() + grace + Duration::from_secs(1);
@@ -329,6 +349,9 @@ pub async fn run(
     info!("spool: {batches} writes in {commits} synced commits");
     Ok(())
 }
+
+/// How often the expired callout answers are removed from the spool.
+const CALLOUT_SWEEP: Duration = Duration::from_secs(3600);
 
 /// Connections being refused (`421 4.7.0`) at once, beyond the sessions: their descriptors
 /// come out of [`crate::ops::descriptors::MARGIN`].
@@ -642,7 +665,10 @@ async fn session(
                 }
             }
             Step::Verify(address) => {
-                let verdict = shared.screen.verify(&snapshot, &address).await;
+                let verdict = shared
+                    .screen
+                    .verify(&snapshot, &shared.spool, &address)
+                    .await;
                 s.verified(verdict, SystemTime::now())
             }
             Step::Close => {

@@ -30,6 +30,8 @@ pub enum Op {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Batch {
     ops: Vec<Op>,
+    /// Needs no fsync ([`Batch::lazy`]).
+    lazy: bool,
 }
 
 impl Batch {
@@ -82,9 +84,24 @@ impl Batch {
         }
     }
 
-    /// Append every operation of `other` (applied in the same atomic commit).
+    /// Append every operation of `other` (applied in the same atomic commit; lazy only if
+    /// both are).
     pub fn append(&mut self, other: Batch) {
+        self.lazy &= other.lazy;
         self.ops.extend(other.ops);
+    }
+
+    /// This batch needs no fsync: losing it in a power cut is harmless (the callout cache).
+    /// The writer commits a group of lazy batches without syncing the log and without
+    /// moving the commit mark (see `writer.rs`); in a group with any other batch it is
+    /// synced with the rest.
+    pub fn lazy(mut self) -> Batch {
+        self.lazy = true;
+        self
+    }
+
+    pub fn is_lazy(&self) -> bool {
+        self.lazy
     }
 
     /// The new state of one queue entry after a delivery attempt. `current` is the entry as

@@ -9,7 +9,8 @@
 /// Column families of the spool, in the order they are opened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Cf {
-    /// `format` → the stored format version (u32 big-endian).
+    /// `format` → the stored format version (u32 big-endian); `hold`, `partial` and
+    /// `callout` entries under their prefixes.
     Meta,
     /// id → raw message bytes.
     Messages,
@@ -126,6 +127,24 @@ pub fn usage(domain: &str) -> Vec<u8> {
 /// The domain of a [`usage`] key.
 pub fn parse_usage(key: &[u8]) -> Option<&str> {
     std::str::from_utf8(key.strip_prefix(USAGE_PREFIX)?).ok()
+}
+
+/// Prefix in [`Cf::Meta`] of the recipient callout's cached answers: `callout 0x00 address`
+/// (lower-cased) → JSON [`crate::spool::CalloutAnswer`]. A cache: nothing else refers to
+/// these keys, and losing one costs one callout (see `cache.rs`).
+pub const CALLOUT_PREFIX: &[u8] = b"callout\x00";
+
+/// Key of the cached callout answer about `address`, in [`Cf::Meta`] (the address
+/// lower-cased, so that `Alice@` and `alice@` share it).
+pub fn callout(address: &str) -> Vec<u8> {
+    let mut k = CALLOUT_PREFIX.to_vec();
+    k.extend_from_slice(address.to_ascii_lowercase().as_bytes());
+    k
+}
+
+/// The address of a [`callout`] key; `None` past the end of the prefix's range.
+pub fn parse_callout(key: &[u8]) -> Option<&[u8]> {
+    key.strip_prefix(CALLOUT_PREFIX)
 }
 
 /// Key of [`Cf::Queue`]: `domain 0x00 id`.
@@ -259,6 +278,23 @@ mod tests {
             .map(|k| parse_queue(k).unwrap())
             .collect();
         assert_eq!(inside, vec![("a.com", "1"), ("a.com", "2")]);
+    }
+
+    #[test]
+    fn callout_keys_are_case_blind_and_apart_from_the_others() {
+        assert_eq!(callout("Alice@Example.COM"), callout("alice@example.com"));
+        assert_eq!(
+            parse_callout(&callout("Bob@x.test")),
+            Some(&b"bob@x.test"[..])
+        );
+        for other in [
+            hold("x.test"),
+            partial("ID"),
+            META_FORMAT.to_vec(),
+            META_PROBE.to_vec(),
+        ] {
+            assert_eq!(parse_callout(&other), None);
+        }
     }
 
     #[test]

@@ -11,9 +11,12 @@
 //! `spool-writer` thread (`writer.rs`) that group-commits the waiting batches into one
 //! `WriteBatch` written with a synced WAL. Invariant: a caller of [`Spool::enqueue`] hears
 //! `Ok` (and so the SMTP client hears `250`) only after the writer's synced commit that
-//! contains its batch; on any failure every waiter of that commit gets the error.
+//! contains its batch; on any failure every waiter of that commit gets the error. The one
+//! exception, the callout cache in `meta` (`cache.rs`), is written in lazy batches that the
+//! writer commits without a sync when nothing else is in the group.
 
 mod batch;
+mod cache;
 mod keys;
 mod mark;
 mod parts;
@@ -36,6 +39,7 @@ use rocksdb::{
 use serde::{Deserialize, Serialize};
 
 pub use batch::{Batch, Op, Parts};
+pub use cache::{CalloutAnswer, CalloutRefusal};
 pub use keys::Cf;
 pub use parts::{Message, MessageReader};
 pub use recover::{recover, Recovery};
@@ -357,6 +361,8 @@ struct Inner {
     unreadable: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
     /// Each domain's queue counters, as committed.
     usage: UsageTable,
+    /// The callout answers stored (`cache.rs`).
+    callouts: cache::Stored,
     db: Arc<slot::DbSlot>,
     path: PathBuf,
 }
@@ -677,6 +683,7 @@ impl Spool {
                 locks: stripes(),
                 holds: std::sync::RwLock::new(holds),
                 unreadable: Default::default(),
+                callouts: Default::default(),
                 removed: Default::default(),
                 reclaiming: Default::default(),
                 usage,
@@ -712,6 +719,7 @@ impl Spool {
                 usage,
                 holds: std::sync::RwLock::new(load_holds(&db, dir)?),
                 unreadable: Default::default(),
+                callouts: Default::default(),
                 removed: Default::default(),
                 reclaiming: Default::default(),
                 writer: None,

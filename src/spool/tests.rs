@@ -993,3 +993,83 @@ fn an_import_whose_member_fails_at_its_end_or_crashes_leaves_nothing() {
     assert!(import(&spool, "0000000000I05", &mut Member::new(body.clone())).unwrap());
     assert!(spool.message("0000000000I05").unwrap().unwrap() == body);
 }
+
+#[test]
+fn callout_answers_persist_lazily_expire_and_are_swept() {
+    let (dir, spool) = open_tmp();
+    let known = CalloutAnswer {
+        answered_ms: 1_000,
+        expires_ms: 10_000,
+        refused: None,
+    };
+    let unknown = CalloutAnswer {
+        answered_ms: 1_000,
+        expires_ms: 5_000,
+        refused: Some(CalloutRefusal {
+            code: 550,
+            status: Some("5.1.1".into()),
+            text: "User unknown".into(),
+        }),
+    };
+    let before = mark::read(dir.path()).unwrap();
+    assert!(spool.callout_put("Alice@Example.com", &known));
+    assert!(spool.callout_put("bob@example.com", &unknown));
+    assert!(!spool.callout_put(&format!("{}@example.com", "x".repeat(600)), &known));
+    // Something unreadable under the prefix (a future format, a torn value).
+    let mut junk = Batch::new();
+    junk.put(Cf::Meta, keys::callout("junk@example.com"), b"{".to_vec());
+    spool.commit_blocking(junk.lazy()).unwrap();
+    // Lazy commits: written, but the commit mark stays (their log is not synced).
+    assert_eq!(mark::read(dir.path()).unwrap(), before);
+    assert_eq!(
+        spool.callout_get("alice@example.com", 2_000).unwrap(),
+        Some(known.clone())
+    );
+    assert_eq!(
+        spool.callout_get("BOB@example.com", 2_000).unwrap(),
+        Some(unknown.clone())
+    );
+    assert_eq!(spool.callout_get("bob@example.com", 5_000).unwrap(), None);
+    assert_eq!(spool.callout_get("junk@example.com", 2_000).unwrap(), None);
+    assert_eq!(spool.callout_get("carol@example.com", 2_000).unwrap(), None);
+
+    // Mail is untouched by them, and a synced commit moves the mark past them.
+    spool
+        .enqueue_blocking(
+            env("0000000000001", 1_700_000_000_000, &["bob@example.com"]),
+            b"x".to_vec(),
+        )
+        .unwrap();
+    let acknowledged = spool.db().unwrap().latest_sequence_number();
+    assert_eq!(mark::read(dir.path()).unwrap(), Some(acknowledged));
+
+    // A reopen keeps them; recover leaves them alone and keeps the mail.
+    drop(spool);
+    let spool = Spool::open(dir.path()).unwrap();
+    assert_eq!(
+        spool.callout_get("bob@example.com", 2_000).unwrap(),
+        Some(unknown.clone())
+    );
+    drop(spool);
+    let r = recover(dir.path()).unwrap();
+    assert_eq!((r.entries, r.orphans_removed), (1, 0));
+    let ro = Spool::open_read_only(dir.path()).unwrap();
+    assert_eq!(
+        ro.callout_get("alice@example.com", 2_000).unwrap(),
+        Some(known.clone())
+    );
+    assert!(!ro.callout_put("carol@example.com", &known));
+    assert!(matches!(ro.callout_sweep(0), Err(SpoolError::ReadOnly)));
+    drop(ro);
+
+    // At 6 s: bob's answer has expired, the junk cannot be read; alice's stays.
+    let spool = Spool::open(dir.path()).unwrap();
+    assert_eq!(spool.callout_sweep(6_000).unwrap(), (2, 1));
+    assert_eq!(meta_keys(&spool), 2, "format and alice's answer");
+    assert_eq!(
+        spool.callout_get("alice@example.com", 6_000).unwrap(),
+        Some(known)
+    );
+    assert_eq!(listing(&spool, None).len(), 1);
+    assert_eq!(spool.callout_sweep(20_000).unwrap(), (1, 0));
+}

@@ -5,7 +5,9 @@
 //! puts all their operations into one `rocksdb::WriteBatch`, writes it with `sync = true`
 //! (WAL written and fsynced) and only then answers every waiter with the same result. Many
 //! SMTP sessions finishing DATA at once therefore share one fsync, and nobody hears "done"
-//! before their bytes are on disk.
+//! before their bytes are on disk. A group of nothing but lazy batches ([`Batch::lazy`],
+//! the callout cache) is written without the sync and leaves the commit mark alone; the
+//! statistics and `spool_commit_seconds` count synced commits only.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -111,6 +113,8 @@ fn run(
 ) {
     let mut opts = WriteOptions::default();
     opts.set_sync(true);
+    let mut lazy = WriteOptions::default();
+    lazy.set_sync(false);
     let mut failing = Failing::default();
     let mut reopen = Reopen::default();
     while let Ok(first) = rx.recv() {
@@ -126,21 +130,27 @@ fn run(
             }
         }
 
+        // Only lazy batches (cache entries): no fsync, and the mark stays where it is, since
+        // it may only name commits whose log is synced. The next synced commit syncs the
+        // log with these records in it.
+        let sync = group.iter().any(|r| !r.batch.is_lazy());
         let started = Instant::now();
         let result = slot.get().and_then(|db| {
-            let r = commit(&db, path, &group, &opts);
-            if r.is_ok() {
+            let r = commit(&db, path, &group, if sync { &opts } else { &lazy });
+            if r.is_ok() && sync {
                 mark.record(db.latest_sequence_number());
             }
             r
         });
-        if let Some(m) = stats.metrics.get() {
-            m.commit_seconds.observe(started.elapsed().as_secs_f64());
+        if sync {
+            if let Some(m) = stats.metrics.get() {
+                m.commit_seconds.observe(started.elapsed().as_secs_f64());
+            }
+            stats.commits.fetch_add(1, Ordering::Relaxed);
+            stats
+                .batches
+                .fetch_add(group.len() as u64, Ordering::Relaxed);
         }
-        stats.commits.fetch_add(1, Ordering::Relaxed);
-        stats
-            .batches
-            .fetch_add(group.len() as u64, Ordering::Relaxed);
         tracing::trace!(
             batches = group.len(),
             bytes,

@@ -6,6 +6,7 @@
 use std::net::{TcpListener, UdpSocket};
 use std::time::{Duration, Instant};
 
+use crate::callout::{after_a_crash, rcpt, while_the_primary_is_down};
 use crate::dns::TestDns;
 use crate::harness::*;
 use crate::peers::{AioOptions, AioSmtpd, Primary};
@@ -295,10 +296,6 @@ fn callout_primary(ip: &str, port: u16) -> AioSmtpd {
     )
 }
 
-fn rcpt(c: &mut Smtp, to: &str) -> Reply {
-    c.cmd(&format!("RCPT TO:<{to}>")).unwrap()
-}
-
 #[test]
 fn callout_asks_the_primary_and_caches_its_answer() {
     let ip = "127.0.70.1";
@@ -311,7 +308,7 @@ fn callout_asks_the_primary_and_caches_its_answer() {
     ));
     // The recipients list comes first: zed is refused without asking the primary.
     std::fs::write(env.dir.path().join("users"), "alice\nmallory\ncarol\n").unwrap();
-    let server = env.start();
+    let mut server = env.start();
     let addr = env.addr();
     // Queued mail stays queued: the primary's sessions are the callouts only.
     for d in ["example.com", "example.org"] {
@@ -356,19 +353,14 @@ fn callout_asks_the_primary_and_caches_its_answer() {
     // address never asked is accepted and queued.
     drop(primary);
     assert!(port_closed_at(ip, port));
-    assert_eq!(c.cmd("MAIL FROM:<sender@client.test>").unwrap().code, 250);
-    assert_eq!(rcpt(&mut c, "alice@example.com").code, 250);
-    assert_eq!(rcpt(&mut c, "mallory@example.com").code, 550);
-    let t = Instant::now();
-    let r = rcpt(&mut c, "carol@example.com");
-    assert_eq!(r.code, 250, "{r}");
-    assert!(t.elapsed() < Duration::from_secs(11), "{:?}", t.elapsed());
-    let r = c
-        .data(b"Subject: callout 2\r\n\r\nhello\r\n")
-        .unwrap()
-        .unwrap();
-    assert_eq!(r.code, 250, "{r}");
-    assert_eq!(c.cmd("QUIT").unwrap().code, 221);
+    let r = while_the_primary_is_down(
+        &mut c,
+        "alice@example.com",
+        "mallory@example.com",
+        "carol@example.com",
+        Duration::from_secs(11),
+    );
+    assert_eq!(r.code, 550, "{r}");
 
     let queued: Vec<String> = env
         .queue(None)
@@ -391,6 +383,20 @@ fn callout_asks_the_primary_and_caches_its_answer() {
     assert!(
         log.contains("NOQUEUE: reject: RCPT from [127.0.0.4]: 550 5.1.1 <mallory@example.com>"),
         "{log}"
+    );
+
+    // Killed and started again, the primary still gone: the answers come from the spool.
+    let (_server, r) = after_a_crash(
+        &mut env,
+        &mut server,
+        OTHER,
+        "alice@example.com",
+        "mallory@example.com",
+    );
+    assert_eq!(r.code, 550, "{r}");
+    assert!(
+        r.lines[0].contains("User unknown in local recipient table"),
+        "{r}"
     );
 }
 

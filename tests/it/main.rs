@@ -15,6 +15,7 @@
 
 mod harness;
 
+mod callout;
 mod crash;
 mod damage;
 mod defences;
