@@ -3,8 +3,8 @@
 //! A message is stored at `messages/id` when it is small (the first part is the whole), and
 //! as that first part plus parts `id 0x00 n` (`n` from 1, [`keys::part`]) when it is large;
 //! [`StoredEnvelope::parts`] says how many follow. While DATA goes on, the SMTP driver
-//! writes each full part at once with [`Spool::write_part`]: an unsynced write (no fsync of
-//! its own), marked `partial` in `meta` with the first one. The commit that queues the
+//! writes each full part at once with [`Spool::write_part`]: a lazy batch of the writer
+//! thread (no fsync of its own), marked `partial` in `meta` with the first one. The commit that queues the
 //! message is synced, and RocksDB's log is one sequence, so that fsync makes every earlier
 //! part durable too: `250` still comes only after everything of the message is on disk.
 //! A message refused or abandoned has its parts removed ([`Spool::discard_parts`]); what a
@@ -18,7 +18,9 @@ use std::io::Read;
 use rocksdb::{WriteBatch, WriteOptions, DB};
 
 use super::keys::{self, Cf};
-use super::{cf, map_db_error, ImportError, Parts, Spool, SpoolError, StoredEnvelope, PART_SIZE};
+use super::{
+    cf, map_db_error, Batch, ImportError, Parts, Spool, SpoolError, StoredEnvelope, PART_SIZE,
+};
 
 /// A stored message, ready to be read part by part: the first part in memory, the others
 /// read when asked for.
@@ -172,43 +174,38 @@ impl Read for MessageReader<'_> {
     }
 }
 
-fn unsynced() -> WriteOptions {
-    let mut o = WriteOptions::default();
-    o.set_sync(false);
-    o
-}
-
 impl Spool {
     /// Store part `n` (from 1) of message `id` ahead of its commit, without an fsync of its
     /// own (see the module doc); the first one marks the message `partial`. Blocking.
+    ///
+    /// Through the writer thread as a lazy batch, like every write after open: were it
+    /// written beside the writer, it could land between a synced commit and the writer's
+    /// reading of the sequence number for the commit mark, and the mark would then name a
+    /// record that a power cut may take (a spool refused as damaged with nothing lost).
     pub fn write_part(&self, id: &str, n: u32, bytes: &[u8]) -> Result<(), SpoolError> {
         self.writer()?;
         if id.is_empty() || !keys::valid_part(id) || n == 0 {
             return Err(SpoolError::Invalid(format!("bad part {n} of {id:?}")));
         }
-        let db = self.db()?;
-        let db = &*db;
-        let mut wb = WriteBatch::default();
+        let mut b = Batch::new();
         if n == 1 {
-            wb.put_cf(cf(db, Cf::Meta)?, keys::partial(id), b"");
+            b.put(Cf::Meta, keys::partial(id), Vec::new());
         }
-        wb.put_cf(cf(db, Cf::Messages)?, keys::part(id, n), bytes);
-        db.write_opt(wb, &unsynced()).map_err(|e| self.err(e))
+        b.put(Cf::Messages, keys::part(id, n), bytes.to_vec());
+        self.commit_blocking(b.lazy())
     }
 
     /// Remove the parts `1..=written` of a message that will not be queued, and its mark.
-    /// Blocking; unsynced (a crash before the next commit leaves them to [`sweep_partial`]).
+    /// Blocking; unsynced, through the writer (a crash before the next commit leaves them
+    /// to [`sweep_partial`]).
     pub fn discard_parts(&self, id: &str, written: u32) -> Result<(), SpoolError> {
         self.writer()?;
-        let db = self.db()?;
-        let db = &*db;
-        let mut wb = WriteBatch::default();
-        let messages = cf(db, Cf::Messages)?;
+        let mut b = Batch::new();
         for n in 1..=written {
-            wb.delete_cf(messages, keys::part(id, n));
+            b.delete(Cf::Messages, keys::part(id, n));
         }
-        wb.delete_cf(cf(db, Cf::Meta)?, keys::partial(id));
-        db.write_opt(wb, &unsynced()).map_err(|e| self.err(e))?;
+        b.delete(Cf::Meta, keys::partial(id));
+        self.commit_blocking(b.lazy())?;
         self.removed(written as u64 * super::PART_SIZE as u64);
         Ok(())
     }
