@@ -37,7 +37,7 @@ impl Link {
 
     /// The TLS state of an SMTP connection for the log (`tls=TLSv1.3 verified=pkix`,
     /// `tls=none`); `None` for LMTP and Maildir.
-    pub fn tls_state(&self) -> Option<String> {
+    pub fn tls_state(&self) -> Option<crate::tls::TlsState> {
         match self {
             Link::Remote(c) if !c.is_lmtp() => Some(c.tls_state()),
             _ => None,
