@@ -206,7 +206,8 @@ impl Scheduler {
             }
             let link = session.link.as_mut().expect("a usable session");
             let relay = link.relay();
-            let tls = link.tls_state();
+            // One TLS state per transaction, shared by its recipients' outcomes.
+            let tls = link.tls_state().map(std::sync::Arc::new);
             let rcpts: Vec<Recipient> = todo.iter().map(|&i| pending[i].clone()).collect();
             let results = link
                 .send(&Outgoing {

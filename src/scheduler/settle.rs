@@ -1,6 +1,7 @@
 //! The pure part of an attempt: per-recipient outcomes in, the entry's new state and the
 //! DSNs it causes out. No I/O; unit-tested on its own.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::config::Config;
@@ -18,25 +19,26 @@ pub enum Outcome {
         reply: Reply,
         relay: String,
         /// The session's TLS state (SMTP only): `tls=TLSv1.3 verified=pkix`, `tls=none`.
-        tls: Option<TlsState>,
+        /// Shared by every recipient of the session.
+        tls: Option<Arc<TlsState>>,
     },
     Deferred {
         reason: String,
         status: String,
         relay: Option<String>,
         /// The TLS state of the SMTP session that gave this answer, if one did.
-        tls: Option<TlsState>,
+        tls: Option<Arc<TlsState>>,
     },
     Failed {
         reason: String,
         status: String,
         relay: Option<String>,
-        tls: Option<TlsState>,
+        tls: Option<Arc<TlsState>>,
     },
 }
 
 impl Outcome {
-    /// The SMTP session this outcome came from: `(relay, TLS state)`.
+    /// The SMTP session this outcome came from, as the queue entry keeps it.
     fn session(&self) -> Option<LastTls> {
         let (relay, tls) = match self {
             Outcome::Sent { relay, tls, .. } => (Some(relay), tls),
@@ -46,7 +48,7 @@ impl Outcome {
         };
         Some(LastTls {
             relay: relay?.clone(),
-            state: tls.clone()?,
+            state: TlsState::clone(tls.as_ref()?),
         })
     }
 }
@@ -334,11 +336,11 @@ mod tests {
             reason: "450 4.2.1 busy".into(),
             status: "4.2.1".into(),
             relay: Some("mail[127.0.0.2]:25".into()),
-            tls: Some(TlsState {
+            tls: Some(Arc::new(TlsState {
                 version: Some("TLSv1.3".into()),
                 cipher: Some("TLS13_AES_128_GCM_SHA256".into()),
                 verified: "pkix".into(),
-            }),
+            })),
         };
         let (next, _) = settle(&config(), &entry(&env), &env, MSG, &[busy], now, HOUR);
         let last = next.last_tls.clone().expect("the session is recorded");
