@@ -653,15 +653,29 @@ fn safe_address(a: &str) -> bool {
             || (domain.starts_with('[') && domain.ends_with(']') && domain.len() > 2))
 }
 
+/// Why an import's walk of the archive ended early.
+enum ImportStop {
+    Archive(spool_tools::Error),
+    /// The spool's file system has less than `min_free_space` left for the next message.
+    LowSpace(String),
+}
+
+impl From<spool_tools::Error> for ImportStop {
+    fn from(e: spool_tools::Error) -> Self {
+        ImportStop::Archive(e)
+    }
+}
+
 async fn import(ctx: &Ctx, input: PathBuf, out: &Out) -> Result<i32, String> {
     let spool = ctx.spool.clone();
     let snapshot = ctx.live.snapshot();
-    let (policy, max_size) = (
+    let (policy, max_size, floor) = (
         snapshot.policy.clone(),
         snapshot.config.smtp.max_message_size.0,
+        snapshot.config.queue.min_free_space.0,
     );
     let o = out.clone();
-    let (added, present, skipped, problems) =
+    let walked =
         tokio::task::spawn_blocking(move || -> Result<(usize, usize, usize, usize), String> {
             // Messages over max_message_size are refused by the reader: never read into
             // memory, named as problems (not imported).
@@ -689,7 +703,7 @@ async fn import(ctx: &Ctx, input: PathBuf, out: &Out) -> Result<i32, String> {
                 .for_each_message(
                     |a: spool_tools::ArchivedEnvelope,
                      bytes: &mut spool_tools::MessageBytes<'_>|
-                     -> Result<(), spool_tools::Error> {
+                     -> Result<(), ImportStop> {
                         let domain = a.domain.trim_end_matches('.').to_ascii_lowercase();
                         if a.pending().next().is_none() {
                             skipped += 1;
@@ -701,6 +715,21 @@ async fn import(ctx: &Ctx, input: PathBuf, out: &Out) -> Result<i32, String> {
                             skipped += 1;
                             return Ok(());
                         }
+                        // The same floor as SMTP's: a message that would leave less than
+                        // min_free_space stops the import (what is imported stays; running
+                        // it again once there is room adds the rest).
+                        let free = spool.free_bytes().unwrap_or(u64::MAX);
+                        if free < floor.saturating_add(size) {
+                            return Err(ImportStop::LowSpace(format!(
+                                "stopped at {}: {} MiB free in the spool, and {} bytes would \
+                                 leave less than min_free_space ({} MiB); import again once \
+                                 there is room (messages already imported are kept, not repeated)",
+                                a.id,
+                                free >> 20,
+                                size,
+                                floor >> 20
+                            )));
+                        }
                         let (env, qe) = from_archived(&a, size);
                         match spool.import_blocking(&domain, env, qe, bytes, now) {
                             Ok(true) => added += 1,
@@ -709,7 +738,8 @@ async fn import(ctx: &Ctx, input: PathBuf, out: &Out) -> Result<i32, String> {
                             Err(ImportError::Read(_)) => {
                                 return Err(spool_tools::Error::Changed(
                                     input.display().to_string(),
-                                ))
+                                )
+                                .into())
                             }
                             Err(ImportError::Spool(e)) => {
                                 let _ = o.send(Line::Err(format!("{}: {e} (not imported)", a.id)));
@@ -723,12 +753,20 @@ async fn import(ctx: &Ctx, input: PathBuf, out: &Out) -> Result<i32, String> {
                         Ok(())
                     },
                 )
-                .map_err(|e| format!("{}: {e}", input.display()))?;
+                .map_err(|e| match e {
+                    ImportStop::Archive(e) => format!("{}: {e}", input.display()),
+                    ImportStop::LowSpace(why) => format!(
+                        "{}: {why}; {added} message(s) imported, {present} already in the queue",
+                        input.display()
+                    ),
+                })?;
             Ok((added, present, skipped, problems))
         })
         .await
-        .map_err(|e| e.to_string())??;
+        .map_err(|e| e.to_string())?;
+    // Whatever was imported before an early stop is queued: the scheduler sees it now.
     ctx.scheduler.wake();
+    let (added, present, skipped, problems) = walked?;
     tracing::info!(
         "import: {added} added, {present} already queued, {skipped} skipped, {problems} damaged"
     );

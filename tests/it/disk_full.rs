@@ -136,3 +136,96 @@ fn a_min_free_space_below_what_rocksdb_needs_is_refused() {
     );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+/// Resizes the tmpfs mounted at `dir`.
+fn resize(dir: &std::path::Path, size: &str) {
+    check_ok(
+        "remount tmpfs",
+        &run(
+            std::process::Command::new("mount")
+                .args(["-o", &format!("remount,size={size}")])
+                .arg(dir),
+            30,
+        ),
+    );
+}
+
+#[test]
+fn import_stops_at_min_free_space_and_a_second_run_adds_the_rest_once() {
+    let mut env = MxEnv::with_config("");
+    let config = std::fs::read_to_string(&env.config)
+        .unwrap()
+        .replace("[queue]\n", "[queue]\nmin_free_space = \"128MiB\"\n");
+    std::fs::write(&env.config, config).unwrap();
+    let spool = spool_dir(&env);
+    let _fs = Tmpfs::mount(&spool, "400m");
+    let mut server = env.start();
+
+    // 60 messages of 1 MiB that does not compress, exported, then deleted.
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut body = b"Subject: import\r\n\r\n".to_vec();
+    for _ in 0..(1 << 10) {
+        for _ in 0..998 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            body.push(b'a' + (x % 26) as u8);
+        }
+        body.extend_from_slice(b"\r\n");
+    }
+    for i in 0..60 {
+        assert_eq!(
+            send(&env.addr(), &format!("u{i}@example.com"), &body, true),
+            250
+        );
+    }
+    let work = tempfile::tempdir().unwrap();
+    let archive = work.path().join("example.com.tar");
+    check_ok(
+        "export",
+        &env.mxspool(&["export", "example.com", "-o", archive.to_str().unwrap()]),
+    );
+    check_ok(
+        "delete --domain",
+        &env.mxspool(&["delete", "--domain", "example.com"]),
+    );
+    assert_eq!(env.queue(None).len(), 0);
+
+    // The spool's file system shrinks to ~30 MiB above the floor: the import stops there,
+    // with one line and a non-zero status, and what it imported stays queued.
+    let used = 400 - free_mib(&spool);
+    resize(&spool, &format!("{}m", used + 128 + 30));
+    let out = env.mxspool(&["import", archive.to_str().unwrap()]);
+    let err = assert_clean_failure("import onto a nearly full spool", &out);
+    assert!(
+        err.contains("min_free_space") && err.contains("import again"),
+        "{err}"
+    );
+    let first = env.queue(None).len();
+    eprintln!("first import: {first} of 60 before the floor; {err}");
+    assert!((5..60).contains(&first), "{first} imported\n{err}");
+    assert!(free_mib(&spool) >= 120, "the floor was not kept");
+    assert!(
+        !server.log().contains("spool commit of"),
+        "a commit failed:\n{}",
+        server.log()
+    );
+
+    // Room again: the same archive adds the rest, and nothing twice.
+    resize(&spool, "400m");
+    let out = env.mxspool(&["import", archive.to_str().unwrap()]);
+    check_ok("second import", &out);
+    let said = text(&out.stdout);
+    assert!(
+        said.contains(&format!("{} message(s) imported", 60 - first))
+            && said.contains(&format!("{first} already in the queue")),
+        "{said}"
+    );
+    let queue = env.queue(None);
+    assert_eq!(queue.len(), 60);
+    let mut ids: Vec<&str> = queue.iter().map(|e| e.id.as_str()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 60, "a message was imported twice");
+    assert!(stop_server(&mut server));
+}
