@@ -421,7 +421,7 @@ pub async fn query(
                     code => {
                         // The resolver's considered answer (SERVFAIL for bogus data):
                         // asking it again is no use.
-                        last = format!("{server} answered {code}");
+                        last = format!("{server} answered {}", rcode_name(code));
                         break;
                     }
                 },
@@ -430,6 +430,17 @@ pub async fn query(
         }
     }
     Err(last)
+}
+
+/// A response code as DNS tools print it (`SERVFAIL`, `REFUSED`).
+fn rcode_name(code: ResponseCode) -> String {
+    match code {
+        ResponseCode::ServFail => "SERVFAIL".into(),
+        ResponseCode::Refused => "REFUSED".into(),
+        ResponseCode::NotImp => "NOTIMP".into(),
+        ResponseCode::FormErr => "FORMERR".into(),
+        other => format!("{other} (rcode {})", u16::from(other)),
+    }
 }
 
 /// One query to one server: UDP, then TCP when the answer is truncated.
