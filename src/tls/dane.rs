@@ -793,6 +793,84 @@ mod tests {
         );
     }
 
+    /// A resolver on 127.0.0.1: over UDP a truncated answer, over TCP (same port) one TLSA
+    /// record, with AD as `ad` says. Returns its address.
+    async fn truncating_resolver(ad: bool) -> SocketAddr {
+        use hickory_resolver::proto::rr::rdata::tlsa::{CertUsage, Matching, Selector, TLSA};
+        use hickory_resolver::proto::rr::Record;
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let udp = tokio::net::UdpSocket::bind(addr).await.unwrap();
+        let answer = move |q: &Message, truncated: bool| {
+            let mut m = Message::new();
+            m.set_id(q.id())
+                .set_message_type(MessageType::Response)
+                .set_op_code(OpCode::Query)
+                .set_recursion_available(true)
+                .set_authentic_data(ad)
+                .set_truncated(truncated);
+            m.add_queries(q.queries().iter().cloned());
+            if !truncated {
+                let name = q.queries()[0].name().clone();
+                m.add_answer(Record::from_rdata(
+                    name,
+                    60,
+                    RData::TLSA(TLSA::new(
+                        CertUsage::DaneEe,
+                        Selector::Spki,
+                        Matching::Sha256,
+                        vec![7; 32],
+                    )),
+                ));
+            }
+            m.to_vec().unwrap()
+        };
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            for _ in 0..4 {
+                let Ok((n, from)) = udp.recv_from(&mut buf).await else {
+                    return;
+                };
+                let q = Message::from_vec(&buf[..n]).unwrap();
+                // What the query asked for: DO, AD and RD set, EDNS payload 1232.
+                assert!(q.authentic_data() && q.recursion_desired());
+                let edns = q.extensions().as_ref().expect("EDNS");
+                assert!(edns.flags().dnssec_ok && edns.max_payload() == MAX_PAYLOAD);
+                let _ = udp.send_to(&answer(&q, true), from).await;
+            }
+        });
+        tokio::spawn(async move {
+            for _ in 0..4 {
+                let Ok((mut s, _)) = tcp.accept().await else {
+                    return;
+                };
+                let len = s.read_u16().await.unwrap() as usize;
+                let mut buf = vec![0u8; len];
+                s.read_exact(&mut buf).await.unwrap();
+                let a = answer(&Message::from_vec(&buf).unwrap(), false);
+                let mut framed = (a.len() as u16).to_be_bytes().to_vec();
+                framed.extend_from_slice(&a);
+                s.write_all(&framed).await.unwrap();
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn dane_truncated_answers_are_asked_again_over_tcp_and_ad_is_the_status() {
+        let addr = truncating_resolver(true).await;
+        let a = query(&[addr], "_25._tcp.mx.example.test", RecordType::TLSA)
+            .await
+            .unwrap();
+        assert!(a.secure);
+        assert_eq!(a.records, vec![rec(3, 1, 1, &[7; 32])]);
+        let addr = truncating_resolver(false).await;
+        let a = query(&[addr], "_25._tcp.mx.example.test", RecordType::TLSA)
+            .await
+            .unwrap();
+        assert!(!a.secure && a.records.len() == 1);
+    }
+
     #[tokio::test]
     async fn dane_lookup_without_an_answer_is_unknown_not_insecure() {
         // A UDP socket that never answers: the host's DANE status is unknown.

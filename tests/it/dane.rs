@@ -694,3 +694,37 @@ fn dane_doctor_reports_secure_tlsa_and_whether_the_certificate_matches() {
     assert!(!r.contains("delivery to it defers"), "{r}");
     let _ = &c.certs.dir;
 }
+
+#[test]
+fn dane_secure_tlsa_without_usable_records_requires_tls_without_authentication() {
+    let c = case();
+    // PKIX-EE (usage 1) is not for SMTP (RFC 7672 3.1.3): no usable record, TLS still
+    // required (RFC 7672 2.2), the certificate not checked.
+    let dns = Dnssec::start(&[signed(zone(
+        "example.test",
+        c.port,
+        &[format!("1 1 1 {}", sha256(b"whatever"))],
+    ))]);
+    {
+        let _pf = primary(c.port, Some(&c.certs), c.mailbase.path());
+        let mut backup = backup(&dns, "example.test", c.port, "tls = \"none\"");
+        let b = backup.start();
+        let t = send_and_flush(&backup, "example.test");
+        assert!(!arrived(c.mailbase.path()).is_empty(), "{t}\n{}", b.log());
+        assert!(
+            t.contains("none usable: TLS required, not authenticated")
+                && t.contains("(tls = encrypt)"),
+            "{t}"
+        );
+        assert!(b.log().contains("tls=TLSv1.3 verified=none"), "{}", b.log());
+    }
+    // The same toward a primary without STARTTLS: deferred, nothing in clear.
+    let mailbase = public_tempdir("mxspool-dane-maildir.");
+    let _pf = primary(c.port, None, mailbase.path());
+    let mut backup = backup(&dns, "example.test", c.port, "");
+    let b = backup.start();
+    let t = send_and_flush(&backup, "example.test");
+    assert!(t.contains("TLS is required (tls = \"encrypt\")"), "{t}");
+    assert!(deferral(&b.log()).contains("dsn=4.7.5"), "{}", b.log());
+    assert!(!t.contains(">>> MAIL FROM"), "{t}");
+}
