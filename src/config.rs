@@ -407,6 +407,9 @@ pub struct DeliveryConfig {
     pub bind_address: Option<IpAddr>,
     /// The outbound STARTTLS policy (Postfix's `smtp_tls_security_level`).
     pub tls: crate::tls::client::TlsPolicy,
+    /// DANE (RFC 7672, [`crate::tls::dane`]): where a next hop has DNSSEC-secure TLSA
+    /// records (the AD bit of the configured validating resolver), enforce them.
+    pub dane: bool,
     /// Extra trust anchors (PEM) for `verify`, beside the system's roots; `""`: none.
     #[serde(
         deserialize_with = "optional_path",
@@ -427,6 +430,7 @@ impl Default for DeliveryConfig {
             nameservers: Vec::new(),
             bind_address: None,
             tls: Default::default(),
+            dane: true,
             tls_ca_file: None,
             tls_ca: Vec::new(),
         }

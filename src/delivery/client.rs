@@ -94,6 +94,10 @@ pub struct ClientConfig {
     /// The TLS client configurations; without them no STARTTLS is tried (and `encrypt`
     /// or `verify` fail).
     pub tls_connectors: Option<std::sync::Arc<Connectors>>,
+    /// The usable DNSSEC-secure TLSA records of the host this connection goes to
+    /// ([`crate::tls::dane`]): STARTTLS is then mandatory whatever `tls` says, and the
+    /// certificate must match one of them.
+    pub dane: Option<std::sync::Arc<Vec<crate::tls::dane::Tlsa>>>,
 }
 
 impl ClientConfig {
@@ -106,6 +110,7 @@ impl ClientConfig {
             bind: None,
             tls: TlsPolicy::None,
             tls_connectors: None,
+            dane: None,
         }
     }
 }
@@ -403,7 +408,9 @@ impl Connection {
         transcript: Option<Transcript>,
     ) -> Result<Connection, ClientError> {
         match Connection::connect_with(addr, host_name, cfg, cfg.tls, transcript.clone()).await {
-            Err(ClientError::TlsHandshake(e)) if cfg.tls == TlsPolicy::May => {
+            Err(ClientError::TlsHandshake(e))
+                if cfg.tls == TlsPolicy::May && cfg.dane.is_none() =>
+            {
                 let why = format!(
                     "{e}; trying {host_name}[{}]:{} again without TLS",
                     addr.ip(),
@@ -444,30 +451,40 @@ impl Connection {
         cfg: &ClientConfig,
         policy: TlsPolicy,
     ) -> Result<Connection, ClientError> {
-        if policy == TlsPolicy::None {
+        let dane = cfg.dane.clone();
+        if policy == TlsPolicy::None && dane.is_none() {
             return Ok(self);
         }
         let relay = self.relay();
+        // DANE makes TLS mandatory whatever the policy (RFC 7672 2.2).
+        let optional = policy.allows_clear() && dane.is_none();
+        let why_required = match &dane {
+            Some(_) => format!(
+                "DANE: the host has DNSSEC-secure TLSA records at {}",
+                crate::tls::dane::tlsa_name(&self.host_name, self.peer.port())
+            ),
+            None => format!("tls = \"{policy}\""),
+        };
         let connectors = match (&cfg.tls_connectors, self.ext.starttls) {
             (Some(c), true) => c.clone(),
-            _ if policy.allows_clear() => return Ok(self),
+            _ if optional => return Ok(self),
             (None, _) => {
                 self.say_quit().await;
                 return Err(ClientError::TlsPolicy(format!(
-                    "TLS is required (tls = \"{policy}\"), but no TLS client is configured"
+                    "TLS is required ({why_required}), but no TLS client is configured"
                 )));
             }
             (Some(_), false) => {
                 self.say_quit().await;
                 return Err(ClientError::TlsPolicy(format!(
-                    "TLS is required (tls = \"{policy}\"), but was not offered by host {relay}"
+                    "TLS is required ({why_required}), but was not offered by host {relay}"
                 )));
             }
         };
         let other = self.timeouts.other;
         let (reply, _) = self.command("STARTTLS", "STARTTLS", other).await?;
         if reply.code != 220 {
-            if policy.allows_clear() && !self.broken {
+            if optional && !self.broken {
                 self.trace(
                     "",
                     &format!("STARTTLS refused by {relay}; going on in clear"),
@@ -476,12 +493,22 @@ impl Connection {
             }
             self.say_quit().await;
             return Err(ClientError::TlsPolicy(format!(
-                "TLS is required (tls = \"{policy}\"), but host {relay} refused STARTTLS: {reply}"
+                "TLS is required ({why_required}), but host {relay} refused STARTTLS: {reply}"
             )));
         }
         // Whatever came in clear behind the 220 is not the server's word over TLS.
         self.buf.clear();
-        let (connector, verified) = connectors.for_policy(policy);
+        let (connector, verified, dane_verifier) = match &dane {
+            Some(records) => {
+                let (c, v) = crate::tls::dane::connector(records.clone())
+                    .map_err(|e| ClientError::TlsPolicy(format!("DANE: {e}")))?;
+                (c, Verified::Dane, Some(v))
+            }
+            None => {
+                let (c, v) = connectors.for_policy(policy);
+                (c.clone(), v, None)
+            }
+        };
         let name = crate::tls::client::server_name(&self.host_name, self.peer.ip());
         let Stream::Tcp(tcp) = self.stream else {
             return Err(ClientError::Protocol(
@@ -505,6 +532,17 @@ impl Connection {
                                 | rustls::Error::NoCertificatesPresented
                         )
                     });
+                if let Some(v) = &dane_verifier {
+                    // Never in clear, never a bounce: a deferral (RFC 7672 2.2).
+                    let why = match v.failure() {
+                        Some(f) => format!("{why}: {f}"),
+                        None => why,
+                    };
+                    if let Some(t) = &self.transcript {
+                        t(&why);
+                    }
+                    return Err(ClientError::TlsPolicy(format!("{why} (DANE)")));
+                }
                 return Err(if certificate && verified == Verified::Pkix {
                     ClientError::TlsPolicy(format!("{why} (tls = \"verify\")"))
                 } else {
@@ -516,19 +554,26 @@ impl Connection {
                 if let Some(t) = &self.transcript {
                     t(&why);
                 }
+                if dane.is_some() {
+                    return Err(ClientError::TlsPolicy(format!("{why} (DANE)")));
+                }
                 return Err(ClientError::TlsHandshake(why));
             }
         };
         let info = TlsInfo::of(tls.get_ref().1);
         self.stream = Stream::Tls(Box::new(tls));
         let line = format!(
-            "{} TLS connection established to {relay}: {}",
-            if verified == Verified::Pkix {
-                "Verified"
-            } else {
+            "{} TLS connection established to {relay}: {}{}",
+            if verified == Verified::None {
                 "Untrusted"
+            } else {
+                "Verified"
             },
-            info.summary()
+            info.summary(),
+            match dane_verifier.as_ref().and_then(|v| v.matched()) {
+                Some(m) => format!(" (DANE: {m})"),
+                None => String::new(),
+            }
         );
         tracing::info!("{line}");
         self.trace("", &line);
@@ -1575,6 +1620,7 @@ mod tests {
             bind: None,
             tls: TlsPolicy::None,
             tls_connectors: None,
+            dane: None,
         }
     }
 

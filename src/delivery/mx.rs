@@ -163,6 +163,8 @@ pub struct Resolver {
     port: u16,
     /// For messages: "127.0.0.1:5353" or "the system resolver".
     servers: String,
+    /// The validating resolvers DANE's DNSSEC queries go to (see [`crate::tls::dane`]).
+    dnssec: Vec<SocketAddr>,
 }
 
 impl fmt::Debug for Resolver {
@@ -215,12 +217,19 @@ impl Resolver {
                 .collect(),
             port: config.delivery.port,
             servers,
+            dnssec: crate::tls::dane::servers(&config.delivery.nameservers),
         })
     }
 
     /// The nameservers asked, for messages.
     pub fn servers(&self) -> &str {
         &self.servers
+    }
+
+    /// The resolvers asked for DNSSEC-validated answers (DANE): `[delivery] nameservers`,
+    /// else the system's.
+    pub fn dnssec_servers(&self) -> &[SocketAddr] {
+        &self.dnssec
     }
 
     /// The hickory resolver itself, for other lookups made as delivery's are (the DNS

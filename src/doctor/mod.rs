@@ -337,7 +337,9 @@ pub async fn check(config: &Config, domain: &str) -> anyhow::Result<Report> {
                     }
                 }
                 if host.parse::<IpAddr>().is_err() && tlsa_done.insert(host.clone()) {
-                    tls::tlsa(&resolver, host, &mut out).await;
+                    if let Ok(c) = &connectors {
+                        tls::tlsa(config, c, &resolver, host, *addr, &mut out, &mut warnings).await;
+                    }
                 }
             }
             Err(reason) => {

@@ -1,7 +1,8 @@
 //! `doctor`'s TLS check of the hosts delivery uses: whether each offers STARTTLS, the TLS
 //! version, the names and expiry of its certificate and whether it verifies as `verify`
 //! would (to the system's roots or `tls_ca_file`, for the host's name); the TLSA records at
-//! `_25._tcp.HOST` and the domain's `_mta-sts` TXT record, reported as found. Warns when the
+//! `_PORT._tcp.HOST` with their DNSSEC status and, for DANE, whether the certificate matches
+//! them; the domain's `_mta-sts` TXT record, reported as found. Warns when the
 //! policy delivery applies (`[[partner]] tls`, else `[delivery] tls`) would defer: no
 //! STARTTLS under `encrypt`/`verify`, a certificate that does not verify under `verify`;
 //! and when a certificate has expired or expires within [`EXPIRY_WARNING_DAYS`].
@@ -31,6 +32,8 @@ enum Found {
         /// The certificate's notAfter, Unix seconds.
         not_after: Option<i64>,
         verified: Result<(), String>,
+        /// The presented chain, the server's certificate first.
+        chain: Vec<rustls::pki_types::CertificateDer<'static>>,
     },
 }
 
@@ -81,6 +84,7 @@ pub async fn check_host(
             names,
             not_after,
             verified,
+            ..
         } => {
             let names = if names.is_empty() {
                 "no DNS name in subjectAltName".to_string()
@@ -124,32 +128,130 @@ pub async fn check_host(
     }
 }
 
-/// The TLSA records of `host` (`_25._tcp.HOST`), as found (DANE is not enforced).
-pub async fn tlsa(resolver: &Resolver, host: &str, out: &mut String) {
-    let name = format!("_25._tcp.{}.", host.trim_end_matches('.'));
-    let line = match resolver.dns().tlsa_lookup(name.as_str()).await {
-        Ok(found) => {
-            let records: Vec<String> = found
-                .iter()
-                .map(|r| {
-                    format!(
-                        "{} {} {}",
-                        u8::from(r.cert_usage()),
-                        u8::from(r.selector()),
-                        u8::from(r.matching())
-                    )
-                })
-                .collect();
+/// The TLSA records of `host` at `addr`'s port (`_PORT._tcp.HOST`), whether the resolver
+/// vouches for them (AD), and what DANE makes of them: for usable DNSSEC-secure records,
+/// whether the certificate `host` presents matches. Warns (under `[delivery] dane`) when
+/// DANE would make delivery to the host defer: a failed lookup, no STARTTLS, no match.
+#[allow(clippy::too_many_arguments)]
+pub async fn tlsa(
+    config: &Config,
+    connectors: &Connectors,
+    resolver: &Resolver,
+    host: &str,
+    addr: SocketAddr,
+    out: &mut String,
+    warnings: &mut Vec<String>,
+) {
+    use crate::tls::dane::{self, HostDane};
+    let name = dane::tlsa_name(host, addr.port());
+    let servers = resolver.dnssec_servers();
+    let line = match dane::query(
+        servers,
+        &name,
+        hickory_resolver::proto::rr::RecordType::TLSA,
+    )
+    .await
+    {
+        Ok(a) if a.records.is_empty() && a.secure => "none (DNSSEC-secure)".to_string(),
+        Ok(a) if a.records.is_empty() => "none (not DNSSEC-secure)".to_string(),
+        Ok(a) => {
+            let records: Vec<String> = a.records.iter().map(ToString::to_string).collect();
             format!(
-                "{} record(s) ({}); this version does not enforce DANE",
+                "{}, {} record(s): {}",
+                if a.secure {
+                    "DNSSEC-secure"
+                } else {
+                    "not DNSSEC-secure (DANE does not apply)"
+                },
                 records.len(),
                 records.join(", ")
             )
         }
-        Err(e) if e.is_no_records_found() => "none".to_string(),
         Err(e) => format!("lookup failed: {e}"),
     };
     let _ = writeln!(out, "      TLSA {name}: {line}");
+    let enforced = config.delivery.dane;
+    let note = if enforced {
+        ""
+    } else {
+        "; dane = false: not enforced"
+    };
+    let defers = |why: String, warnings: &mut Vec<String>| {
+        if enforced {
+            warnings.push(format!(
+                "{host} at {addr} {why}: delivery to it defers (DANE)"
+            ));
+        }
+    };
+    match dane::host_dane(servers, host, addr.port()).await {
+        HostDane::NotApplicable(why) => {
+            if line.contains("record(s)") {
+                let _ = writeln!(out, "      DANE: not applied: {why}{note}");
+            }
+        }
+        HostDane::Unknown(why) => {
+            let _ = writeln!(out, "      DANE: status unknown: {why}{note}");
+            defers(format!("has no DNSSEC answer for DANE ({why})"), warnings);
+        }
+        HostDane::Encrypt(_) => {
+            let _ = writeln!(
+                out,
+                "      DANE: no usable record (only DANE-TA/DANE-EE count): TLS required, not authenticated{note}"
+            );
+        }
+        HostDane::Records(records) => {
+            let timeout = config.delivery.connect_timeout.0;
+            let found = tokio::time::timeout(
+                timeout * 3,
+                starttls(config, connectors, host, addr, timeout),
+            )
+            .await
+            .unwrap_or_else(|_| Err("no answer in time".to_string()));
+            match found {
+                Ok(Found::Tls { chain, .. }) => {
+                    let sni = server_name(host, addr.ip());
+                    match dane::check_chain(
+                        &records,
+                        &chain,
+                        &sni,
+                        rustls::pki_types::UnixTime::now(),
+                    ) {
+                        Ok(how) => {
+                            let _ =
+                                writeln!(out, "      DANE: the certificate matches ({how}){note}");
+                        }
+                        Err(e) => {
+                            let _ = writeln!(
+                                out,
+                                "      DANE: the certificate does NOT match: {e}{note}"
+                            );
+                            defers(
+                                "presents a certificate that does not match its DNSSEC-secure TLSA records".into(),
+                                warnings,
+                            );
+                        }
+                    }
+                }
+                Ok(Found::NoStartTls) => {
+                    let _ = writeln!(
+                        out,
+                        "      DANE: STARTTLS not offered, but required by the TLSA records{note}"
+                    );
+                    defers(
+                        "does not offer STARTTLS despite DNSSEC-secure TLSA records".into(),
+                        warnings,
+                    );
+                }
+                Err(e) => {
+                    let _ = writeln!(out, "      DANE: TLS check failed: {e}{note}");
+                    defers(
+                        format!("fails TLS ({e}) despite DNSSEC-secure TLSA records"),
+                        warnings,
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// The domain's `_mta-sts` TXT record, as found (MTA-STS is not enforced).
@@ -248,11 +350,13 @@ async fn starttls(
         Some(leaf) => describe(leaf.as_ref()),
         None => (Vec::new(), None),
     };
+    let verified = connectors.check_chain(&chain, &name);
     Ok(Found::Tls {
         version,
         names,
         not_after,
-        verified: connectors.check_chain(&chain, &name),
+        verified,
+        chain,
     })
 }
 

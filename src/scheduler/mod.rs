@@ -147,6 +147,8 @@ impl Scheduler {
                 crate::tls::client::Connectors::new(&config.delivery.tls_ca, true)
                     .map_err(|e| anyhow::anyhow!("[delivery] {e}"))?,
             )),
+            // Set per next hop by DANE (src/tls/dane.rs, scheduler::send).
+            dane: None,
         };
         Ok(Arc::new(Scheduler {
             deliveries: Arc::new(Semaphore::new(config.queue.max_deliveries)),

@@ -437,13 +437,41 @@ impl Scheduler {
             tls,
             ..self.client.clone()
         };
+        let dane = self.config().delivery.dane;
+        let mut dane_cache = crate::tls::dane::Cache::default();
         for (name, addr) in addrs {
+            // DANE (RFC 7672) per host: may raise the policy, or rule the host out.
+            let client = if dane {
+                let servers = self.resolver.dnssec_servers();
+                match crate::tls::dane::apply(&client, servers, name, addr.port(), &mut dane_cache)
+                    .await
+                {
+                    Ok((c, note)) => {
+                        trace(&transcript, &note);
+                        c
+                    }
+                    Err(why) => {
+                        warn!("{domain}: {why}");
+                        trace(&transcript, &why);
+                        last = why;
+                        last_status = "4.7.5";
+                        continue;
+                    }
+                }
+            } else {
+                client.clone()
+            };
             trace(
                 &transcript,
                 &format!(
-                    "connecting to {name}[{}]:{} (tls = {tls})",
+                    "connecting to {name}[{}]:{} (tls = {})",
                     addr.ip(),
-                    addr.port()
+                    addr.port(),
+                    if client.dane.is_some() {
+                        "dane".to_string()
+                    } else {
+                        client.tls.to_string()
+                    }
                 ),
             );
             match Connection::connect(addr, name, &client, transcript.clone()).await {

@@ -57,6 +57,8 @@ impl fmt::Display for TlsPolicy {
 pub enum Verified {
     /// Chain to a trust anchor and the host's name (`verify`).
     Pkix,
+    /// Matched the host's DNSSEC-secure TLSA records ([`super::dane`]).
+    Dane,
     /// Not checked (`may`, `encrypt`).
     None,
 }
@@ -65,6 +67,7 @@ impl fmt::Display for Verified {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Verified::Pkix => "pkix",
+            Verified::Dane => "dane",
             Verified::None => "none",
         })
     }

@@ -5,11 +5,15 @@
 //!   acceptor the SMTP driver hands a connection to after `220 2.0.0 Ready to start TLS`.
 //! - [`client`]: the outbound policy (`[delivery] tls`, `[[partner]] tls`: none, may,
 //!   encrypt, verify) and the connectors the delivery client uses after its STARTTLS.
+//! - [`dane`]: DANE (RFC 7672, `[delivery] dane`): the DNSSEC-secure TLSA records of a next
+//!   hop, looked up through the validating resolver, and the verifier that checks the
+//!   server's certificate against them.
 //!
 //! The sans-IO SMTP session never sees TLS: it asks for it ([`crate::smtp::session::Step`]
 //! `StartTls`) and is told the outcome as a [`TlsInfo`].
 
 pub mod client;
+pub mod dane;
 pub mod server;
 
 use std::fmt;

@@ -3,7 +3,8 @@
 //! and aiosmtpd as primaries with their own limits) and killed mid-stream; the seed's
 //! deployments booted as several servers with their own DNS. One test binary, `it`.
 //!
-//! Needs python3 (with its ssl module), swaks (with IO::Socket::SSL for `--tls`), Postfix (`postfix`, `sendmail`), Dovecot (`dovecot-lmtpd`) and what
+//! Needs python3 (with its ssl module), swaks (with IO::Socket::SSL for `--tls`), Postfix (`postfix`, `sendmail`), Dovecot (`dovecot-lmtpd`), nsd, unbound and ldnsutils (the DANE
+//! tests' DNSSEC chain) and what
 //! `.ci/peers` installs (python3-aiosmtpd; Exim and OpenSMTPD unpacked under
 //! /opt/mxspool-peers), and root for Postfix, Exim, OpenSMTPD and the tmpfs mounts; a missing
 //! tool fails its test. The package test needs cargo-deb, binutils and man-db, and under CI
@@ -18,6 +19,7 @@ mod harness;
 mod callout;
 mod crash;
 mod damage;
+mod dane;
 mod defences;
 mod delivery;
 mod delivery_crash;

@@ -856,7 +856,10 @@ fn tls_doctor_reports_starttls_the_certificate_and_whether_it_verifies() {
         "{report}"
     );
     assert!(
-        report.contains("      TLSA _25._tcp.mail.example.com.: none"),
+        report.contains(&format!(
+            "      TLSA _{}._tcp.mail.example.com.: none",
+            o.port
+        )),
         "{report}"
     );
     assert!(
