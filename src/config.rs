@@ -407,6 +407,9 @@ pub struct DeliveryConfig {
     pub bind_address: Option<IpAddr>,
     /// The outbound STARTTLS policy (Postfix's `smtp_tls_security_level`).
     pub tls: crate::tls::client::TlsPolicy,
+    /// Honour destination domains' MTA-STS policies (RFC 8461, [`crate::tls::mta_sts`]) for
+    /// mail delivered by MX lookup (never for a `route` or the smart host).
+    pub mta_sts: bool,
     /// Extra trust anchors (PEM) for `verify`, beside the system's roots; `""`: none.
     #[serde(
         deserialize_with = "optional_path",
@@ -427,6 +430,7 @@ impl Default for DeliveryConfig {
             nameservers: Vec::new(),
             bind_address: None,
             tls: Default::default(),
+            mta_sts: true,
             tls_ca_file: None,
             tls_ca: Vec::new(),
         }

@@ -5,11 +5,16 @@
 //!   acceptor the SMTP driver hands a connection to after `220 2.0.0 Ready to start TLS`.
 //! - [`client`]: the outbound policy (`[delivery] tls`, `[[partner]] tls`: none, may,
 //!   encrypt, verify) and the connectors the delivery client uses after its STARTTLS.
+//! - [`mta_sts`]: destination domains' MTA-STS policies (RFC 8461): the `_mta-sts` TXT
+//!   record, the policy fetched over HTTPS ([`https`], a small bounded GET client) and cached
+//!   in the spool, and what it means for a delivery (which MX hosts, `verify`).
 //!
 //! The sans-IO SMTP session never sees TLS: it asks for it ([`crate::smtp::session::Step`]
 //! `StartTls`) and is told the outcome as a [`TlsInfo`].
 
 pub mod client;
+pub mod https;
+pub mod mta_sts;
 pub mod server;
 
 use std::sync::Arc;
