@@ -493,6 +493,7 @@ fn from_archived(a: &ArchivedEnvelope, size: u64) -> (Envelope, QueueEntry) {
         warned: false,
         held_since_ms: 0,
         held_ms: 0,
+        last_tls: None,
     };
     (env, entry)
 }

@@ -305,6 +305,9 @@ pub fn show(spool: &Spool, id: &str, body: bool, out: &mut dyn Write) -> anyhow:
         if let Some(err) = &q.last_error {
             writeln!(out, "last_error: {err}")?;
         }
+        if let Some(t) = &q.last_tls {
+            writeln!(out, "last_tls: {} {}", t.relay, t.state)?;
+        }
         for r in &q.recipients {
             let state = match r.state {
                 RcptState::Pending => "pending",

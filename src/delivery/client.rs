@@ -544,11 +544,11 @@ impl Connection {
         Ok(self)
     }
 
-    /// For logs: `tls=TLSv1.3 verified=pkix`, or `tls=none`.
-    pub fn tls_state(&self) -> String {
+    /// The session's TLS state (its `Display` is `tls=TLSv1.3 verified=pkix`, `tls=none`).
+    pub fn tls_state(&self) -> crate::tls::TlsState {
         match &self.tls {
-            Some((info, verified)) => format!("tls={} verified={verified}", info.version),
-            None => "tls=none".to_string(),
+            Some((info, verified)) => crate::tls::TlsState::of(info, verified),
+            None => crate::tls::TlsState::clear(),
         }
     }
 

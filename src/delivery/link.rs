@@ -35,9 +35,9 @@ impl Link {
         }
     }
 
-    /// The TLS state of an SMTP connection for the log (`tls=TLSv1.3 verified=pkix`,
-    /// `tls=none`); `None` for LMTP and Maildir.
-    pub fn tls_state(&self) -> Option<String> {
+    /// The TLS state of an SMTP connection, for the log (`tls=TLSv1.3 verified=pkix`,
+    /// `tls=none`) and the queue entry's `last_tls`; `None` for LMTP and Maildir.
+    pub fn tls_state(&self) -> Option<crate::tls::TlsState> {
         match self {
             Link::Remote(c) if !c.is_lmtp() => Some(c.tls_state()),
             _ => None,

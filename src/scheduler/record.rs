@@ -304,7 +304,7 @@ impl Scheduler {
             match o {
                 Outcome::Sent { reply, relay, tls } => {
                     counted("sent");
-                    let tls = tls.as_deref().map(|t| format!("{t}, ")).unwrap_or_default();
+                    let tls = tls.as_ref().map(|t| format!("{t}, ")).unwrap_or_default();
                     info!(
                     "{id}: to=<{}>, relay={relay}, delay={delay}, {tls}dsn={}, status=sent ({reply})",
                     r.address,
@@ -315,11 +315,13 @@ impl Scheduler {
                     reason,
                     status,
                     relay,
+                    tls,
                 }
                 | Outcome::Failed {
                     reason,
                     status,
                     relay,
+                    tls,
                 } => {
                     let word = if became == RcptState::Failed {
                         "bounced"
@@ -327,8 +329,9 @@ impl Scheduler {
                         "deferred"
                     };
                     counted(word);
+                    let tls = tls.as_ref().map(|t| format!("{t}, ")).unwrap_or_default();
                     info!(
-                        "{id}: to=<{}>, relay={}, delay={delay}, dsn={status}, status={word} ({})",
+                        "{id}: to=<{}>, relay={}, delay={delay}, {tls}dsn={status}, status={word} ({})",
                         r.address,
                         relay.as_deref().unwrap_or("none"),
                         describe(reason, relay)

@@ -29,7 +29,7 @@ const MAX_FRUITLESS_SESSIONS: u32 = 2;
 enum Sent {
     /// Sent (or refused): the per-recipient outcomes, to be recorded.
     Done {
-        entry: QueueEntry,
+        entry: Box<QueueEntry>,
         message: Message,
         outcomes: Vec<Outcome>,
         /// At least one recipient was delivered.
@@ -206,7 +206,8 @@ impl Scheduler {
             }
             let link = session.link.as_mut().expect("a usable session");
             let relay = link.relay();
-            let tls = link.tls_state();
+            // One TLS state per transaction, shared by its recipients' outcomes.
+            let tls = link.tls_state().map(std::sync::Arc::new);
             let rcpts: Vec<Recipient> = todo.iter().map(|&i| pending[i].clone()).collect();
             let results = link
                 .send(&Outgoing {
@@ -233,11 +234,13 @@ impl Scheduler {
                         status: reply.dsn_status(),
                         reason: reply.to_string(),
                         relay: said_by.clone(),
+                        tls: tls.clone(),
                     }),
                     RcptResult::Failed(reply) => Some(Outcome::Failed {
                         status: reply.dsn_status(),
                         reason: reply.to_string(),
                         relay: said_by.clone(),
+                        tls: tls.clone(),
                     }),
                 };
             }
@@ -262,6 +265,7 @@ impl Scheduler {
                     status: why.dsn_status(),
                     reason: why.to_string(),
                     relay: said_by.clone(),
+                    tls: tls.clone(),
                 };
                 for i in todo {
                     outcomes[i] = Some(o.clone());
@@ -278,6 +282,7 @@ impl Scheduler {
                     status: why.dsn_status(),
                     reason: format!("{why} (on {} new session(s) in a row)", session.fruitless),
                     relay: said_by.clone(),
+                    tls: tls.clone(),
                 };
                 for i in todo {
                     outcomes[i] = Some(o.clone());
@@ -290,7 +295,7 @@ impl Scheduler {
         let delivered = outcomes.iter().any(|o| matches!(o, Outcome::Sent { .. }));
         (
             Sent::Done {
-                entry,
+                entry: Box::new(entry),
                 message,
                 outcomes,
                 delivered,

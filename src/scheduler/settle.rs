@@ -1,13 +1,15 @@
 //! The pure part of an attempt: per-recipient outcomes in, the entry's new state and the
 //! DSNs it causes out. No I/O; unit-tested on its own.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::config::Config;
 use crate::delivery::Reply;
 use crate::dsn::{self, Action, Dsn, DsnRecipient};
 use crate::envelope::{Body, Envelope, RcptState, Recipient};
-use crate::spool::QueueEntry;
+use crate::spool::{LastTls, QueueEntry};
+use crate::tls::TlsState;
 
 /// What happened to one recipient in one attempt. `relay` (`host[ip]:port`) is set when
 /// `reason` is the reply of that remote server; otherwise `reason` is our own words.
@@ -16,19 +18,39 @@ pub enum Outcome {
     Sent {
         reply: Reply,
         relay: String,
-        /// For the log: `tls=TLSv1.3 verified=pkix`, `tls=none` (SMTP and LMTP only).
-        tls: Option<String>,
+        /// The session's TLS state (SMTP only): `tls=TLSv1.3 verified=pkix`, `tls=none`.
+        /// Shared by every recipient of the session.
+        tls: Option<Arc<TlsState>>,
     },
     Deferred {
         reason: String,
         status: String,
         relay: Option<String>,
+        /// The TLS state of the SMTP session that gave this answer, if one did.
+        tls: Option<Arc<TlsState>>,
     },
     Failed {
         reason: String,
         status: String,
         relay: Option<String>,
+        tls: Option<Arc<TlsState>>,
     },
+}
+
+impl Outcome {
+    /// The SMTP session this outcome came from, as the queue entry keeps it.
+    fn session(&self) -> Option<LastTls> {
+        let (relay, tls) = match self {
+            Outcome::Sent { relay, tls, .. } => (Some(relay), tls),
+            Outcome::Deferred { relay, tls, .. } | Outcome::Failed { relay, tls, .. } => {
+                (relay.as_ref(), tls)
+            }
+        };
+        Some(LastTls {
+            relay: relay?.clone(),
+            state: TlsState::clone(tls.as_ref()?),
+        })
+    }
 }
 
 /// How an outcome reads in the log and in `last_error`.
@@ -74,6 +96,7 @@ pub fn settle(
                 reason,
                 status,
                 relay,
+                ..
             } => {
                 next.recipients[i].state = RcptState::Failed;
                 failed.push((i, reason.clone(), status.clone(), relay.clone()));
@@ -84,6 +107,8 @@ pub fn settle(
     if last_error.is_some() {
         next.last_error = last_error;
     }
+    // Each attempt says anew where it went and how (nothing when it reached no SMTP server).
+    next.last_tls = outcomes.iter().rev().find_map(Outcome::session);
 
     // Too old: every recipient still pending fails now.
     // Time spent on hold does not count.
@@ -99,6 +124,7 @@ pub fn settle(
             reason,
             status,
             relay,
+            ..
         } = outcome
         {
             if expired {
@@ -214,6 +240,7 @@ pub(super) fn deferred(reason: String, status: &str, relay: Option<String>) -> O
         reason,
         status: status.to_string(),
         relay,
+        tls: None,
     }
 }
 
@@ -222,6 +249,7 @@ pub(super) fn failed(reason: String, status: &str) -> Outcome {
         reason,
         status: status.to_string(),
         relay: None,
+        tls: None,
     }
 }
 
@@ -265,6 +293,7 @@ mod tests {
             warned: false,
             held_since_ms: 0,
             held_ms: 0,
+            last_tls: None,
         }
     }
 
@@ -293,10 +322,37 @@ mod tests {
             reason: "550 5.1.1 unknown".into(),
             status: "5.1.1".into(),
             relay: Some("mail".into()),
+            tls: None,
         }
     }
 
     const MSG: &[u8] = b"Subject: x\r\n\r\nbody\r\n";
+
+    #[test]
+    fn each_attempt_records_its_last_session_and_its_tls() {
+        let env = envelope("s@x.org", &["a@d.org"]);
+        let now = at(&env, Duration::from_secs(60));
+        let busy = Outcome::Deferred {
+            reason: "450 4.2.1 busy".into(),
+            status: "4.2.1".into(),
+            relay: Some("mail[127.0.0.2]:25".into()),
+            tls: Some(Arc::new(TlsState {
+                version: Some("TLSv1.3".into()),
+                cipher: Some("TLS13_AES_128_GCM_SHA256".into()),
+                verified: "pkix".into(),
+            })),
+        };
+        let (next, _) = settle(&config(), &entry(&env), &env, MSG, &[busy], now, HOUR);
+        let last = next.last_tls.clone().expect("the session is recorded");
+        assert_eq!(last.relay, "mail[127.0.0.2]:25");
+        assert_eq!(last.state.to_string(), "tls=TLSv1.3 verified=pkix");
+        // Kept through the spool's encoding.
+        let back = QueueEntry::from_bytes(&next.to_bytes()).unwrap();
+        assert_eq!(back.last_tls, Some(last));
+        // The next attempt reaches no server: it says so, the old session is not kept.
+        let (next, _) = settle(&config(), &next, &env, MSG, &[later()], now, HOUR);
+        assert_eq!(next.last_tls, None);
+    }
 
     #[test]
     fn a_deferral_counts_the_attempt_and_waits_the_retry_interval() {

@@ -198,6 +198,7 @@ impl Batch {
                 warned: false,
                 held_since_ms: if is_held { arrival } else { 0 },
                 held_ms: 0,
+                last_tls: None,
             };
             b.put(Cf::Queue, keys::queue(domain, &id), entry.to_bytes());
             b.usage(domain, 1, signed(env.size));
@@ -412,6 +413,7 @@ mod tests {
             warned: false,
             held_since_ms: 0,
             held_ms: 0,
+            last_tls: None,
         };
         // Still pending: the entry is rewritten and due again later.
         let mut later = current.clone();

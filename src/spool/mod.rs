@@ -245,6 +245,20 @@ pub struct QueueEntry {
     /// Time spent held so far, ms: it does not count toward `max_lifetime`.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub held_ms: u64,
+    /// The last attempt's SMTP session: where, and its TLS state (`None` when the last
+    /// attempt reached no SMTP server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_tls: Option<LastTls>,
+}
+
+/// Where the last attempt went and how its session was protected (`queue --json`'s
+/// `last_tls`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastTls {
+    /// `host[ip]:port`.
+    pub relay: String,
+    #[serde(flatten)]
+    pub state: crate::tls::TlsState,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -294,6 +308,7 @@ pub struct QueuedMessage {
     pub attempts: u32,
     pub next_attempt_ms: u64,
     pub last_error: Option<String>,
+    pub last_tls: Option<LastTls>,
     pub held: bool,
 }
 
@@ -322,6 +337,7 @@ impl QueuedMessage {
             "attempts": self.attempts,
             "next_attempt": rfc3339(self.next_attempt_ms),
             "last_error": self.last_error,
+            "last_tls": self.last_tls,
             "held": self.held,
         })
     }
@@ -1149,6 +1165,7 @@ impl Spool {
                 attempts: entry.attempts,
                 next_attempt_ms: entry.next_attempt_ms,
                 last_error: entry.last_error,
+                last_tls: entry.last_tls,
                 held: entry.held,
             };
             if !f(m) {

@@ -334,6 +334,14 @@ fn queue_json_has_the_postqueue_fields() {
         attempts: 3,
         next_attempt_ms: 1_700_003_600_000,
         last_error: Some("421 try later".into()),
+        last_tls: Some(crate::spool::LastTls {
+            relay: "mx.d.org[192.0.2.1]:25".into(),
+            state: crate::tls::TlsState {
+                version: Some("TLSv1.3".into()),
+                cipher: Some("TLS13_AES_256_GCM_SHA384".into()),
+                verified: "pkix".into(),
+            },
+        }),
         held: true,
     };
     assert_eq!(
@@ -351,6 +359,8 @@ fn queue_json_has_the_postqueue_fields() {
             "attempts": 3,
             "next_attempt": "2023-11-14T23:13:20Z",
             "last_error": "421 try later",
+            "last_tls": {"relay": "mx.d.org[192.0.2.1]:25", "version": "TLSv1.3",
+                "cipher": "TLS13_AES_256_GCM_SHA384", "verified": "pkix"},
             "held": true,
         })
     );
@@ -812,6 +822,7 @@ async fn the_counters_follow_every_change_of_the_queue_and_survive_a_reopen() {
             warned: false,
             held_since_ms: 0,
             held_ms: 0,
+            last_tls: None,
         },
         &mut &[b'z'; 7][..],
         9,
@@ -918,6 +929,7 @@ fn import(spool: &Spool, id: &str, member: &mut Member) -> Result<bool, ImportEr
         warned: false,
         held_since_ms: 0,
         held_ms: 0,
+        last_tls: None,
     };
     spool.import_blocking("one.org", e, entry, member, 1000)
 }

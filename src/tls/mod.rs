@@ -17,6 +17,7 @@ pub mod https;
 pub mod mta_sts;
 pub mod server;
 
+use std::fmt;
 use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
@@ -77,6 +78,50 @@ impl TlsInfo {
     }
 }
 
+/// The TLS state of one SMTP session, as the logs (`tls=TLSv1.3 verified=pkix`, `tls=none`)
+/// and `queue --json` (`last_tls`) show it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TlsState {
+    /// `TLSv1.3`, `TLSv1.2`; `None` for a session in clear text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// The cipher suite's IANA name; `None` in clear text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cipher: Option<String>,
+    /// How the server's certificate was checked: `pkix`, `dane`, or `none` (also in clear
+    /// text).
+    pub verified: String,
+}
+
+impl TlsState {
+    /// A session without TLS.
+    pub fn clear() -> TlsState {
+        TlsState {
+            version: None,
+            cipher: None,
+            verified: "none".to_string(),
+        }
+    }
+
+    /// A session after a handshake, its certificate checked as `verified` says.
+    pub fn of(info: &TlsInfo, verified: impl fmt::Display) -> TlsState {
+        TlsState {
+            version: Some(info.version.clone()),
+            cipher: Some(info.cipher.clone()),
+            verified: verified.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for TlsState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.version {
+            Some(v) => write!(f, "tls={v} verified={}", self.verified),
+            None => f.write_str("tls=none"),
+        }
+    }
+}
+
 /// The key length of the symmetric cipher a suite name names.
 fn cipher_bits(name: &str) -> u16 {
     if name.contains("AES_256") || name.contains("CHACHA20") {
@@ -106,5 +151,15 @@ mod tests {
             info.summary(),
             "TLSv1.3 with cipher TLS13_AES_256_GCM_SHA384 (256/256 bits)"
         );
+        let state = TlsState::of(&info, "pkix");
+        assert_eq!(state.to_string(), "tls=TLSv1.3 verified=pkix");
+        assert_eq!(TlsState::clear().to_string(), "tls=none");
+        let json = serde_json::to_value(&state).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"version": "TLSv1.3", "cipher": "TLS13_AES_256_GCM_SHA384", "verified": "pkix"})
+        );
+        let back: TlsState = serde_json::from_value(json).unwrap();
+        assert_eq!(back, state);
     }
 }
