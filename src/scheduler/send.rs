@@ -386,11 +386,15 @@ impl Scheduler {
         prefer: Option<SocketAddr>,
     ) -> Result<Link, Outcome> {
         // MTA-STS (RFC 8461) for MX delivery only: a route is the administrator's choice.
-        let sts = match (&self.sts, route.is_empty()) {
-            (Some(sts), true) => sts.decide(domain, &transcript).await,
-            _ => None,
+        // Its TXT lookup (and a fetch, if any) runs beside the next-hop lookup.
+        let decide = async {
+            match (&self.sts, route.is_empty()) {
+                (Some(sts), true) => sts.decide(domain, &transcript).await,
+                _ => None,
+            }
         };
-        let hops = match self.resolver.next_hops(domain, route).await {
+        let (sts, next_hops) = tokio::join!(decide, self.resolver.next_hops(domain, route));
+        let hops = match next_hops {
             Ok(Route::Hops(h)) => h,
             Ok(Route::NullMx) => {
                 return Err(failed(

@@ -46,6 +46,11 @@ pub const MAX_MAX_AGE: u64 = 31_557_600;
 /// session to the domain would otherwise wait for it).
 pub const FETCH_RETRY: Duration = Duration::from_secs(300);
 
+/// The `_mta-sts` TXT lookup at most (on top of the resolver's own per-query limits): a
+/// slow or failing lookup is treated as no record (a cached policy still applies), so
+/// delivery never waits long for it.
+pub const TXT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The well-known place of the policy on `mta-sts.DOMAIN` (RFC 8461 3.3).
 const POLICY_PATH: &str = "/.well-known/mta-sts.txt";
 
@@ -366,10 +371,13 @@ fn note(transcript: &Option<Transcript>, line: &str) {
 }
 
 /// What the `_mta-sts` TXT lookup came to.
-enum Txt {
+#[derive(Debug)]
+pub enum Txt {
     Id(String),
-    /// No record, or none usable.
+    /// No `v=STSv1` record.
     Nothing,
+    /// Records that do not parse, or several (RFC 8461 3.1: as none).
+    Unusable(String),
     /// The lookup failed (SERVFAIL, timeout).
     Failed(String),
 }
@@ -408,7 +416,10 @@ impl Sts {
     /// transcribes `MTA-STS policy for DOMAIN: mode=... id=... (cached|fetched)`.
     pub async fn decide(&self, domain: &str, transcript: &Option<Transcript>) -> Option<Decision> {
         let domain = domain.trim_end_matches('.').to_ascii_lowercase();
-        if domain.starts_with('[') || !domain.contains('.') {
+        if domain.starts_with('[')
+            || domain.parse::<std::net::IpAddr>().is_ok()
+            || !domain.contains('.')
+        {
             return None; // an address literal or a bare name: no DNS, no policy
         }
         let txt = self.txt(&domain).await;
@@ -417,7 +428,7 @@ impl Sts {
             (Txt::Id(id), Some((record, policy))) if id == record.id => {
                 (id, policy, Source::Cached)
             }
-            (Txt::Nothing | Txt::Failed(_), Some((record, policy))) => {
+            (Txt::Nothing | Txt::Unusable(_) | Txt::Failed(_), Some((record, policy))) => {
                 (record.id, policy, Source::Cached)
             }
             (Txt::Id(id), cached) => match self.fetch(&domain, &id).await {
@@ -441,7 +452,7 @@ impl Sts {
                 debug!("MTA-STS: TXT lookup for _mta-sts.{domain} failed: {e}");
                 return None;
             }
-            (Txt::Nothing, None) => return None,
+            (Txt::Nothing | Txt::Unusable(_), None) => return None,
         };
         let decision = Decision {
             domain,
@@ -456,32 +467,7 @@ impl Sts {
     }
 
     async fn txt(&self, domain: &str) -> Txt {
-        let name = format!("_mta-sts.{domain}.");
-        match self.resolver.dns().txt_lookup(name.as_str()).await {
-            Ok(found) => {
-                let texts: Vec<String> = found
-                    .iter()
-                    .map(|t| {
-                        let bytes: Vec<u8> = t
-                            .txt_data()
-                            .iter()
-                            .flat_map(|d| d.iter().copied())
-                            .collect();
-                        String::from_utf8_lossy(&bytes).into_owned()
-                    })
-                    .collect();
-                match parse_txt(&texts) {
-                    Ok(Some(id)) => Txt::Id(id),
-                    Ok(None) => Txt::Nothing,
-                    Err(e) => {
-                        warn!("MTA-STS: unusable TXT record {name}: {e}; treated as none");
-                        Txt::Nothing
-                    }
-                }
-            }
-            Err(e) if e.is_no_records_found() => Txt::Nothing,
-            Err(e) => Txt::Failed(e.to_string()),
-        }
+        lookup_txt(&self.resolver, domain).await
     }
 
     /// The spool's unexpired policy for `domain`, parsed.
@@ -519,10 +505,7 @@ impl Sts {
                 }
             }
         }
-        let result = match tokio::time::timeout(FETCH_TIMEOUT, self.get(domain)).await {
-            Ok(r) => r,
-            Err(_) => Err(format!("no policy within {} s", FETCH_TIMEOUT.as_secs())),
-        };
+        let result = self.get(domain).await;
         let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
         match result {
             Ok((text, policy)) => {
@@ -552,14 +535,60 @@ impl Sts {
 
     /// The policy text and its parse.
     async fn get(&self, domain: &str) -> Result<(String, Policy), String> {
+        fetch_policy(&self.resolver, &self.connectors, domain).await
+    }
+}
+
+/// The `_mta-sts.DOMAIN` TXT lookup through `resolver`, within [`TXT_TIMEOUT`] (also for
+/// `doctor`).
+pub async fn lookup_txt(resolver: &Resolver, domain: &str) -> Txt {
+    let name = format!("_mta-sts.{domain}.");
+    let lookup = resolver.dns().txt_lookup(name.as_str());
+    let Ok(answer) = tokio::time::timeout(TXT_TIMEOUT, lookup).await else {
+        return Txt::Failed(format!("no answer within {} s", TXT_TIMEOUT.as_secs()));
+    };
+    match answer {
+        Ok(found) => {
+            let texts: Vec<String> = found
+                .iter()
+                .map(|t| {
+                    let bytes: Vec<u8> = t
+                        .txt_data()
+                        .iter()
+                        .flat_map(|d| d.iter().copied())
+                        .collect();
+                    String::from_utf8_lossy(&bytes).into_owned()
+                })
+                .collect();
+            match parse_txt(&texts) {
+                Ok(Some(id)) => Txt::Id(id),
+                Ok(None) => Txt::Nothing,
+                Err(e) => {
+                    warn!("MTA-STS: unusable TXT record {name}: {e}; treated as none");
+                    Txt::Unusable(e)
+                }
+            }
+        }
+        Err(e) if e.is_no_records_found() => Txt::Nothing,
+        Err(e) => Txt::Failed(e.to_string()),
+    }
+}
+
+/// Fetches `https://mta-sts.DOMAIN/.well-known/mta-sts.txt` (see the module docs) within
+/// [`FETCH_TIMEOUT`]: the policy text and its parse (also for `doctor`).
+pub async fn fetch_policy(
+    resolver: &Resolver,
+    connectors: &Connectors,
+    domain: &str,
+) -> Result<(String, Policy), String> {
+    let get = async {
         let host = format!("mta-sts.{domain}");
-        let addrs = self
-            .resolver
+        let addrs = resolver
             .host_addrs(&host)
             .await
             .map_err(|e| e.to_string())?;
         let body = super::https::get(
-            self.connectors.verifying(),
+            connectors.verifying(),
             &host,
             &addrs,
             443,
@@ -571,6 +600,10 @@ impl Sts {
         let text = String::from_utf8(body).map_err(|_| "the policy is not UTF-8".to_string())?;
         let policy = parse_policy(&text).map_err(|e| format!("bad policy: {e}"))?;
         Ok((text, policy))
+    };
+    match tokio::time::timeout(FETCH_TIMEOUT, get).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no policy within {} s", FETCH_TIMEOUT.as_secs())),
     }
 }
 
