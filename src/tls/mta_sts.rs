@@ -154,32 +154,29 @@ pub fn parse_policy(text: &str) -> Result<Policy, String> {
             "version" => {
                 version.get_or_insert(value);
             }
-            "mode" => {
-                if mode.is_none() {
-                    mode = Some(match value {
-                        "enforce" => Mode::Enforce,
-                        "testing" => Mode::Testing,
-                        "none" => Mode::None,
-                        _ => {
-                            return Err(format!(
-                                "mode {:?} is none of enforce, testing, none",
-                                short(value)
-                            ))
-                        }
-                    });
-                }
-            }
-            "max_age" => {
-                if max_age.is_none() {
-                    if value.is_empty()
-                        || value.len() > 10
-                        || !value.bytes().all(|b| b.is_ascii_digit())
-                    {
-                        return Err(format!("max_age {:?} is not 1 to 10 digits", short(value)));
+            // The first of each counts; later ones fall to `_` and are ignored.
+            "mode" if mode.is_none() => {
+                mode = Some(match value {
+                    "enforce" => Mode::Enforce,
+                    "testing" => Mode::Testing,
+                    "none" => Mode::None,
+                    _ => {
+                        return Err(format!(
+                            "mode {:?} is none of enforce, testing, none",
+                            short(value)
+                        ))
                     }
-                    let secs: u64 = value.parse().map_err(|_| "max_age".to_string())?;
-                    max_age = Some(secs.min(MAX_MAX_AGE));
+                });
+            }
+            "max_age" if max_age.is_none() => {
+                if value.is_empty()
+                    || value.len() > 10
+                    || !value.bytes().all(|b| b.is_ascii_digit())
+                {
+                    return Err(format!("max_age {:?} is not 1 to 10 digits", short(value)));
                 }
+                let secs: u64 = value.parse().map_err(|_| "max_age".to_string())?;
+                max_age = Some(secs.min(MAX_MAX_AGE));
             }
             "mx" => mx.push(mx_pattern(value)?),
             _ => {}
