@@ -581,3 +581,43 @@ fn mta_sts_doctor_reports_the_policy_and_what_enforce_would_do() {
         "{report}"
     );
 }
+
+/// A TXT record whose policy cannot be fetched (nothing listens on mta-sts.example.com:443)
+/// and nothing cached: delivered as without MTA-STS, with a warning; the next delivery within
+/// FETCH_RETRY does not try the fetch again (no wait).
+#[test]
+fn mta_sts_unfetchable_policy_delivers_as_without_it_and_is_not_retried_at_once() {
+    let s = Sts::new(8);
+    s.set_policy("enforce", &["mail.example.com"]);
+    let dns = s.dns("1");
+    let mut primary = s.clear_primary();
+    let _p = primary.start();
+    let mut backup = s.backup(&dns, primary.port, "");
+    let b = backup.start();
+    let t = send_and_flush(&backup);
+    assert!(
+        wait_for(Duration::from_secs(15), Duration::from_millis(100), || {
+            !delivered(&primary).is_empty()
+        }),
+        "{t}\n{}",
+        b.log()
+    );
+    assert!(
+        t.contains("MTA-STS policy for example.com (id=1) could not be fetched: ")
+            && t.contains("; delivering as without MTA-STS"),
+        "{t}"
+    );
+    let t = send_and_flush(&backup);
+    assert!(
+        t.contains("could not be fetched: the last fetch failed less than 300 s ago"),
+        "{t}"
+    );
+    assert!(
+        wait_for(Duration::from_secs(15), Duration::from_millis(100), || {
+            delivered(&primary).len() >= 2
+        }),
+        "{t}\n{}",
+        b.log()
+    );
+    assert_eq!(s.fetches(), 0);
+}
