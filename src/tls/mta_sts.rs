@@ -13,14 +13,17 @@
 //!    redirects, `200` and `text/plain` only, at most [`MAX_POLICY`], within
 //!    [`FETCH_TIMEOUT`]), parses it ([`parse_policy`]) and caches it for its `max_age`. A
 //!    failed fetch keeps an unexpired cached policy; without one the domain has no policy
-//!    (RFC 8461 5.1). A failed fetch of an id is not tried again for [`FETCH_RETRY`].
+//!    (RFC 8461 5.1). A failed fetch of an id is not tried again for [`FETCH_RETRY`]. The
+//!    delivery waits for a fetch at most [`FETCH_WAIT`] (a slower one goes on in the
+//!    background and caches its policy for the next delivery; meanwhile: as failed), and
+//!    there is one fetch per domain at a time.
 //!
 //! The [`Decision`] then says what delivery does: `enforce` tries only the MX hosts that
 //! match the policy's `mx` patterns ([`mx_matches`]), with `tls = verify` toward them (no
 //! clear text, no fallback); no matching host defers with 4.7.5. `testing` delivers as the
 //! configured policy says and warns about what `enforce` would have refused. `none`: nothing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -41,6 +44,10 @@ pub const MAX_POLICY: usize = 64 * 1024;
 
 /// The longest `max_age` (RFC 8461 3.2: 31557600 s, about a year); longer is cut to it.
 pub const MAX_MAX_AGE: u64 = 31_557_600;
+
+/// How long a delivery waits for a policy fetch; a slower fetch goes on in the background
+/// (up to [`FETCH_TIMEOUT`]) and the delivery goes on as the RFC says for a failed fetch.
+pub const FETCH_WAIT: Duration = Duration::from_secs(10);
 
 /// A fetch that failed for a domain's id is not tried again sooner than this (every
 /// session to the domain would otherwise wait for it).
@@ -381,11 +388,18 @@ pub enum Txt {
 
 /// The MTA-STS machinery of the scheduler: lookups, fetches, the spool's cache.
 pub struct Sts {
+    shared: Arc<Shared>,
+}
+
+/// What [`Sts`] and its background fetches share.
+struct Shared {
     resolver: Resolver,
     connectors: Arc<Connectors>,
     spool: Spool,
     /// Domain → the id whose fetch failed, and when.
     failed: Mutex<HashMap<String, (String, Instant)>>,
+    /// Domains whose policy is being fetched now (one fetch per domain at a time).
+    fetching: Mutex<HashSet<String>>,
 }
 
 impl fmt::Debug for Sts {
@@ -397,16 +411,19 @@ impl fmt::Debug for Sts {
 impl Sts {
     pub fn new(resolver: Resolver, connectors: Arc<Connectors>, spool: Spool) -> Sts {
         Sts {
-            resolver,
-            connectors,
-            spool,
-            failed: Mutex::new(HashMap::new()),
+            shared: Arc::new(Shared {
+                resolver,
+                connectors,
+                spool,
+                failed: Mutex::new(HashMap::new()),
+                fetching: Mutex::new(HashSet::new()),
+            }),
         }
     }
 
     /// The connectors the fetch verifies with (and `testing` checks connections with).
     pub fn connectors(&self) -> &Connectors {
-        &self.connectors
+        &self.shared.connectors
     }
 
     /// The policy in force for `domain` now, if any (see the module docs); logs and
@@ -464,12 +481,12 @@ impl Sts {
     }
 
     async fn txt(&self, domain: &str) -> Txt {
-        lookup_txt(&self.resolver, domain).await
+        lookup_txt(&self.shared.resolver, domain).await
     }
 
     /// The spool's unexpired policy for `domain`, parsed.
     async fn cached(&self, domain: &str) -> Option<(StsRecord, Policy)> {
-        let spool = self.spool.clone();
+        let spool = self.shared.spool.clone();
         let key = domain.to_string();
         let now = crate::scheduler::now_ms();
         let record = match tokio::task::spawn_blocking(move || spool.sts_get(&key, now)).await {
@@ -489,10 +506,13 @@ impl Sts {
         }
     }
 
-    /// Fetches, parses and caches `domain`'s policy for `id`.
+    /// Fetches, parses and caches `domain`'s policy for `id`, waiting at most
+    /// [`FETCH_WAIT`]: a fetch still going on then goes on in the background (up to
+    /// [`FETCH_TIMEOUT`]) and caches the policy for later deliveries. One fetch per domain at
+    /// a time: a delivery that finds one under way does not wait for it.
     async fn fetch(&self, domain: &str, id: &str) -> Result<Policy, String> {
         {
-            let failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+            let failed = self.shared.failed.lock().unwrap_or_else(|p| p.into_inner());
             if let Some((failed_id, at)) = failed.get(domain) {
                 if failed_id == id && at.elapsed() < FETCH_RETRY {
                     return Err(format!(
@@ -502,7 +522,53 @@ impl Sts {
                 }
             }
         }
-        let result = self.get(domain).await;
+        {
+            let mut fetching = self
+                .shared
+                .fetching
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if !fetching.insert(domain.to_string()) {
+                return Err("a fetch is under way".into());
+            }
+        }
+        let shared = self.shared.clone();
+        let (d, i) = (domain.to_string(), id.to_string());
+        let task = tokio::spawn(async move {
+            let _fetching = Fetching(&shared, &d);
+            let result = fetch_policy(&shared.resolver, &shared.connectors, &d).await;
+            shared.settle(&d, &i, result)
+        });
+        match tokio::time::timeout(FETCH_WAIT, task).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) => Err(format!("the fetch task failed: {e}")),
+            Err(_) => Err(format!(
+                "no policy within {} s (the fetch goes on in the background, at most {} s)",
+                FETCH_WAIT.as_secs(),
+                FETCH_TIMEOUT.as_secs()
+            )),
+        }
+    }
+}
+
+/// Takes a domain off [`Shared::fetching`] when its fetch ends, however it ends.
+struct Fetching<'a>(&'a Shared, &'a str);
+
+impl Drop for Fetching<'_> {
+    fn drop(&mut self) {
+        let mut fetching = self.0.fetching.lock().unwrap_or_else(|p| p.into_inner());
+        fetching.remove(self.1);
+    }
+}
+
+impl Shared {
+    /// A fetch's end: the policy cached in the spool, or the failure remembered.
+    fn settle(
+        &self,
+        domain: &str,
+        id: &str,
+        result: Result<(String, Policy), String>,
+    ) -> Result<Policy, String> {
         let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
         match result {
             Ok((text, policy)) => {
@@ -528,11 +594,6 @@ impl Sts {
                 Err(e)
             }
         }
-    }
-
-    /// The policy text and its parse.
-    async fn get(&self, domain: &str) -> Result<(String, Policy), String> {
-        fetch_policy(&self.resolver, &self.connectors, domain).await
     }
 }
 
