@@ -410,6 +410,9 @@ pub struct DeliveryConfig {
     /// DANE (RFC 7672, [`crate::tls::dane`]): where a next hop has DNSSEC-secure TLSA
     /// records (the AD bit of the configured validating resolver), enforce them.
     pub dane: bool,
+    /// Honour destination domains' MTA-STS policies (RFC 8461, [`crate::tls::mta_sts`]) for
+    /// mail delivered by MX lookup (never for a `route` or the smart host).
+    pub mta_sts: bool,
     /// Extra trust anchors (PEM) for `verify`, beside the system's roots; `""`: none.
     #[serde(
         deserialize_with = "optional_path",
@@ -431,6 +434,7 @@ impl Default for DeliveryConfig {
             bind_address: None,
             tls: Default::default(),
             dane: true,
+            mta_sts: true,
             tls_ca_file: None,
             tls_ca: Vec::new(),
         }

@@ -597,6 +597,22 @@ impl Connection {
         }
     }
 
+    /// How this connection's TLS certificate was checked and the chain the server sent
+    /// (its own certificate first); `None` in clear. For MTA-STS `testing`.
+    pub fn tls_peer(&self) -> Option<(Verified, Vec<rustls::pki_types::CertificateDer<'static>>)> {
+        let (_, verified) = self.tls.as_ref()?;
+        let chain = match &self.stream {
+            Stream::Tls(t) => t
+                .get_ref()
+                .1
+                .peer_certificates()
+                .unwrap_or_default()
+                .to_vec(),
+            _ => Vec::new(),
+        };
+        Some((*verified, chain))
+    }
+
     /// Connects to an LMTP server (RFC 2033), reads the greeting and says LHLO (there is no
     /// fallback: an LMTP server that refuses LHLO is an error). Over TCP the host name is
     /// the address itself.

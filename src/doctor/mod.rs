@@ -323,14 +323,24 @@ pub async fn check(config: &Config, domain: &str) -> anyhow::Result<Report> {
         let _ = writeln!(out, "  (TLS policy toward them: tls = {policy})");
     }
     let mut tlsa_done = std::collections::HashSet::new();
+    let mut seen = Vec::new();
     for ((what, host, addr), label) in probes.iter().zip(&labels) {
         match smtp_probe(*addr, timeout).await {
             Ok(banner) => {
                 let _ = writeln!(out, "  {label:<width$}  OK    {banner}");
                 match &connectors {
                     Ok(c) => {
-                        tls::check_host(config, c, policy, host, *addr, &mut out, &mut warnings)
-                            .await
+                        let s = tls::check_host(
+                            config,
+                            c,
+                            policy,
+                            host,
+                            *addr,
+                            &mut out,
+                            &mut warnings,
+                        )
+                        .await;
+                        seen.push((host.clone(), *addr, s));
                     }
                     Err(e) => {
                         let _ = writeln!(out, "      TLS: not checked: {e}");
@@ -343,13 +353,32 @@ pub async fn check(config: &Config, domain: &str) -> anyhow::Result<Report> {
                 }
             }
             Err(reason) => {
+                seen.push((host.clone(), *addr, tls::Seen::Unknown));
                 let _ = writeln!(out, "  {label:<width$}  FAIL  {reason}");
                 warnings.push(format!("{what} at {addr} does not answer SMTP: {reason}"));
             }
         }
     }
     if !probes.is_empty() {
-        tls::mta_sts(&resolver, &domain, &mut out).await;
+        // MTA-STS applies to delivery by MX only, and only with [delivery] mta_sts.
+        let applies = match config.transport(&domain) {
+            crate::config::Transport::Mx if config.delivery.mta_sts => Ok(()),
+            crate::config::Transport::Mx => Err("[delivery] mta_sts = false"),
+            _ => Err("delivery uses the configured route"),
+        };
+        if !matches!(config.transport(&domain), crate::config::Transport::Mx) {
+            seen.clear(); // route hosts, not MX hosts
+        }
+        tls::mta_sts(
+            &resolver,
+            connectors.as_ref().ok(),
+            &domain,
+            applies,
+            &seen,
+            &mut out,
+            &mut warnings,
+        )
+        .await;
     }
     Ok(finish(out, warnings))
 }

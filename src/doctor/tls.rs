@@ -2,7 +2,8 @@
 //! version, the names and expiry of its certificate and whether it verifies as `verify`
 //! would (to the system's roots or `tls_ca_file`, for the host's name); the TLSA records at
 //! `_PORT._tcp.HOST` with their DNSSEC status and, for DANE, whether the certificate matches
-//! them; the domain's `_mta-sts` TXT record, reported as found. Warns when the
+//! them; the domain's MTA-STS policy, fetched, and whether the hosts checked match it and
+//! meet it. Warns when the
 //! policy delivery applies (`[[partner]] tls`, else `[delivery] tls`) would defer: no
 //! STARTTLS under `encrypt`/`verify`, a certificate that does not verify under `verify`;
 //! and when a certificate has expired or expires within [`EXPIRY_WARNING_DAYS`].
@@ -17,6 +18,8 @@ use tokio::net::TcpStream;
 use crate::config::Config;
 use crate::delivery::mx::Resolver;
 use crate::tls::client::{server_name, Connectors, TlsPolicy};
+use crate::tls::mta_sts::{self, Mode};
+use spool_tools::terminal::escape_line;
 
 /// A certificate that expires sooner than this is a warning.
 pub const EXPIRY_WARNING_DAYS: i64 = 14;
@@ -37,7 +40,18 @@ enum Found {
     },
 }
 
+/// What [`check_host`] saw of a host's TLS, for the MTA-STS check.
+#[derive(Debug, Clone)]
+pub enum Seen {
+    /// The check failed or got no answer.
+    Unknown,
+    NoStartTls,
+    /// STARTTLS and a handshake; whether the certificate verifies as `verify` would.
+    Tls(Result<(), String>),
+}
+
 /// Checks the TLS of `host` at `addr`; one indented line per finding goes to `out`.
+#[allow(clippy::too_many_arguments)]
 pub async fn check_host(
     config: &Config,
     connectors: &Connectors,
@@ -46,7 +60,7 @@ pub async fn check_host(
     addr: SocketAddr,
     out: &mut String,
     warnings: &mut Vec<String>,
-) {
+) -> Seen {
     let timeout = config.delivery.connect_timeout.0;
     let found = match tokio::time::timeout(
         timeout * 3,
@@ -62,11 +76,11 @@ pub async fn check_host(
                     "{host} at {addr}: TLS failed ({e}) and tls = {policy} needs it: delivery defers"
                 ));
             }
-            return;
+            return Seen::Unknown;
         }
         Err(_) => {
             let _ = writeln!(out, "      TLS: no answer in time");
-            return;
+            return Seen::Unknown;
         }
     };
     match found {
@@ -78,6 +92,7 @@ pub async fn check_host(
                      delivery to it defers"
                 ));
             }
+            Seen::NoStartTls
         }
         Found::Tls {
             version,
@@ -124,6 +139,7 @@ pub async fn check_host(
                      delivery to it defers"
                 ));
             }
+            Seen::Tls(verified)
         }
     }
 }
@@ -254,36 +270,129 @@ pub async fn tlsa(
     }
 }
 
-/// The domain's `_mta-sts` TXT record, as found (MTA-STS is not enforced).
-pub async fn mta_sts(resolver: &Resolver, domain: &str, out: &mut String) {
+/// The domain's MTA-STS policy (RFC 8461): the `_mta-sts` TXT record, then the policy
+/// fetched as delivery fetches it ([`mta_sts::fetch_policy`]; `doctor` neither reads nor
+/// writes the spool's cache): its mode, max_age and mx patterns, and for each host in `seen`
+/// (the MX hosts checked, with what [`check_host`] saw) whether it matches. `applies`: the
+/// domain is delivered by MX with `[delivery] mta_sts = true`; then an `enforce` policy that
+/// would defer (a host matching no pattern, no STARTTLS, a certificate that does not verify)
+/// is a warning, and so is a policy that cannot be fetched.
+pub async fn mta_sts(
+    resolver: &Resolver,
+    connectors: Option<&Connectors>,
+    domain: &str,
+    applies: Result<(), &str>,
+    seen: &[(String, SocketAddr, Seen)],
+    out: &mut String,
+    warnings: &mut Vec<String>,
+) {
     let name = format!("_mta-sts.{domain}.");
-    let line = match resolver.dns().txt_lookup(name.as_str()).await {
-        Ok(found) => {
-            let texts: Vec<String> = found
-                .iter()
-                .map(|t| {
-                    let text: Vec<u8> = t
-                        .txt_data()
-                        .iter()
-                        .flat_map(|d| d.iter().copied())
-                        .collect();
-                    spool_tools::terminal::escape_line(&String::from_utf8_lossy(&text))
-                })
-                .filter(|t| t.starts_with("v=STSv1"))
-                .collect();
-            if texts.is_empty() {
-                "no v=STSv1 record".to_string()
-            } else {
-                format!(
-                    "{}; this version does not fetch or enforce the policy",
-                    texts.join(" | ")
-                )
+    let id = match mta_sts::lookup_txt(resolver, domain).await {
+        mta_sts::Txt::Id(id) => id,
+        mta_sts::Txt::Nothing => {
+            let _ = writeln!(out, "  MTA-STS {name}: none");
+            return;
+        }
+        mta_sts::Txt::Unusable(e) => {
+            let e = escape_line(&e);
+            let _ = writeln!(
+                out,
+                "  MTA-STS {name}: unusable ({e}): treated as no policy"
+            );
+            warnings.push(format!(
+                "the MTA-STS TXT record {name} is unusable ({e}): senders treat it as none"
+            ));
+            return;
+        }
+        mta_sts::Txt::Failed(e) => {
+            let _ = writeln!(out, "  MTA-STS {name}: lookup failed: {}", escape_line(&e));
+            return;
+        }
+    };
+    let _ = writeln!(out, "  MTA-STS {name}: v=STSv1; id={id}");
+    if let Err(why) = applies {
+        let _ = writeln!(out, "    ({why}: delivery does not apply it)");
+    }
+    let Some(connectors) = connectors else {
+        let _ = writeln!(out, "    policy: not fetched (no TLS trust anchors)");
+        return;
+    };
+    let url = format!("https://mta-sts.{domain}/.well-known/mta-sts.txt");
+    let policy = match mta_sts::fetch_policy(resolver, connectors, domain).await {
+        Ok((_, policy)) => policy,
+        Err(e) => {
+            let e = escape_line(&e);
+            let _ = writeln!(out, "    policy {url}: could not be fetched: {e}");
+            if applies.is_ok() {
+                warnings.push(format!(
+                    "the MTA-STS policy of {domain} (id={id}) could not be fetched ({e}): \
+                     delivery uses a policy cached earlier, else goes on as without MTA-STS"
+                ));
+            }
+            return;
+        }
+    };
+    let _ = writeln!(
+        out,
+        "    policy {url}: mode {}, max_age {} s, mx {}",
+        policy.mode,
+        policy.max_age,
+        if policy.mx.is_empty() {
+            "(none)".to_string()
+        } else {
+            policy.mx.join(", ")
+        }
+    );
+    if policy.mode == Mode::None {
+        return;
+    }
+    let enforce = policy.mode == Mode::Enforce && applies.is_ok();
+    let mut names: Vec<&str> = Vec::new();
+    for (host, _, _) in seen {
+        if !names.contains(&host.as_str()) {
+            names.push(host);
+        }
+    }
+    let mut matching = 0;
+    for host in &names {
+        if policy.allows(host) {
+            matching += 1;
+            let _ = writeln!(out, "    MX host {host}: matches");
+        } else {
+            let _ = writeln!(out, "    MX host {host}: matches no mx pattern");
+            if enforce {
+                warnings.push(format!(
+                    "MX host {host} matches no mx pattern of the enforced MTA-STS policy of \
+                     {domain} ({}): delivery skips it",
+                    policy.mx.join(", ")
+                ));
             }
         }
-        Err(e) if e.is_no_records_found() => "none".to_string(),
-        Err(e) => format!("lookup failed: {e}"),
-    };
-    let _ = writeln!(out, "  MTA-STS {name}: {line}");
+    }
+    if enforce && matching == 0 && !names.is_empty() {
+        warnings.push(format!(
+            "no MX host of {domain} matches its enforced MTA-STS policy: delivery defers"
+        ));
+    }
+    if !enforce {
+        return;
+    }
+    for (host, addr, seen) in seen {
+        if !policy.allows(host) {
+            continue;
+        }
+        match seen {
+            Seen::NoStartTls => warnings.push(format!(
+                "{host} at {addr} does not offer STARTTLS and the MTA-STS policy of {domain} is \
+                 enforce: delivery to it defers"
+            )),
+            Seen::Tls(Err(e)) => warnings.push(format!(
+                "the certificate of {host} at {addr} does not verify ({e}) and the MTA-STS \
+                 policy of {domain} is enforce: delivery to it defers"
+            )),
+            Seen::Tls(Ok(())) | Seen::Unknown => {}
+        }
+    }
 }
 
 /// Greeting, EHLO, STARTTLS and the handshake (accepting any certificate, then checking the

@@ -97,6 +97,8 @@ pub struct Scheduler {
     wake: Notify,
     /// Delivery outcomes are counted where they are logged (`record.rs`).
     metrics: Arc<crate::ops::metrics::Metrics>,
+    /// Destination domains' MTA-STS policies (`[delivery] mta_sts`; start-only).
+    sts: Option<crate::tls::mta_sts::Sts>,
 }
 
 /// Releases a domain's connection slot when a delivery task ends.
@@ -150,7 +152,16 @@ impl Scheduler {
             // Set per next hop by DANE (src/tls/dane.rs, scheduler::send).
             dane: None,
         };
+        let sts = match (&client.tls_connectors, config.delivery.mta_sts) {
+            (Some(connectors), true) => Some(crate::tls::mta_sts::Sts::new(
+                resolver.clone(),
+                connectors.clone(),
+                spool.clone(),
+            )),
+            _ => None,
+        };
         Ok(Arc::new(Scheduler {
+            sts,
             deliveries: Arc::new(Semaphore::new(config.queue.max_deliveries)),
             live,
             spool,

@@ -385,7 +385,16 @@ impl Scheduler {
         transcript: Option<Transcript>,
         prefer: Option<SocketAddr>,
     ) -> Result<Link, Outcome> {
-        let hops = match self.resolver.next_hops(domain, route).await {
+        // MTA-STS (RFC 8461) for MX delivery only: a route is the administrator's choice.
+        // Its TXT lookup (and a fetch, if any) runs beside the next-hop lookup.
+        let decide = async {
+            match (&self.sts, route.is_empty()) {
+                (Some(sts), true) => sts.decide(domain, &transcript).await,
+                _ => None,
+            }
+        };
+        let (sts, next_hops) = tokio::join!(decide, self.resolver.next_hops(domain, route));
+        let hops = match next_hops {
             Ok(Route::Hops(h)) => h,
             Ok(Route::NullMx) => {
                 return Err(failed(
@@ -412,6 +421,12 @@ impl Scheduler {
             }
             Err(ResolveError::Temporary(e)) => return Err(deferred(e, "4.4.3", None)),
         };
+        let hops = match &sts {
+            Some(d) => d
+                .hops(hops, &transcript)
+                .map_err(|why| deferred(why, "4.7.5", None))?,
+            None => hops,
+        };
         let mut last = format!("no reachable next hop for {domain}");
         let mut last_status = "4.4.1";
         let mut permanent = None;
@@ -433,6 +448,7 @@ impl Scheduler {
             .partner(domain)
             .and_then(|p| p.tls)
             .unwrap_or(self.client.tls);
+        let tls = sts.as_ref().map_or(tls, |d| d.tls(tls));
         let client = ClientConfig {
             tls,
             ..self.client.clone()
@@ -475,9 +491,20 @@ impl Scheduler {
                 ),
             );
             match Connection::connect(addr, name, &client, transcript.clone()).await {
-                Ok(c) => return Ok(Link::Remote(Box::new(c))),
+                Ok(c) => {
+                    if let (Some(d), Some(sts)) = (&sts, &self.sts) {
+                        d.check(&c, sts.connectors(), &transcript);
+                    }
+                    return Ok(Link::Remote(Box::new(c)));
+                }
                 Err(e) => {
-                    let why = format!("connect to {name}[{}]:{}: {e}", addr.ip(), addr.port());
+                    let mut why = format!("connect to {name}[{}]:{}: {e}", addr.ip(), addr.port());
+                    if let Some(d) = sts.as_ref().filter(|d| d.enforces()) {
+                        why.push_str(&format!(
+                            " (MTA-STS policy for {domain}: mode=enforce id={})",
+                            d.id
+                        ));
+                    }
                     warn!("{domain}: {why}");
                     trace(&transcript, &why);
                     if e.is_permanent() && permanent.is_none() {

@@ -274,7 +274,8 @@ pub async fn run(
         }
     });
 
-    // The callout answers cached in the spool: the expired ones go at start and hourly.
+    // The callout answers and MTA-STS policies cached in the spool: the expired ones go at
+    // start and hourly.
     let sweep_spool = spool.clone();
     let sweep_task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(CALLOUT_SWEEP);
@@ -289,6 +290,15 @@ pub async fn run(
                 }
                 Ok(Err(e)) => warn!("callout cache sweep failed: {e}"),
                 Err(e) => warn!("callout cache sweep failed: {e}"),
+            }
+            let s = sweep_spool.clone();
+            match tokio::task::spawn_blocking(move || s.sts_sweep(now)).await {
+                Ok(Ok((0, _))) => {}
+                Ok(Ok((removed, kept))) => {
+                    info!("MTA-STS cache: {removed} expired policies removed, {kept} kept")
+                }
+                Ok(Err(e)) => warn!("MTA-STS cache sweep failed: {e}"),
+                Err(e) => warn!("MTA-STS cache sweep failed: {e}"),
             }
         }
     });

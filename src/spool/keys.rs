@@ -9,8 +9,8 @@
 /// Column families of the spool, in the order they are opened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Cf {
-    /// `format` → the stored format version (u32 big-endian); `hold`, `partial` and
-    /// `callout` entries under their prefixes.
+    /// `format` → the stored format version (u32 big-endian); `hold`, `partial`,
+    /// `callout` and `sts` entries under their prefixes.
     Meta,
     /// id → raw message bytes.
     Messages,
@@ -143,8 +143,28 @@ pub fn callout(address: &str) -> Vec<u8> {
 }
 
 /// The address of a [`callout`] key; `None` past the end of the prefix's range.
+#[cfg(test)]
 pub fn parse_callout(key: &[u8]) -> Option<&[u8]> {
     key.strip_prefix(CALLOUT_PREFIX)
+}
+
+/// Prefix in [`Cf::Meta`] of destination domains' cached MTA-STS policies: `sts 0x00
+/// domain` (lower-cased) → JSON [`crate::spool::StsRecord`]. A cache like the callout's:
+/// losing one costs one policy fetch (see `cache.rs`).
+pub const STS_PREFIX: &[u8] = b"sts\x00";
+
+/// Key of the cached MTA-STS policy of `domain`, in [`Cf::Meta`] (lower-cased, without a
+/// trailing dot).
+pub fn sts(domain: &str) -> Vec<u8> {
+    let mut k = STS_PREFIX.to_vec();
+    k.extend_from_slice(domain.trim_end_matches('.').to_ascii_lowercase().as_bytes());
+    k
+}
+
+/// The domain of an [`sts`] key; `None` outside the prefix's range.
+#[cfg(test)]
+pub fn parse_sts(key: &[u8]) -> Option<&[u8]> {
+    key.strip_prefix(STS_PREFIX)
 }
 
 /// Key of [`Cf::Queue`]: `domain 0x00 id`.
@@ -295,6 +315,22 @@ mod tests {
         ] {
             assert_eq!(parse_callout(&other), None);
         }
+    }
+
+    #[test]
+    fn sts_keys_are_case_blind_and_apart_from_the_others() {
+        assert_eq!(sts("Example.COM."), sts("example.com"));
+        assert_eq!(parse_sts(&sts("X.test")), Some(&b"x.test"[..]));
+        for other in [
+            hold("x.test"),
+            partial("ID"),
+            callout("sts@x.test"),
+            META_FORMAT.to_vec(),
+            META_PROBE.to_vec(),
+        ] {
+            assert_eq!(parse_sts(&other), None);
+        }
+        assert_eq!(parse_callout(&sts("x.test")), None);
     }
 
     #[test]

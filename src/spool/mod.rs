@@ -11,9 +11,9 @@
 //! `spool-writer` thread (`writer.rs`) that group-commits the waiting batches into one
 //! `WriteBatch` written with a synced WAL. Invariant: a caller of [`Spool::enqueue`] hears
 //! `Ok` (and so the SMTP client hears `250`) only after the writer's synced commit that
-//! contains its batch; on any failure every waiter of that commit gets the error. The one
-//! exception, the callout cache in `meta` (`cache.rs`), is written in lazy batches that the
-//! writer commits without a sync when nothing else is in the group.
+//! contains its batch; on any failure every waiter of that commit gets the error. The
+//! exceptions, the callout and MTA-STS caches in `meta` (`cache.rs`), are written in lazy
+//! batches that the writer commits without a sync when nothing else is in the group.
 
 mod batch;
 mod cache;
@@ -39,7 +39,7 @@ use rocksdb::{
 use serde::{Deserialize, Serialize};
 
 pub use batch::{Batch, Op, Parts};
-pub use cache::{CalloutAnswer, CalloutRefusal};
+pub use cache::{CalloutAnswer, CalloutRefusal, StsRecord};
 pub use keys::Cf;
 pub use parts::{Message, MessageReader};
 pub use recover::{recover, Recovery};
@@ -379,6 +379,8 @@ struct Inner {
     usage: UsageTable,
     /// The callout answers stored (`cache.rs`).
     callouts: cache::Stored,
+    /// The MTA-STS policies stored (`cache.rs`).
+    sts: cache::Stored,
     db: Arc<slot::DbSlot>,
     path: PathBuf,
 }
@@ -700,6 +702,7 @@ impl Spool {
                 holds: std::sync::RwLock::new(holds),
                 unreadable: Default::default(),
                 callouts: Default::default(),
+                sts: Default::default(),
                 removed: Default::default(),
                 reclaiming: Default::default(),
                 usage,
@@ -736,6 +739,7 @@ impl Spool {
                 holds: std::sync::RwLock::new(load_holds(&db, dir)?),
                 unreadable: Default::default(),
                 callouts: Default::default(),
+                sts: Default::default(),
                 removed: Default::default(),
                 reclaiming: Default::default(),
                 writer: None,

@@ -1082,3 +1082,57 @@ fn callout_answers_persist_lazily_expire_and_are_swept() {
     assert_eq!(listing(&spool, None).len(), 1);
     assert_eq!(spool.callout_sweep(20_000).unwrap(), (1, 0));
 }
+
+#[test]
+fn sts_policies_persist_lazily_expire_and_are_swept_apart_from_callouts() {
+    let (_dir, spool) = open_tmp();
+    let policy = |id: &str, expires_ms| StsRecord {
+        id: id.into(),
+        policy: "version: STSv1\r\nmode: enforce\r\nmx: mail.example.com\r\nmax_age: 10\r\n".into(),
+        fetched_ms: 1_000,
+        expires_ms,
+    };
+    assert!(spool.sts_put("Example.COM", &policy("a1", 10_000)));
+    assert!(spool.sts_put("short.example", &policy("b1", 5_000)));
+    assert!(!spool.sts_put(&format!("{}.example", "x".repeat(300)), &policy("c", 9)));
+    let answer = CalloutAnswer {
+        answered_ms: 1_000,
+        expires_ms: 5_000,
+        refused: None,
+    };
+    assert!(spool.callout_put("bob@example.com", &answer));
+    let mut junk = Batch::new();
+    junk.put(Cf::Meta, keys::sts("junk.example"), b"[".to_vec());
+    spool.commit_blocking(junk.lazy()).unwrap();
+    assert_eq!(
+        spool.sts_get("example.com.", 2_000).unwrap(),
+        Some(policy("a1", 10_000))
+    );
+    assert_eq!(spool.sts_get("short.example", 5_000).unwrap(), None);
+    assert_eq!(spool.sts_get("junk.example", 2_000).unwrap(), None);
+    // A newer policy replaces the old one (a synced commit after it: the put is not
+    // waited for).
+    assert!(spool.sts_put("example.com", &policy("a2", 12_000)));
+    spool
+        .commit_blocking({
+            let mut b = Batch::new();
+            b.put(Cf::Meta, keys::sts("junk2.example"), b"]".to_vec());
+            b
+        })
+        .unwrap();
+    assert_eq!(
+        spool.sts_get("example.com", 11_000).unwrap().unwrap().id,
+        "a2"
+    );
+    // The sweep at 6 s: the expired policy and the junk go; the callout answer (expired
+    // too) is the callout sweep's.
+    assert_eq!(spool.sts_sweep(6_000).unwrap(), (3, 1));
+    assert!(spool
+        .callout_get("bob@example.com", 2_000)
+        .unwrap()
+        .is_some());
+    assert_eq!(spool.callout_sweep(6_000).unwrap(), (1, 0));
+    assert_eq!(meta_keys(&spool), 2, "format and example.com's policy");
+    assert_eq!(spool.sts_sweep(20_000).unwrap(), (1, 0));
+    assert_eq!(meta_keys(&spool), 1);
+}

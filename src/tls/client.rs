@@ -157,6 +157,12 @@ impl Connectors {
             .map_err(|e| e.to_string())
     }
 
+    /// The verifying connector (chain and name), for other protocols than SMTP (the
+    /// MTA-STS policy fetch over HTTPS).
+    pub fn verifying(&self) -> &TlsConnector {
+        &self.verify
+    }
+
     /// The connector for `policy` and how it checks the certificate.
     pub fn for_policy(&self, policy: TlsPolicy) -> (&TlsConnector, Verified) {
         match policy {

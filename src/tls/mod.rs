@@ -8,12 +8,17 @@
 //! - [`dane`]: DANE (RFC 7672, `[delivery] dane`): the DNSSEC-secure TLSA records of a next
 //!   hop, looked up through the validating resolver, and the verifier that checks the
 //!   server's certificate against them.
+//! - [`mta_sts`]: destination domains' MTA-STS policies (RFC 8461): the `_mta-sts` TXT
+//!   record, the policy fetched over HTTPS ([`https`], a small bounded GET client) and cached
+//!   in the spool, and what it means for a delivery (which MX hosts, `verify`).
 //!
 //! The sans-IO SMTP session never sees TLS: it asks for it ([`crate::smtp::session::Step`]
 //! `StartTls`) and is told the outcome as a [`TlsInfo`].
 
 pub mod client;
 pub mod dane;
+pub mod https;
+pub mod mta_sts;
 pub mod server;
 
 use std::fmt;

@@ -31,6 +31,7 @@ mod doctor;
 mod drain;
 mod io_errors;
 mod large;
+mod mta_sts;
 mod package;
 mod postfix;
 mod power_loss;

@@ -24,12 +24,12 @@ use crate::dns::TestDns;
 use crate::harness::*;
 
 /// A private certificate authority.
-struct TestCa {
+pub(crate) struct TestCa {
     issuer: CertifiedIssuer<'static, KeyPair>,
 }
 
 impl TestCa {
-    fn new(name: &str) -> TestCa {
+    pub(crate) fn new(name: &str) -> TestCa {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.distinguished_name.push(DnType::CommonName, name);
@@ -41,7 +41,13 @@ impl TestCa {
 
     /// Writes `DIR/STEM.pem` (the leaf and this CA: a full chain) and `DIR/STEM.key` for
     /// a certificate valid for `names` (DNS names or IP addresses) with common name `cn`.
-    fn issue(&self, dir: &Path, stem: &str, cn: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+    pub(crate) fn issue(
+        &self,
+        dir: &Path,
+        stem: &str,
+        cn: &str,
+        names: &[&str],
+    ) -> (PathBuf, PathBuf) {
         let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
         let mut params = CertificateParams::new(names).unwrap();
         params.distinguished_name.push(DnType::CommonName, cn);
@@ -56,7 +62,7 @@ impl TestCa {
         (c, k)
     }
 
-    fn write_ca(&self, path: &Path) {
+    pub(crate) fn write_ca(&self, path: &Path) {
         fs::write(path, self.issuer.pem()).unwrap();
     }
 }
@@ -441,7 +447,7 @@ impl Outbound {
 
 /// Queues one message at the backup and flushes it with `flush -v`; returns the transcript.
 /// The domain is held while the message comes in, so the flush is the delivery.
-fn send_and_flush(backup: &MxEnv) -> String {
+pub(crate) fn send_and_flush(backup: &MxEnv) -> String {
     check_ok("hold", &backup.mxspool(&["hold", "example.com"]));
     smtp_send(
         &backup.addr(),
@@ -681,7 +687,7 @@ fn tls_outbound_may_falls_back_to_clear_when_the_handshake_fails() {
 // ---- Postfix on the other side ----
 
 /// Postfix's TLS session cache and entropy service, which its smtp and smtpd need for TLS.
-const TLSMGR: &str = "tlsmgr    unix  -       -       n       1000?   1       tlsmgr\n";
+pub(crate) const TLSMGR: &str = "tlsmgr    unix  -       -       n       1000?   1       tlsmgr\n";
 
 /// Postfix as the primary with `smtpd_tls_cert_file`: mxspool under `verify` (the test CA,
 /// the route's host name through DNS) delivers over TLS, and Postfix's `Received:` says so.
@@ -818,7 +824,7 @@ fn tls_postfix_sender_verifies_mxspool() {
 }
 
 /// `mxspool doctor DOMAIN` as the backup, toward the primary of [`Outbound`]: stdout.
-fn doctor(backup: &MxEnv) -> String {
+pub(crate) fn doctor(backup: &MxEnv) -> String {
     let out = backup.mxspool(&["doctor", "example.com"]);
     let report = text(&out.stdout);
     assert!(
