@@ -237,6 +237,62 @@ fn tls_1_1_is_refused() {
     assert!(env.queue(None).is_empty());
 }
 
+/// `openssl s_client -starttls smtp` at one TLS version (`-tls1_3`, `-tls1_2`, `-tls1_1`):
+/// EHLO and QUIT inside TLS; its exit status and everything it printed.
+fn s_client(env: &MxEnv, ca: &Path, version: &str) -> (Output, String) {
+    let mut cmd = Command::new("openssl");
+    cmd.args([
+        "s_client",
+        "-starttls",
+        "smtp",
+        "-crlf",
+        "-ign_eof",
+        "-brief",
+    ])
+    .args(["-connect", &format!("{}:{}", env.ip, env.port)])
+    .args(["-servername", "mx2.test", "-verify_return_error", "-CAfile"])
+    .arg(ca)
+    .arg(version);
+    if version == "-tls1_1" {
+        // Let the client offer TLS 1.1 at all: the refusal must be the server's.
+        cmd.args(["-cipher", "DEFAULT@SECLEVEL=0"]);
+    }
+    let out = run_with_input(&mut cmd, 60, b"EHLO client.test\nQUIT\n");
+    let t = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    (out, t)
+}
+
+#[test]
+fn tls_openssl_s_client_starttls_at_1_3_and_1_2_and_1_1_refused() {
+    let (mut env, _ca, ca_file) = inbound();
+    let server = env.start();
+    for (flag, name) in [("-tls1_3", "TLSv1.3"), ("-tls1_2", "TLSv1.2")] {
+        let (out, t) = s_client(&env, &ca_file, flag);
+        assert!(out.status.success(), "{flag}: {t}");
+        assert!(t.contains(&format!("Protocol version: {name}")), "{t}");
+        assert!(t.contains("Verification: OK"), "{t}");
+        // Inside TLS the session started over: EHLO answers again, without STARTTLS.
+        assert!(t.contains("250-") && t.contains("221 "), "{t}");
+        assert!(
+            !t.contains("250-STARTTLS") && !t.contains("250 STARTTLS"),
+            "{t}"
+        );
+    }
+    let (out, t) = s_client(&env, &ca_file, "-tls1_1");
+    assert!(!out.status.success(), "TLS 1.1 was not refused:\n{t}");
+    assert!(
+        t.contains("alert handshake failure") || t.contains("alert protocol version"),
+        "{t}"
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), Duration::from_millis(50), || server
+            .log()
+            .contains("TLS handshake failed with unknown[127.0.0.1]")),
+        "{}",
+        server.log()
+    );
+}
+
 const INJECTION: &str = r#"
 import socket, ssl, sys
 host, port, ca = sys.argv[1], int(sys.argv[2]), sys.argv[3]
