@@ -99,17 +99,34 @@ impl Certificates {
     }
 
     /// The rustls server configuration: TLS 1.3 and 1.2, no client certificates, the
-    /// certificate chosen by SNI.
+    /// certificate chosen by SNI, and session tickets (see [`ticketer`]).
     pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
-        let config = rustls::ServerConfig::builder_with_provider(super::provider())
+        let mut config = rustls::ServerConfig::builder_with_provider(super::provider())
             .with_protocol_versions(super::VERSIONS)
             .expect("ring supports TLS 1.2 and 1.3")
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(BySni {
                 keys: self.keys.clone(),
             }));
+        if let Some(t) = ticketer() {
+            config.ticketer = t;
+        }
         Arc::new(config)
     }
+}
+
+/// The process's session-ticket keys (rustls' ring `Ticketer`: ChaCha20-Poly1305, random
+/// keys made at start and rotated every 6 hours, never written anywhere), shared by every
+/// configuration a reload builds so a client's ticket outlives a reload. A client that
+/// comes back with a ticket resumes without the certificate's signature: a sending MTA
+/// that opens many sessions pays the full handshake once. `None` (no tickets, the
+/// per-configuration session cache only) if the keys cannot be made.
+fn ticketer() -> Option<Arc<dyn rustls::server::ProducesTickets>> {
+    static TICKETER: std::sync::OnceLock<Option<Arc<dyn rustls::server::ProducesTickets>>> =
+        std::sync::OnceLock::new();
+    TICKETER
+        .get_or_init(|| rustls::crypto::ring::Ticketer::new().ok())
+        .clone()
 }
 
 /// Picks the first certificate valid for the SNI name, else the first one.

@@ -263,7 +263,7 @@ fn s_client(env: &MxEnv, ca: &Path, version: &str) -> (Output, String) {
 }
 
 #[test]
-fn tls_openssl_s_client_starttls_at_1_3_and_1_2_and_1_1_refused() {
+fn tls_openssl_s_client_starttls_at_1_3_and_1_2_resumes_and_1_1_refused() {
     let (mut env, _ca, ca_file) = inbound();
     let server = env.start();
     for (flag, name) in [("-tls1_3", "TLSv1.3"), ("-tls1_2", "TLSv1.2")] {
@@ -278,6 +278,40 @@ fn tls_openssl_s_client_starttls_at_1_3_and_1_2_and_1_1_refused() {
             "{t}"
         );
     }
+    // A client that keeps its session ticket resumes (no certificate signature), also
+    // after a reload: the ticket keys outlive the configuration.
+    let sess = env.dir.path().join("session.pem");
+    let resume = |arg: &str| {
+        let mut cmd = Command::new("openssl");
+        cmd.args([
+            "s_client",
+            "-starttls",
+            "smtp",
+            "-crlf",
+            "-ign_eof",
+            "-tls1_3",
+        ])
+        .args(["-connect", &format!("{}:{}", env.ip, env.port)])
+        .args(["-servername", "mx2.test", "-CAfile"])
+        .arg(&ca_file)
+        .arg(arg)
+        .arg(&sess);
+        let out = run_with_input(&mut cmd, 60, b"EHLO client.test\nQUIT\n");
+        format!("{}{}", text(&out.stdout), text(&out.stderr))
+    };
+    let first = resume("-sess_out");
+    assert!(first.contains("New, TLSv1.3"), "{first}");
+    let again = resume("-sess_in");
+    assert!(
+        again.contains("Reused, TLSv1.3"),
+        "the ticket was not taken:\n{again}"
+    );
+    check_ok("reload", &env.mxspool(&["reload"]));
+    let reloaded = resume("-sess_in");
+    assert!(
+        reloaded.contains("Reused, TLSv1.3"),
+        "the ticket did not outlive a reload:\n{reloaded}"
+    );
     let (out, t) = s_client(&env, &ca_file, "-tls1_1");
     assert!(!out.status.success(), "TLS 1.1 was not refused:\n{t}");
     assert!(
