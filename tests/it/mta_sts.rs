@@ -198,12 +198,12 @@ fn deferred_line(log: &str) -> String {
 /// Postfix as the primary on 127.0.81.N with a certificate for mail.example.com from the
 /// test CA; its Maildir base.
 fn tls_postfix(s: &Sts, port: u16) -> (Postfix, tempfile::TempDir) {
-    let (cert, key) = s.ca.issue(
-        s.dir.path(),
-        "mail",
-        "mail.example.com",
-        &["mail.example.com"],
-    );
+    tls_postfix_for(s, port, "mail.example.com")
+}
+
+/// The same with a certificate (from the test CA) for `name` only.
+fn tls_postfix_for(s: &Sts, port: u16, name: &str) -> (Postfix, tempfile::TempDir) {
+    let (cert, key) = s.ca.issue(s.dir.path(), "mail", name, &[name]);
     let mailbase = public_tempdir("mxspool-sts-maildir.");
     check_ok(
         "chown nobody maildir base",
@@ -298,6 +298,41 @@ fn mta_sts_enforce_delivers_over_verified_tls_to_a_listed_mx() {
         "{t}"
     );
     assert_eq!(s.fetches(), 1);
+}
+
+/// enforce toward a primary whose certificate chains to a trusted CA but names another
+/// host: the policy's `verify` refuses it (4.7.5), nothing is sent, nothing bounces.
+#[test]
+fn mta_sts_enforce_defers_toward_a_certificate_for_another_name() {
+    let s = Sts::new(8);
+    s.set_policy("enforce", &["mail.example.com"]);
+    let dns = s.dns("1");
+    let _policy = s.serve();
+    let port = free_port_at(&s.mx_ip);
+    let (postfix, mailbase) = tls_postfix_for(&s, port, "other.example.net");
+    let mut backup = s.backup(&dns, port, "");
+    let b = backup.start();
+    let t = send_and_flush(&backup);
+    assert!(t.contains("tls = verify"), "{t}");
+    let line = deferred_line(&b.log());
+    assert!(line.contains("dsn=4.7.5"), "{line}");
+    assert!(
+        line.contains("MTA-STS policy for example.com: mode=enforce id=1"),
+        "{line}"
+    );
+    let queue = backup.queue(None);
+    assert_eq!(
+        queue.len(),
+        1,
+        "a bounce was queued, or the mail left: {queue:?}"
+    );
+    let maildir = mailbase.path().join("mail");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        maildir_messages(&maildir).is_empty(),
+        "delivered to a certificate for another name under enforce:\n{}",
+        postfix.log()
+    );
 }
 
 /// enforce toward a primary without STARTTLS: deferred with 4.7.5 naming the policy;
