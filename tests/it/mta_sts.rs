@@ -304,7 +304,7 @@ fn mta_sts_enforce_delivers_over_verified_tls_to_a_listed_mx() {
 /// host: the policy's `verify` refuses it (4.7.5), nothing is sent, nothing bounces.
 #[test]
 fn mta_sts_enforce_defers_toward_a_certificate_for_another_name() {
-    let s = Sts::new(8);
+    let s = Sts::new(9);
     s.set_policy("enforce", &["mail.example.com"]);
     let dns = s.dns("1");
     let _policy = s.serve();
