@@ -305,44 +305,15 @@ impl Dnssec {
     }
 }
 
-/// Postfix's TLS session cache and entropy service, which its smtpd needs for TLS.
-const TLSMGR: &str = "tlsmgr    unix  -       -       n       1000?   1       tlsmgr\n";
-
 /// Postfix on [`PRIMARY_IP`]`:port` taking mail for example.test and insecure.test into
 /// `mailbase/mail/`, with STARTTLS when `certs` is given.
 fn primary(port: u16, certs: Option<&Certs>, mailbase: &Path) -> Postfix {
-    check_ok(
-        "chown nobody maildir base",
-        &run(
-            Command::new("chown").arg("nobody:nogroup").arg(mailbase),
-            10,
-        ),
-    );
-    let tls = match certs {
-        Some(c) => format!(
-            "smtpd_tls_cert_file = {}\nsmtpd_tls_key_file = {}\nsmtpd_tls_security_level = may\n\
-             smtpd_tls_received_header = yes\nsmtpd_tls_loglevel = 1\n",
-            c.cert.display(),
-            c.key.display()
-        ),
-        None => "smtpd_tls_security_level = none\n".to_string(),
-    };
-    Postfix::start(
-        &format!(
-            "mynetworks = 127.0.0.0/8\n\
-             smtpd_recipient_restrictions = permit_mynetworks, reject\n\
-             virtual_mailbox_domains = example.test, insecure.test\n\
-             virtual_mailbox_base = {base}\n\
-             virtual_mailbox_maps = static:mail/\n\
-             virtual_uid_maps = static:65534\n\
-             virtual_gid_maps = static:65534\n\
-             virtual_transport = virtual\n{tls}",
-            base = mailbase.display(),
-        ),
-        &format!(
-            "{PRIMARY_IP}:{port} inet n - n - - smtpd\n\
-             virtual   unix  -       n       n       -       -       virtual\n{TLSMGR}"
-        ),
+    postfix_primary(
+        PRIMARY_IP,
+        port,
+        "example.test, insecure.test",
+        certs.map(|c| (c.cert.as_path(), c.key.as_path())),
+        mailbase,
     )
 }
 

@@ -1043,3 +1043,52 @@ impl Drop for Tmpfs {
         let _ = run(Command::new("umount").arg("-l").arg(&self.0), 30);
     }
 }
+
+/// Postfix's TLS session cache and entropy service, which its smtpd needs for STARTTLS.
+pub const TLSMGR: &str = "tlsmgr    unix  -       -       n       1000?   1       tlsmgr\n";
+
+/// Postfix as a primary on `ip:port` taking mail for `domains` (comma-separated) into
+/// `mailbase/mail/` (made writable by nobody, its virtual user), with STARTTLS when `tls`
+/// gives a certificate and key (`smtpd_tls_security_level = may`, the TLS details in its
+/// `Received:` header), without it otherwise.
+pub fn postfix_primary(
+    ip: &str,
+    port: u16,
+    domains: &str,
+    tls: Option<(&Path, &Path)>,
+    mailbase: &Path,
+) -> Postfix {
+    check_ok(
+        "chown nobody maildir base",
+        &run(
+            Command::new("chown").arg("nobody:nogroup").arg(mailbase),
+            10,
+        ),
+    );
+    let tls = match tls {
+        Some((cert, key)) => format!(
+            "smtpd_tls_cert_file = {}\nsmtpd_tls_key_file = {}\nsmtpd_tls_security_level = may\n\
+             smtpd_tls_received_header = yes\nsmtpd_tls_loglevel = 1\n",
+            cert.display(),
+            key.display()
+        ),
+        None => "smtpd_tls_security_level = none\n".to_string(),
+    };
+    Postfix::start(
+        &format!(
+            "mynetworks = 127.0.0.0/8\n\
+             smtpd_recipient_restrictions = permit_mynetworks, reject\n\
+             virtual_mailbox_domains = {domains}\n\
+             virtual_mailbox_base = {base}\n\
+             virtual_mailbox_maps = static:mail/\n\
+             virtual_uid_maps = static:65534\n\
+             virtual_gid_maps = static:65534\n\
+             virtual_transport = virtual\n{tls}",
+            base = mailbase.display(),
+        ),
+        &format!(
+            "{ip}:{port} inet n - n - - smtpd\n\
+             virtual   unix  -       n       n       -       -       virtual\n{TLSMGR}"
+        ),
+    )
+}

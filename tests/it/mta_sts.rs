@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use crate::dns::TestDns;
 use crate::harness::*;
-use crate::tls::{doctor, send_and_flush, TestCa, TLSMGR};
+use crate::tls::{doctor, send_and_flush, TestCa};
 
 const POLICY_SERVER: &str = r#"
 import http.server, ssl, sys
@@ -205,38 +205,12 @@ fn tls_postfix(s: &Sts, port: u16) -> (Postfix, tempfile::TempDir) {
 fn tls_postfix_for(s: &Sts, port: u16, name: &str) -> (Postfix, tempfile::TempDir) {
     let (cert, key) = s.ca.issue(s.dir.path(), "mail", name, &[name]);
     let mailbase = public_tempdir("mxspool-sts-maildir.");
-    check_ok(
-        "chown nobody maildir base",
-        &run(
-            Command::new("chown")
-                .arg("nobody:nogroup")
-                .arg(mailbase.path()),
-            10,
-        ),
-    );
-    let postfix = Postfix::start(
-        &format!(
-            "mynetworks = 127.0.0.0/8\n\
-             smtpd_recipient_restrictions = permit_mynetworks, reject\n\
-             virtual_mailbox_domains = example.com\n\
-             virtual_mailbox_base = {base}\n\
-             virtual_mailbox_maps = static:mail/\n\
-             virtual_uid_maps = static:65534\n\
-             virtual_gid_maps = static:65534\n\
-             virtual_transport = virtual\n\
-             smtpd_tls_cert_file = {cert}\n\
-             smtpd_tls_key_file = {key}\n\
-             smtpd_tls_security_level = may\n\
-             smtpd_tls_received_header = yes\n",
-            base = mailbase.path().display(),
-            cert = cert.display(),
-            key = key.display(),
-        ),
-        &format!(
-            "{}:{port} inet n - n - - smtpd\n\
-             virtual   unix  -       n       n       -       -       virtual\n{TLSMGR}",
-            s.mx_ip
-        ),
+    let postfix = postfix_primary(
+        &s.mx_ip,
+        port,
+        "example.com",
+        Some((&cert, &key)),
+        mailbase.path(),
     );
     (postfix, mailbase)
 }

@@ -776,9 +776,6 @@ fn tls_outbound_may_falls_back_to_clear_when_the_handshake_fails() {
 
 // ---- Postfix on the other side ----
 
-/// Postfix's TLS session cache and entropy service, which its smtp and smtpd need for TLS.
-pub(crate) const TLSMGR: &str = "tlsmgr    unix  -       -       n       1000?   1       tlsmgr\n";
-
 /// Postfix as the primary with `smtpd_tls_cert_file`: mxspool under `verify` (the test CA,
 /// the route's host name through DNS) delivers over TLS, and Postfix's `Received:` says so.
 #[test]
@@ -799,38 +796,12 @@ fn tls_postfix_primary_gets_mail_over_verified_tls() {
     let dns = TestDns::start(&[("example.com.", zone)]);
     let pf_port = free_port_at("127.0.0.2");
     let mailbase = public_tempdir("mxspool-maildir.");
-    check_ok(
-        "chown nobody maildir base",
-        &run(
-            Command::new("chown")
-                .arg("nobody:nogroup")
-                .arg(mailbase.path()),
-            10,
-        ),
-    );
-    let postfix = Postfix::start(
-        &format!(
-            "mynetworks = 127.0.0.0/8\n\
-             smtpd_recipient_restrictions = permit_mynetworks, reject\n\
-             virtual_mailbox_domains = example.com\n\
-             virtual_mailbox_base = {base}\n\
-             virtual_mailbox_maps = static:mail/\n\
-             virtual_uid_maps = static:65534\n\
-             virtual_gid_maps = static:65534\n\
-             virtual_transport = virtual\n\
-             smtpd_tls_cert_file = {cert}\n\
-             smtpd_tls_key_file = {key}\n\
-             smtpd_tls_security_level = may\n\
-             smtpd_tls_received_header = yes\n\
-             smtpd_tls_loglevel = 1\n",
-            base = mailbase.path().display(),
-            cert = cert.display(),
-            key = key.display(),
-        ),
-        &format!(
-            "127.0.0.2:{pf_port} inet n - n - - smtpd\n\
-             virtual   unix  -       n       n       -       -       virtual\n{TLSMGR}"
-        ),
+    let postfix = postfix_primary(
+        "127.0.0.2",
+        pf_port,
+        "example.com",
+        Some((&cert, &key)),
+        mailbase.path(),
     );
     let mut backup = MxEnv::custom(&format!(
         "[queue]\nretry_interval = \"1h\"\n\n[delivery]\nconnect_timeout = \"2s\"\nnameservers = [\"{}\"]\ntls = \"verify\"\ntls_ca_file = \"{}\"\n\n[[partner]]\ndomain = \"example.com\"\nroute = [\"mail.example.com:{pf_port}\"]\n",
