@@ -1,7 +1,8 @@
 //! A spool whose file system fills up with mail: clients get `452 4.3.1` (at MAIL, or after
 //! DATA for a message without SIZE) while `min_free_space` is still free for RocksDB, so no
 //! commit ever fails; `delete --domain` gives the space back at once, and mail is taken
-//! again without a restart. A `min_free_space` below what RocksDB needs is refused.
+//! again without a restart. A `min_free_space` below what RocksDB needs is refused. `import`
+//! stops at the same floor, and a second run adds the rest, nothing twice.
 
 use std::time::Duration;
 
@@ -45,6 +46,23 @@ fn send(addr: &str, rcpt: &str, body: &[u8], declare: bool) -> u16 {
     code
 }
 
+/// A message of 1 MiB that does not compress (the spool compresses with LZ4):
+/// pseudo-random letters in lines of 998.
+fn incompressible_mib(subject: &str) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut body = format!("Subject: {subject}\r\n\r\n").into_bytes();
+    for _ in 0..(1 << 10) {
+        for _ in 0..998 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            body.push(b'A' + (x % 58) as u8 % 26 + if x & 64 == 0 { 0 } else { 32 });
+        }
+        body.extend_from_slice(b"\r\n");
+    }
+    body
+}
+
 #[test]
 fn a_full_disk_refuses_mail_before_any_commit_fails_and_delete_gives_the_space_back() {
     let mut env = MxEnv::with_config("");
@@ -57,18 +75,7 @@ fn a_full_disk_refuses_mail_before_any_commit_fails_and_delete_gives_the_space_b
     let _fs = Tmpfs::mount(&spool, "320m");
     let mut server = env.start();
 
-    // 1 MiB that does not compress (the spool compresses with LZ4): pseudo-random letters.
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut body = b"Subject: fill\r\n\r\n".to_vec();
-    for _ in 0..(1 << 10) {
-        for _ in 0..998 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            body.push(b'A' + (x % 58) as u8 % 26 + if x & 64 == 0 { 0 } else { 32 });
-        }
-        body.extend_from_slice(b"\r\n");
-    }
+    let body = incompressible_mib("fill");
     let (mut accepted, mut refused_mail, mut refused_data) = (0, 0, 0);
     // Half the messages declare their size, half do not: both are stopped in time.
     for i in 0..400 {
@@ -162,17 +169,7 @@ fn import_stops_at_min_free_space_and_a_second_run_adds_the_rest_once() {
     let mut server = env.start();
 
     // 60 messages of 1 MiB that does not compress, exported, then deleted.
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    let mut body = b"Subject: import\r\n\r\n".to_vec();
-    for _ in 0..(1 << 10) {
-        for _ in 0..998 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            body.push(b'a' + (x % 26) as u8);
-        }
-        body.extend_from_slice(b"\r\n");
-    }
+    let body = incompressible_mib("import");
     for i in 0..60 {
         assert_eq!(
             send(&env.addr(), &format!("u{i}@example.com"), &body, true),
