@@ -340,20 +340,19 @@ pub async fn check(config: &Config, domain: &str) -> anyhow::Result<Report> {
                             &mut warnings,
                         )
                         .await;
+                        if host.parse::<IpAddr>().is_err() && tlsa_done.insert(host.clone()) {
+                            tls::tlsa(config, &s, &resolver, host, *addr, &mut out, &mut warnings)
+                                .await;
+                        }
                         seen.push((host.clone(), *addr, s));
                     }
                     Err(e) => {
                         let _ = writeln!(out, "      TLS: not checked: {e}");
                     }
                 }
-                if host.parse::<IpAddr>().is_err() && tlsa_done.insert(host.clone()) {
-                    if let Ok(c) = &connectors {
-                        tls::tlsa(config, c, &resolver, host, *addr, &mut out, &mut warnings).await;
-                    }
-                }
             }
             Err(reason) => {
-                seen.push((host.clone(), *addr, tls::Seen::Unknown));
+                seen.push((host.clone(), *addr, tls::Seen::Unknown(reason.clone())));
                 let _ = writeln!(out, "  {label:<width$}  FAIL  {reason}");
                 warnings.push(format!("{what} at {addr} does not answer SMTP: {reason}"));
             }

@@ -43,11 +43,15 @@ enum Found {
 /// What [`check_host`] saw of a host's TLS, for the MTA-STS check.
 #[derive(Debug, Clone)]
 pub enum Seen {
-    /// The check failed or got no answer.
-    Unknown,
+    /// The check failed or got no answer: why.
+    Unknown(String),
     NoStartTls,
-    /// STARTTLS and a handshake; whether the certificate verifies as `verify` would.
-    Tls(Result<(), String>),
+    /// STARTTLS and a handshake; whether the certificate verifies as `verify` would, and
+    /// the presented chain (the server's certificate first), for the DANE check.
+    Tls(
+        Result<(), String>,
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+    ),
 }
 
 /// Checks the TLS of `host` at `addr`; one indented line per finding goes to `out`.
@@ -76,11 +80,11 @@ pub async fn check_host(
                     "{host} at {addr}: TLS failed ({e}) and tls = {policy} needs it: delivery defers"
                 ));
             }
-            return Seen::Unknown;
+            return Seen::Unknown(e);
         }
         Err(_) => {
             let _ = writeln!(out, "      TLS: no answer in time");
-            return Seen::Unknown;
+            return Seen::Unknown("no answer in time".into());
         }
     };
     match found {
@@ -99,7 +103,7 @@ pub async fn check_host(
             names,
             not_after,
             verified,
-            ..
+            chain,
         } => {
             let names = if names.is_empty() {
                 "no DNS name in subjectAltName".to_string()
@@ -139,19 +143,19 @@ pub async fn check_host(
                      delivery to it defers"
                 ));
             }
-            Seen::Tls(verified)
+            Seen::Tls(verified, chain)
         }
     }
 }
 
 /// The TLSA records of `host` at `addr`'s port (`_PORT._tcp.HOST`), whether the resolver
 /// vouches for them (AD), and what DANE makes of them: for usable DNSSEC-secure records,
-/// whether the certificate `host` presents matches. Warns (under `[delivery] dane`) when
+/// whether the chain `seen` (the TLS check's) matches. Warns (under `[delivery] dane`) when
 /// DANE would make delivery to the host defer: a failed lookup, no STARTTLS, no match.
 #[allow(clippy::too_many_arguments)]
 pub async fn tlsa(
     config: &Config,
-    connectors: &Connectors,
+    seen: &Seen,
     resolver: &Resolver,
     host: &str,
     addr: SocketAddr,
@@ -216,19 +220,13 @@ pub async fn tlsa(
             );
         }
         HostDane::Records(records) => {
-            let timeout = config.delivery.connect_timeout.0;
-            let found = tokio::time::timeout(
-                timeout * 3,
-                starttls(config, connectors, host, addr, timeout),
-            )
-            .await
-            .unwrap_or_else(|_| Err("no answer in time".to_string()));
-            match found {
-                Ok(Found::Tls { chain, .. }) => {
+            // The chain the TLS check above was shown: no second connection.
+            match seen {
+                Seen::Tls(_, chain) => {
                     let sni = server_name(host, addr.ip());
                     match dane::check_chain(
                         &records,
-                        &chain,
+                        chain,
                         &sni,
                         rustls::pki_types::UnixTime::now(),
                     ) {
@@ -248,7 +246,7 @@ pub async fn tlsa(
                         }
                     }
                 }
-                Ok(Found::NoStartTls) => {
+                Seen::NoStartTls => {
                     let _ = writeln!(
                         out,
                         "      DANE: STARTTLS not offered, but required by the TLSA records{note}"
@@ -258,7 +256,7 @@ pub async fn tlsa(
                         warnings,
                     );
                 }
-                Err(e) => {
+                Seen::Unknown(e) => {
                     let _ = writeln!(out, "      DANE: TLS check failed: {e}{note}");
                     defers(
                         format!("fails TLS ({e}) despite DNSSEC-secure TLSA records"),
@@ -386,11 +384,11 @@ pub async fn mta_sts(
                 "{host} at {addr} does not offer STARTTLS and the MTA-STS policy of {domain} is \
                  enforce: delivery to it defers"
             )),
-            Seen::Tls(Err(e)) => warnings.push(format!(
+            Seen::Tls(Err(e), _) => warnings.push(format!(
                 "the certificate of {host} at {addr} does not verify ({e}) and the MTA-STS \
                  policy of {domain} is enforce: delivery to it defers"
             )),
-            Seen::Tls(Ok(())) | Seen::Unknown => {}
+            Seen::Tls(Ok(()), _) | Seen::Unknown(_) => {}
         }
     }
 }
