@@ -442,7 +442,17 @@ impl Sts {
             (Txt::Id(id), Some((record, policy))) if id == record.id => {
                 (id, policy, Source::Cached)
             }
-            (Txt::Nothing | Txt::Unusable(_) | Txt::Failed(_), Some((record, policy))) => {
+            (Txt::Failed(e), Some((record, policy))) => {
+                // RFC 8461 3.3: the TXT record is only a hint to refetch; without an answer
+                // the cached policy holds.
+                let line = format!(
+                    "MTA-STS: TXT lookup for _mta-sts.{domain} failed: {e}; using the cached policy"
+                );
+                debug!("{line}");
+                note(transcript, &line);
+                (record.id, policy, Source::Cached)
+            }
+            (Txt::Nothing | Txt::Unusable(_), Some((record, policy))) => {
                 (record.id, policy, Source::Cached)
             }
             (Txt::Id(id), cached) => match self.fetch(&domain, &id).await {
@@ -463,7 +473,12 @@ impl Sts {
                 }
             },
             (Txt::Failed(e), None) => {
-                debug!("MTA-STS: TXT lookup for _mta-sts.{domain} failed: {e}");
+                let line = format!(
+                    "MTA-STS: TXT lookup for _mta-sts.{domain} failed: {e}; no cached policy, \
+                     delivering as without MTA-STS"
+                );
+                debug!("{line}");
+                note(transcript, &line);
                 return None;
             }
             (Txt::Nothing | Txt::Unusable(_), None) => return None,

@@ -3,13 +3,15 @@
 //! (most preferred first, the backup MX never delivering to itself or a peer).
 
 use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use hickory_server::authority::{Catalog, ZoneType};
-use hickory_server::proto::rr::{LowerName, Name};
+use hickory_server::proto::rr::{LowerName, Name, RecordType};
 use hickory_server::proto::serialize::txt::Parser;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::store::in_memory::InMemoryAuthority;
 use hickory_server::ServerFuture;
 use mxspool::config::Config;
@@ -20,6 +22,9 @@ use mxspool::delivery::mx::{ResolveError, Resolver, Route};
 /// Stops when dropped.
 pub struct TestDns {
     pub addr: SocketAddr,
+    /// While set, questions for TXT records get no answer (for [`HOLD`]): a server that
+    /// drops them, as seen by a resolver that times out.
+    pub hold_txt: Arc<AtomicBool>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -43,6 +48,11 @@ impl TestDns {
         udp.set_nonblocking(true).unwrap();
         tcp.set_nonblocking(true).unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let hold_txt = Arc::new(AtomicBool::new(false));
+        let gate = Gate {
+            catalog,
+            hold_txt: hold_txt.clone(),
+        };
         let thread = std::thread::Builder::new()
             .name("test-dns".into())
             .spawn(move || {
@@ -51,7 +61,7 @@ impl TestDns {
                     .build()
                     .expect("test DNS runtime");
                 runtime.block_on(async move {
-                    let mut server = ServerFuture::new(catalog);
+                    let mut server = ServerFuture::new(gate);
                     server.register_socket(tokio::net::UdpSocket::from_std(udp).unwrap());
                     server.register_listener(
                         tokio::net::TcpListener::from_std(tcp).unwrap(),
@@ -64,6 +74,7 @@ impl TestDns {
             .expect("spawn the test DNS thread");
         TestDns {
             addr,
+            hold_txt,
             stop: Some(stop),
             thread: Some(thread),
         }
@@ -78,6 +89,32 @@ impl Drop for TestDns {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// How long a held TXT question waits before it is answered: longer than any resolver waits.
+pub const HOLD: Duration = Duration::from_secs(60);
+
+/// The catalog, with TXT answers held back while `hold_txt` is set.
+struct Gate {
+    catalog: Catalog,
+    hold_txt: Arc<AtomicBool>,
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for Gate {
+    async fn handle_request<R: ResponseHandler>(
+        &self,
+        request: &Request,
+        response_handle: R,
+    ) -> ResponseInfo {
+        let txt = request
+            .request_info()
+            .is_ok_and(|info| info.query.query_type() == RecordType::TXT);
+        if txt && self.hold_txt.load(Ordering::SeqCst) {
+            tokio::time::sleep(HOLD).await;
+        }
+        self.catalog.handle_request(request, response_handle).await
     }
 }
 

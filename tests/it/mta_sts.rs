@@ -75,13 +75,13 @@ impl Sts {
     }
 
     /// DNS for example.com: MX 10 mail, `mail` and `mta-sts` on this test's addresses, and
-    /// `_mta-sts` TXT `v=STSv1; id=ID;`.
+    /// `_mta-sts` TXT `v=STSv1; id=ID;` with TTL 0 (so a resolver asks again each time).
     fn dns(&self, id: &str) -> TestDns {
         let zone = format!(
             "$ORIGIN example.com.\n$TTL 60\n\
              @ IN SOA ns.example.com. hostmaster.example.com. 1 3600 600 86400 60\n\
              @ IN NS ns.example.com.\n@ IN MX 10 mail\nns IN A 127.0.0.1\n\
-             mail IN A {}\nmta-sts IN A {}\n_mta-sts IN TXT \"v=STSv1; id={id};\"\n",
+             mail IN A {}\nmta-sts IN A {}\n_mta-sts 0 IN TXT \"v=STSv1; id={id};\"\n",
             self.mx_ip, self.policy_ip
         );
         TestDns::start(&[("example.com.", &zone)])
@@ -629,4 +629,73 @@ fn mta_sts_unfetchable_policy_delivers_as_without_it_and_is_not_retried_at_once(
         b.log()
     );
     assert_eq!(s.fetches(), 0);
+}
+
+/// A `_mta-sts` TXT question that gets no answer holds a delivery no longer than the TXT
+/// bound (5 s), not the minute the DNS server keeps it: with a policy cached, that policy
+/// holds (enforce toward a primary without STARTTLS: deferred, nothing in clear, nothing
+/// fetched); with none cached (a second backup, its own spool), the mail goes as without
+/// MTA-STS.
+#[test]
+fn mta_sts_txt_lookup_without_answer_keeps_the_cached_policy_or_delivers_as_without() {
+    let s = Sts::new(10);
+    s.set_policy("enforce", &["mail.example.com"]);
+    let dns = s.dns("1");
+    let mut policy = s.serve();
+    let mut primary = s.clear_primary();
+    let _p = primary.start();
+    let mut backup = s.backup(&dns, primary.port, "");
+    let b = backup.start();
+    let t = send_and_flush(&backup);
+    assert!(t.contains("mode=enforce id=1 (fetched)"), "{t}");
+    assert_eq!(backup.queue(None).len(), 1);
+
+    // From here TXT questions get no answer, and the policy server is gone.
+    dns.hold_txt
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    policy.stop();
+    let flush = |env: &MxEnv| {
+        let started = std::time::Instant::now();
+        let out = env.mxspool(&["flush", "example.com", "-v"]);
+        let t = format!("{}{}", text(&out.stdout), text(&out.stderr));
+        (t, started.elapsed())
+    };
+    let (t, took) = flush(&backup);
+    assert!(
+        t.contains("TXT lookup for _mta-sts.example.com failed"),
+        "{t}\n{}",
+        b.log()
+    );
+    assert!(t.contains("using the cached policy"), "{t}");
+    assert!(t.contains("mode=enforce id=1 (cached)"), "{t}");
+    assert!(t.contains("TLS is required"), "{t}");
+    assert!(
+        took < crate::dns::HOLD / 2,
+        "the flush waited {took:?} for a TXT answer"
+    );
+    assert_eq!(backup.queue(None).len(), 1, "{}", b.log());
+    assert!(
+        delivered(&primary).is_empty(),
+        "sent in clear under the cached enforce"
+    );
+    assert_eq!(s.fetches(), 1);
+    drop(b);
+
+    // A backup with no policy cached: delivered in clear, as without MTA-STS.
+    let mut fresh = s.backup(&dns, primary.port, "");
+    let f = fresh.start();
+    let t = send_and_flush(&fresh);
+    assert!(
+        t.contains("no cached policy, delivering as without MTA-STS"),
+        "{t}\n{}",
+        f.log()
+    );
+    assert!(
+        wait_for(Duration::from_secs(15), Duration::from_millis(100), || {
+            !delivered(&primary).is_empty()
+        }),
+        "{t}\n{}",
+        f.log()
+    );
+    assert_eq!(s.fetches(), 1, "a policy was fetched without a TXT answer");
 }
