@@ -371,8 +371,11 @@ struct Inner {
     holds: std::sync::RwLock<std::collections::HashMap<String, u64>>,
     /// Bytes of messages removed since the last [`Spool::reclaim`].
     removed: std::sync::atomic::AtomicU64,
-    /// A reclaim is running (at most one at a time).
+    /// A background reclaim is started or running (at most one is queued).
     reclaiming: Arc<std::sync::atomic::AtomicBool>,
+    /// Held by the [`Spool::reclaim`] running: reclaims run one after the other, so one
+    /// that starts while another runs still sees (and compacts) what was removed since.
+    reclaim_lock: std::sync::Mutex<()>,
     /// Unreadable entries already logged: `(domain, id)`.
     unreadable: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
     /// Each domain's queue counters, as committed.
@@ -442,6 +445,12 @@ fn cf_options(cf: Cf) -> Options {
 /// RocksDB's default: compactions relocate the blobs of the oldest quarter of blob files
 /// (a [`Spool::reclaim`] opens all of them for its one compaction).
 const BLOB_GC_AGE_CUTOFF: &str = "0.25";
+
+/// How long a [`Spool::reclaim`] round waits for its compaction's background work to finish.
+const RECLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The most compaction rounds of one [`Spool::reclaim`].
+const RECLAIM_ROUNDS: u32 = 8;
 
 fn cf_descriptors() -> Vec<ColumnFamilyDescriptor> {
     Cf::ALL
@@ -705,6 +714,7 @@ impl Spool {
                 sts: Default::default(),
                 removed: Default::default(),
                 reclaiming: Default::default(),
+                reclaim_lock: Default::default(),
                 usage,
                 db,
                 path: dir.to_path_buf(),
@@ -742,6 +752,7 @@ impl Spool {
                 sts: Default::default(),
                 removed: Default::default(),
                 reclaiming: Default::default(),
+                reclaim_lock: Default::default(),
                 writer: None,
                 locks: stripes(),
                 db: slot::DbSlot::new(db, dir),
@@ -1402,11 +1413,19 @@ impl Spool {
 
     /// Gives the space of removed mail back to the file system: RocksDB keeps deleted
     /// records (and their log, and their blob files) until memory tables are flushed and
-    /// the files holding them compacted. Flushes every family, then compacts each whole,
-    /// with every blob file open to garbage collection for this one compaction. Blocking;
-    /// the spool takes writes meanwhile.
+    /// the files holding them compacted. Flushes every family, then compacts each whole in
+    /// rounds, each waiting until the files it freed are deleted. Blob files whose messages
+    /// are all gone are dropped by any compaction; the live messages of files that also
+    /// held removed ones are moved out by garbage collection, as much per round as the
+    /// free space can take a copy of. Blocking, one at a time; the spool takes writes
+    /// meanwhile.
     pub fn reclaim(&self) -> Result<(), SpoolError> {
         use std::sync::atomic::Ordering;
+        let _one = self
+            .inner
+            .reclaim_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let db = self.db()?;
         let db = &*db;
         let before = self.free_bytes().unwrap_or(0);
@@ -1422,19 +1441,60 @@ impl Spool {
             db.set_options_cf(messages, &[("blob_garbage_collection_age_cutoff", cutoff)])
                 .map_err(|e| self.err(e))
         };
-        set("1.0")?;
+        // Garbage collection copies the live messages out of the oldest blob files (the
+        // cutoff is a fraction of the files, oldest first), so that the messages removed
+        // from those files give their space back. Each round opens as many files as the
+        // free space can take a copy of (half of it, for messages spread unevenly; less
+        // half the flush headroom), compacts, and waits until the freed files are deleted;
+        // rounds go on while they give space back. A nearly full disk gets small rounds,
+        // never the copy of everything that would take its last byte.
+        let blob = |name: &str| db.property_int_value_cf(messages, name).ok().flatten();
         let mut o = rocksdb::CompactOptions::default();
         o.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
-        for f in &families {
-            db.compact_range_cf_opt(*f, None::<&[u8]>, None::<&[u8]>, &o);
+        let mut wait = rocksdb::WaitForCompactOptions::default();
+        wait.set_timeout(RECLAIM_WAIT.as_micros() as u64);
+        let mut rounds = 0;
+        let mut cutoff: f64;
+        loop {
+            rounds += 1;
+            let start = self.free_bytes().unwrap_or(0);
+            // Live bytes: what the files hold less the garbage compactions have found.
+            let live = match (
+                blob("rocksdb.live-blob-file-size"),
+                blob("rocksdb.live-blob-file-garbage-size"),
+            ) {
+                (Some(size), Some(garbage)) => size.saturating_sub(garbage),
+                _ => u64::MAX,
+            };
+            let room = start.saturating_sub(SPACE_FOR_ROCKSDB / 2) / 2;
+            cutoff = if live == 0 {
+                1.0
+            } else {
+                (room as f64 / live as f64).min(1.0)
+            };
+            set(&format!("{cutoff:.4}"))?;
+            for f in &families {
+                db.compact_range_cf_opt(*f, None::<&[u8]>, None::<&[u8]>, &o);
+            }
+            // A manual compaction returns before its background job has deleted the files
+            // it made obsolete: wait for that (bounded), so the space is back on return.
+            if let Err(e) = db.wait_for_compact(&wait) {
+                tracing::debug!("spool reclaim: waiting for the compaction: {e}");
+            }
+            let end = self.free_bytes().unwrap_or(0);
+            let garbage = blob("rocksdb.live-blob-file-garbage-size").unwrap_or(0);
+            if cutoff >= 1.0 || garbage == 0 || end <= start || rounds >= RECLAIM_ROUNDS {
+                break;
+            }
         }
         set(BLOB_GC_AGE_CUTOFF)?;
         let after = self.free_bytes().unwrap_or(0);
         tracing::info!(
-            "spool space given back: {} MiB of removed mail, {} MiB free before, {} MiB after",
+            "spool space given back: {} MiB of removed mail, {} MiB free before, {} MiB after \
+             ({rounds} round(s), last garbage collection cutoff {cutoff:.2})",
             removed >> 20,
             before >> 20,
-            after >> 20
+            after >> 20,
         );
         Ok(())
     }
