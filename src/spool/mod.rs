@@ -449,6 +449,10 @@ const BLOB_GC_AGE_CUTOFF: &str = "0.25";
 /// How long a [`Spool::reclaim`] round waits for its compaction's background work to finish.
 const RECLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// The largest share of the blob files the background reclaim (after deliveries) opens
+/// to garbage collection: RocksDB's own default for its compactions.
+const BACKGROUND_CUTOFF: f64 = 0.25;
+
 /// The most compaction rounds of one [`Spool::reclaim`].
 const RECLAIM_ROUNDS: u32 = 8;
 
@@ -1379,15 +1383,26 @@ impl Spool {
     /// Counts a message that left the spool; once enough has gone (64 MiB, or anything
     /// while the disk is short of space), starts a [`Spool::reclaim`] in the background.
     fn removed(&self, bytes: u64) {
-        use std::sync::atomic::Ordering;
-        let total = self.inner.removed.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        let short = || {
-            self.free_bytes()
-                .is_ok_and(|f| f < 2 * SPACE_FOR_ROCKSDB + total)
-        };
-        if total >= 64 << 20 || short() {
+        self.inner
+            .removed
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        if self.wants_reclaim() {
             self.reclaim_soon();
         }
+    }
+
+    /// Enough has been removed since the last reclaim to run one: 64 MiB, or anything
+    /// while the disk is short of space.
+    fn wants_reclaim(&self) -> bool {
+        let total = self
+            .inner
+            .removed
+            .load(std::sync::atomic::Ordering::Relaxed);
+        total > 0
+            && (total >= 64 << 20
+                || self
+                    .free_bytes()
+                    .is_ok_and(|f| f < 2 * SPACE_FOR_ROCKSDB + total))
     }
 
     /// [`Spool::reclaim`] in a thread of its own, unless one is running.
@@ -1400,11 +1415,18 @@ impl Spool {
         let flag = self.inner.reclaiming.clone();
         let started = std::thread::Builder::new()
             .name("spool-reclaim".into())
-            .spawn(move || {
-                if let Err(e) = spool.reclaim() {
-                    tracing::warn!("cannot give the removed mail's space back: {e}");
-                }
+            .spawn(move || loop {
+                let done = spool.reclaim_up_to(BACKGROUND_CUTOFF);
                 flag.store(false, Ordering::Release);
+                if let Err(e) = done {
+                    tracing::warn!("cannot give the removed mail's space back: {e}");
+                    break;
+                }
+                // Mail removed while this one ran found it running and did not start one:
+                // go on for it, unless another has started since.
+                if !spool.wants_reclaim() || flag.swap(true, Ordering::AcqRel) {
+                    break;
+                }
             });
         if started.is_err() {
             self.inner.reclaiming.store(false, Ordering::Release);
@@ -1420,6 +1442,15 @@ impl Spool {
     /// free space can take a copy of. Blocking, one at a time; the spool takes writes
     /// meanwhile.
     pub fn reclaim(&self) -> Result<(), SpoolError> {
+        self.reclaim_up_to(1.0)
+    }
+
+    /// [`Spool::reclaim`] with garbage collection opening at most `most` of the blob files
+    /// (oldest first). The background reclaim after deliveries stays at
+    /// [`BACKGROUND_CUTOFF`]: the oldest files are the ones delivery has emptied, and the
+    /// younger ones' messages are still to be delivered (copying them on every 64 MiB
+    /// delivered would rewrite a large backlog again and again while it drains).
+    fn reclaim_up_to(&self, most: f64) -> Result<(), SpoolError> {
         use std::sync::atomic::Ordering;
         let _one = self
             .inner
@@ -1468,9 +1499,9 @@ impl Spool {
             };
             let room = start.saturating_sub(SPACE_FOR_ROCKSDB / 2) / 2;
             cutoff = if live == 0 {
-                1.0
+                most
             } else {
-                (room as f64 / live as f64).min(1.0)
+                (room as f64 / live as f64).min(most)
             };
             set(&format!("{cutoff:.4}"))?;
             for f in &families {
@@ -1483,7 +1514,7 @@ impl Spool {
             }
             let end = self.free_bytes().unwrap_or(0);
             let garbage = blob("rocksdb.live-blob-file-garbage-size").unwrap_or(0);
-            if cutoff >= 1.0 || garbage == 0 || end <= start || rounds >= RECLAIM_ROUNDS {
+            if cutoff >= most || garbage == 0 || end <= start || rounds >= RECLAIM_ROUNDS {
                 break;
             }
         }

@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use crate::harness::*;
+use crate::receiver::{Behaviour, Receiver};
 
 /// Bytes free on the file system of `dir` (`df`'s available).
 fn free_mib(dir: &std::path::Path) -> u64 {
@@ -238,6 +239,57 @@ fn deleting_one_of_two_domains_on_a_full_disk_gives_its_space_back() {
         wait_for(Duration::from_secs(5), Duration::from_millis(200), || {
             send(&env.addr(), "again@example.org", &body, true) == 250
         }),
+        "{}",
+        server.log()
+    );
+}
+
+/// The primary comes back after the disk filled: delivered mail gives its space back by
+/// itself (the background reclaim, which also goes on for mail delivered while it ran),
+/// and mail is taken again.
+#[test]
+fn delivered_mail_gives_its_space_back_by_itself() {
+    let primary = Receiver::start("127.0.0.1:0".parse().unwrap(), Behaviour::TempFailAll);
+    let mut env = floor_env("");
+    let config = std::fs::read_to_string(&env.config)
+        .unwrap()
+        .replace("127.0.0.1:1", &primary.addr().to_string());
+    std::fs::write(&env.config, config).unwrap();
+    let spool = spool_dir(&env);
+    let _fs = Tmpfs::mount(&spool, "320m");
+    let server = env.start();
+    let body = incompressible_mib("delivered");
+    let mut accepted = 0;
+    for i in 0..400 {
+        match send(&env.addr(), &format!("u{i}@example.com"), &body, true) {
+            250 => accepted += 1,
+            452 => break,
+            other => panic!("message {i}: {other}\n{}", server.log()),
+        }
+    }
+    assert!(accepted > 50, "accepted only {accepted}");
+    let before = free_mib(&spool);
+
+    primary.set_behaviour(Behaviour::Accept);
+    check_ok("flush", &env.mxspool(&["flush", "example.com"]));
+    let mut free = before;
+    let back = wait_for(Duration::from_secs(60), Duration::from_millis(250), || {
+        free = free_mib(&spool);
+        env.queue(None).is_empty() && free >= before + accepted as u64 * 3 / 4
+    });
+    eprintln!("{accepted} MiB delivered: {before} MiB free before, {free} MiB after");
+    let log = server.log();
+    assert!(
+        back,
+        "{} of {accepted} delivered, free went from {before} to {free} MiB\n{log}",
+        primary.messages().len()
+    );
+    assert_eq!(primary.messages().len(), accepted);
+    assert!(log.contains("spool space given back"), "{log}");
+    assert!(!log.contains("spool commit of"), "a write failed:\n{log}");
+    assert_eq!(
+        send(&env.addr(), "again@example.com", &body, true),
+        250,
         "{}",
         server.log()
     );
