@@ -446,8 +446,9 @@ fn cf_options(cf: Cf) -> Options {
 /// (a [`Spool::reclaim`] opens all of them for its one compaction).
 const BLOB_GC_AGE_CUTOFF: &str = "0.25";
 
-/// How long a [`Spool::reclaim`] round waits for its compaction's background work to finish.
-const RECLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long a [`Spool::reclaim`] round waits for its compaction's background work to finish
+/// (deleting the files it freed takes moments; under heavy writes flushes keep coming).
+const RECLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The largest share of the blob files the background reclaim (after deliveries) opens
 /// to garbage collection: RocksDB's own default for its compactions.
