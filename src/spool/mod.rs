@@ -1504,7 +1504,10 @@ impl Spool {
             } else {
                 (room as f64 / live as f64).min(most)
             };
-            set(&format!("{cutoff:.4}"))?;
+            if let Err(e) = set(&format!("{cutoff:.4}")) {
+                let _ = set(BLOB_GC_AGE_CUTOFF); // an earlier round's cutoff does not stay
+                return Err(e);
+            }
             for f in &families {
                 db.compact_range_cf_opt(*f, None::<&[u8]>, None::<&[u8]>, &o);
             }

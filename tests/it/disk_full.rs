@@ -75,6 +75,34 @@ fn floor_env(extra: &str) -> MxEnv {
     env
 }
 
+/// Sends 1 MiB messages (`SIZE=` declared) to `u{i}@` each of `domains` in turn until the
+/// first `452`; how many each domain got accepted.
+fn fill_until_refused(env: &MxEnv, server: &Server, domains: &[&str], body: &[u8]) -> Vec<usize> {
+    let mut accepted = vec![0usize; domains.len()];
+    for i in 0..400 {
+        let d = i % domains.len();
+        match send(&env.addr(), &format!("u{i}@{}", domains[d]), body, true) {
+            250 => accepted[d] += 1,
+            452 => break,
+            other => panic!("message {i}: {other}\n{}", server.log()),
+        }
+    }
+    accepted
+}
+
+/// `mxspool delete --domain DOMAIN`, which must succeed (else the server's log is shown).
+fn delete_domain(env: &MxEnv, server: &Server, domain: &str) -> std::process::Output {
+    let out = env.mxspool(&["delete", "--domain", domain]);
+    assert!(
+        out.status.success(),
+        "delete --domain on a full disk: {}{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr),
+        server.log()
+    );
+    out
+}
+
 #[test]
 fn a_full_disk_refuses_mail_before_any_commit_fails_and_delete_gives_the_space_back() {
     let mut env = floor_env("");
@@ -122,14 +150,7 @@ fn a_full_disk_refuses_mail_before_any_commit_fails_and_delete_gives_the_space_b
     // The administrator deletes the domain's mail: the space comes back now, not after a
     // restart or some compaction later.
     let before = free_mib(&spool);
-    let out = env.mxspool(&["delete", "--domain", "example.com"]);
-    assert!(
-        out.status.success(),
-        "delete --domain on a full disk: {}{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr),
-        server.log()
-    );
+    let out = delete_domain(&env, &server, "example.com");
     assert!(
         text(&out.stdout).contains("space given back"),
         "{}",
@@ -191,34 +212,14 @@ fn deleting_one_of_two_domains_on_a_full_disk_gives_its_space_back() {
     let _fs = Tmpfs::mount(&spool, "320m");
     let server = env.start();
     let body = incompressible_mib("two domains");
-    let domains = ["example.com", "example.org"];
-    let mut accepted = [0usize; 2];
-    for i in 0..400 {
-        match send(
-            &env.addr(),
-            &format!("u{i}@{}", domains[i % 2]),
-            &body,
-            true,
-        ) {
-            250 => accepted[i % 2] += 1,
-            452 => break,
-            other => panic!("message {i}: {other}\n{}", server.log()),
-        }
-    }
+    let accepted = fill_until_refused(&env, &server, &["example.com", "example.org"], &body);
     assert!(
         accepted[0] > 40 && accepted[1] > 40,
         "accepted {accepted:?}"
     );
 
     let before = free_mib(&spool);
-    let out = env.mxspool(&["delete", "--domain", "example.com"]);
-    assert!(
-        out.status.success(),
-        "delete --domain on a full disk: {}{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr),
-        server.log()
-    );
+    delete_domain(&env, &server, "example.com");
     let after = free_mib(&spool);
     eprintln!(
         "accepted {accepted:?}; delete --domain example.com: {before} MiB free before, {after} MiB after"
@@ -259,14 +260,7 @@ fn delivered_mail_gives_its_space_back_by_itself() {
     let _fs = Tmpfs::mount(&spool, "320m");
     let server = env.start();
     let body = incompressible_mib("delivered");
-    let mut accepted = 0;
-    for i in 0..400 {
-        match send(&env.addr(), &format!("u{i}@example.com"), &body, true) {
-            250 => accepted += 1,
-            452 => break,
-            other => panic!("message {i}: {other}\n{}", server.log()),
-        }
-    }
+    let accepted = fill_until_refused(&env, &server, &["example.com"], &body)[0];
     assert!(accepted > 50, "accepted only {accepted}");
     let before = free_mib(&spool);
 

@@ -195,6 +195,24 @@ fn deferred_line(log: &str) -> String {
         .to_string()
 }
 
+/// The one message was deferred (4.7.5) under the enforce policy id=1 and stays queued
+/// (no bounce); the queue.
+fn deferred_by_enforce(b: &Server, backup: &MxEnv) -> Vec<QueueEntry> {
+    let line = deferred_line(&b.log());
+    assert!(line.contains("dsn=4.7.5"), "{line}");
+    assert!(
+        line.contains("MTA-STS policy for example.com: mode=enforce id=1"),
+        "{line}"
+    );
+    let queue = backup.queue(None);
+    assert_eq!(
+        queue.len(),
+        1,
+        "a bounce was queued, or the mail left: {queue:?}"
+    );
+    queue
+}
+
 /// Postfix as the primary on 127.0.81.N with a certificate for mail.example.com from the
 /// test CA; its Maildir base.
 fn tls_postfix(s: &Sts, port: u16) -> (Postfix, tempfile::TempDir) {
@@ -288,18 +306,7 @@ fn mta_sts_enforce_defers_toward_a_certificate_for_another_name() {
     let b = backup.start();
     let t = send_and_flush(&backup);
     assert!(t.contains("tls = verify"), "{t}");
-    let line = deferred_line(&b.log());
-    assert!(line.contains("dsn=4.7.5"), "{line}");
-    assert!(
-        line.contains("MTA-STS policy for example.com: mode=enforce id=1"),
-        "{line}"
-    );
-    let queue = backup.queue(None);
-    assert_eq!(
-        queue.len(),
-        1,
-        "a bounce was queued, or the mail left: {queue:?}"
-    );
+    deferred_by_enforce(&b, &backup);
     let maildir = mailbase.path().join("mail");
     std::thread::sleep(Duration::from_millis(300));
     assert!(
@@ -323,18 +330,7 @@ fn mta_sts_enforce_defers_toward_a_primary_without_starttls() {
     let b = backup.start();
     let t = send_and_flush(&backup);
     assert!(t.contains("TLS is required"), "{t}");
-    let line = deferred_line(&b.log());
-    assert!(line.contains("dsn=4.7.5"), "{line}");
-    assert!(
-        line.contains("MTA-STS policy for example.com: mode=enforce id=1"),
-        "{line}"
-    );
-    let queue = backup.queue(None);
-    assert_eq!(
-        queue.len(),
-        1,
-        "a bounce was queued, or the mail left: {queue:?}"
-    );
+    let queue = deferred_by_enforce(&b, &backup);
     assert_eq!(queue[0].domain, "example.com");
     assert!(
         queue[0]
